@@ -1,0 +1,247 @@
+"""Configuration dataclasses: one per concern, each validating itself, saved with every artifact.
+
+`fingerprint()` hashes the fields that change results, so that a memory written by one model or
+configuration is never read by another (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+def _to_json(obj: Any) -> str:
+    return json.dumps(dataclasses.asdict(obj), sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint(*objs: Any) -> str:
+    """Short stable hash of one or more dataclass configs (or strings)."""
+    h = hashlib.sha256()
+    for o in objs:
+        h.update((o if isinstance(o, str) else _to_json(o)).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def _from_dict(cls: type[T], d: dict[str, Any]) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__}: unknown field(s) {sorted(unknown)}; known fields are {sorted(names)}"
+        )
+    kwargs = dict(d)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in kwargs and isinstance(kwargs[f.name], list):
+            kwargs[f.name] = tuple(kwargs[f.name])
+    return cls(**kwargs)
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(obj), indent=2, sort_keys=True) + "\n")
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: config file not found")
+    return _from_dict(cls, json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder (SPEC §1). Field names follow nanoGPT/litgpt; weights follow HF."""
+
+    name: str = "custom"
+    vocab_size: int = 32000
+    n_layer: int = 4
+    n_head: int = 4  # query heads (H)
+    n_kv_head: int = 2  # key/value heads (K)
+    head_dim: int = 16  # (D)
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # §3.2 memory layers: the first half of the layers unless given.
+    memory_layers: tuple[int, ...] | None = None
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "head_dim", "hidden_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
+            )
+        if self.memory_layers is None:
+            object.__setattr__(self, "memory_layers", tuple(range(self.n_layer // 2)))
+        layers = tuple(self.memory_layers)  # type: ignore[arg-type]
+        object.__setattr__(self, "memory_layers", layers)
+        if not layers:
+            raise ValueError("memory_layers is empty: give at least one layer index")
+        if list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= self.n_layer:
+            raise ValueError(
+                f"memory_layers {layers} must be sorted, unique and within 0..{self.n_layer - 1}"
+            )
+
+    @property
+    def last_memory_layer(self) -> int:
+        return self.memory_layers[-1]  # type: ignore[index]
+
+    @property
+    def n_memory_layers(self) -> int:
+        return len(self.memory_layers)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, d)
+
+    def n_params(self) -> int:
+        attn = self.hidden_size * self.head_dim * (2 * self.n_head + 2 * self.n_kv_head)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        emb = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+        return self.n_layer * (attn + mlp + 2 * self.hidden_size) + emb + self.hidden_size
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # §3.4 / Table 1 of the paper.
+    "memory3-2b": ModelConfig(
+        name="memory3-2b",
+        vocab_size=60416,
+        n_layer=44,
+        n_head=40,
+        n_kv_head=8,
+        head_dim=80,
+        hidden_size=3200,
+        intermediate_size=3200,
+        max_seq_len=2048,
+        rope_theta=10000.0,
+        rms_eps=1e-5,
+        tie_embeddings=False,
+    ),
+    # Matches HuggingFaceTB/SmolLM2-135M(-Instruct).
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m",
+        vocab_size=49152,
+        n_layer=30,
+        n_head=9,
+        n_kv_head=3,
+        head_dim=64,
+        hidden_size=576,
+        intermediate_size=1536,
+        max_seq_len=8192,
+        rope_theta=100000.0,
+        rms_eps=1e-5,
+        tie_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "tiny": ModelConfig(
+        name="tiny",
+        vocab_size=256,
+        n_layer=4,
+        n_head=4,
+        n_kv_head=2,
+        head_dim=16,
+        hidden_size=64,
+        intermediate_size=128,
+        max_seq_len=1024,
+    ),
+    "tiny-tied": ModelConfig(
+        name="tiny-tied",
+        vocab_size=256,
+        n_layer=4,
+        n_head=6,
+        n_kv_head=2,
+        head_dim=8,
+        hidden_size=48,
+        intermediate_size=96,
+        max_seq_len=1024,
+        tie_embeddings=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """How memories are written and read (SPEC §2–3)."""
+
+    prefix: str = "Reference:"  # §3.1 the reference prefix, after the BOS token
+    reference_tokens: int = 128  # a reference is at most this many tokens
+    kept_tokens: int = 8  # §3.3 token sparsification: tokens kept per memory layer and kv head
+    # "attention" is the paper's rule; "random" and "all" exist for measurement and controls.
+    selection: Literal["attention", "random", "all"] = "attention"
+    chunk_tokens: int = 64  # §3.1 each chunk of this many tokens retrieves its own memories
+    memories_per_chunk: int = 5
+    seed: int = 0  # only used by selection="random"
+
+    def __post_init__(self) -> None:
+        if self.reference_tokens <= 0 or self.chunk_tokens <= 0 or self.memories_per_chunk <= 0:
+            raise ValueError(
+                "reference_tokens, chunk_tokens and memories_per_chunk must be positive, got "
+                f"{self.reference_tokens}, {self.chunk_tokens}, {self.memories_per_chunk}"
+            )
+        if self.selection not in ("attention", "random", "all"):
+            raise ValueError(
+                f"selection must be 'attention', 'random' or 'all', got {self.selection!r}"
+            )
+        if self.selection == "all":
+            object.__setattr__(self, "kept_tokens", self.reference_tokens)
+        if not 0 < self.kept_tokens <= self.reference_tokens:
+            raise ValueError(
+                f"kept_tokens ({self.kept_tokens}) must be in 1..reference_tokens "
+                f"({self.reference_tokens})"
+            )
+
+    @property
+    def slots(self) -> int:
+        """Memory key slots one chunk attends to: memories_per_chunk × kept_tokens."""
+        return self.memories_per_chunk * self.kept_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MemoryConfig:
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be ≥ 0, got {self.top_k}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
