@@ -233,6 +233,7 @@ class GenerationConfig:
     top_k: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    ignore_eos: bool = False  # keep going after EOS (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

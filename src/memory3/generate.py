@@ -329,7 +329,7 @@ class Generator:
                 if done[b]:
                     continue
                 t = tok_list[b]
-                if t in self.eos_ids:
+                if t in self.eos_ids and not gen.ignore_eos:
                     done[b], finish[b] = True, "stop"
                 else:
                     out[b].append(t)

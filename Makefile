@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.memory3-setup
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml requirements-cpu.txt requirements-bundled.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-cpu.txt
+	$(BIN)/pip install -q --no-deps -r requirements-bundled.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/memory3 demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV)

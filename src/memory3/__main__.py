@@ -1,0 +1,181 @@
+"""The `memory3` command line. Results go to stdout, progress and logs to stderr.
+
+Each command is a plain function of parsed arguments; heavy imports happen inside it, so
+`memory3 --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+Command = Callable[[argparse.Namespace], int | None]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def add_model_args(p: argparse.ArgumentParser, dtype: str = "bfloat16") -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint directory or the bundled model name")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default=dtype, choices=DTYPES)
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="memory", choices=("memory", "none", "rag"))
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-k", "--references", type=int, default=None, help="memories per chunk (default 5)")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    from memory3.checkpoint import load_pretrained
+
+    return load_pretrained(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from memory3.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from memory3.checkpoint import convert_gguf, load_hf_checkpoint, save_checkpoint
+
+    if args.source.endswith(".gguf"):
+        out = convert_gguf(args.source, args.out, preset=args.preset)
+    else:
+        loaded = load_hf_checkpoint(args.source)
+        out = save_checkpoint(loaded.model, args.out, loaded.tokenizer, source=f"hf:{args.source}")
+    print(json.dumps({"checkpoint": str(out)}))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from memory3.config import GenerationConfig
+    from memory3.generate import Generator
+    from memory3.retrieval.open import open_retriever
+
+    loaded = load_model(args)
+    retriever, mem_cfg = open_retriever(loaded, store=args.store, kb=args.kb, embedder=args.embedder)
+    gen = Generator(loaded.model, loaded.tokenizer, retriever, mem_cfg, chat=False if args.no_chat else None)
+    if args.mode != "none" and retriever is None:
+        print("error: --mode memory/rag needs --store DIR or --kb FILE (or use --mode none)", file=sys.stderr)
+        return 2
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=tuple(args.stop),
+        seed=args.seed,
+    )
+    kw = {"k": args.references}
+    if args.stream:
+        if len(prompts) != 1:
+            print("error: --stream takes exactly one prompt", file=sys.stderr)
+            return 2
+        for ev in gen.stream(prompts, args.mode, cfg, **kw):
+            sys.stdout.write(ev.delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    outs = gen.generate(prompts, args.mode, cfg, **kw)
+    for prompt, o in zip(prompts, outs, strict=True):
+        row = {
+            "prompt": prompt,
+            "text": o.text,
+            "finish_reason": o.finish_reason,
+            "prompt_tokens": o.prompt_tokens,
+            "completion_tokens": len(o.token_ids),
+            "references": [[{"id": h.ref_id, "title": h.title, "score": round(h.score, 4)} for h in hs] for hs in o.references],
+        }
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memory3", description="Language modeling with explicit memory (Memory³)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="explicit memory vs no memory vs RAG on the bundled model and data")
+    add_model_args(p)
+    p.add_argument("--articles", type=int, default=8, help="Wikipedia summaries to write as memories")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="convert a GGUF file or Hugging Face directory to a memory3 checkpoint")
+    p.add_argument("source", help="a .gguf file or a Hugging Face Llama-family directory")
+    p.add_argument("out", help="output checkpoint directory")
+    p.add_argument("--preset", default=None, help="model preset matching the GGUF file (e.g. smollm2-135m)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text with explicit memory, no memory or RAG")
+    p.add_argument("prompt", nargs="*", help="prompts (default: one per line on stdin)")
+    add_model_args(p)
+    add_generation_args(p)
+    p.add_argument("--store", default=None, help="memory bank directory (memory3 build)")
+    p.add_argument("--kb", default=None, help="a text/JSONL file written to memory on the fly (small KBs)")
+    p.add_argument("--embedder", default="minilm", help="retrieval embedder for --kb")
+    p.add_argument("--stream", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions() -> list[Callable[[Any], None]]:
+    """Commands defined next to their code (build, store, eval, bench, train, serve)."""
+    import importlib
+
+    found = []
+    for mod in (
+        "memory3.memory.cli",
+        "memory3.eval.cli",
+        "memory3.train.cli",
+        "memory3.serve_cli",
+    ):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        found.append(m.register)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
