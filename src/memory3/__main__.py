@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="explicit memory vs no memory vs RAG on the bundled model and data")
     add_model_args(p)
-    p.add_argument("--articles", type=int, default=8, help="Wikipedia summaries to write as memories")
+    p.add_argument("--articles", type=int, default=6, help="Wikipedia summaries to write as memories")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="convert a GGUF file or Hugging Face directory to a memory3 checkpoint")

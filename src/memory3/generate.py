@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from memory3.config import GenerationConfig, MemoryConfig
-from memory3.memory.write import Memories, MemoryFormatError, memory_fingerprint
+from memory3.memory.write import Memories, MemoryFormatError, memory_fingerprint, reference_prefix_ids
 from memory3.model import KVCache, Memory3Model, MemoryInput
 from memory3.retrieval.base import Hit, Retriever
 
@@ -94,8 +94,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.mem_cfg = memory_config or MemoryConfig()
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-        bos = model.config.bos_token_id
-        self.prefix_ids = [bos, *tokenizer(self.mem_cfg.prefix, add_special_tokens=False).input_ids]
+        self.prefix_ids = reference_prefix_ids(tokenizer, model.config.bos_token_id, self.mem_cfg)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
         self.eos_ids = {model.config.eos_token_id}
         if tokenizer.eos_token_id is not None:

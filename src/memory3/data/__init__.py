@@ -1,0 +1,44 @@
+"""Evaluation and training data: question sets with gold references, knowledge bases, held-out
+entities, and scoring.
+
+- `qa`: the JSONL formats (`QAItem`, `Document`), `split_of` (the held-out split shared by all
+  sources), answer scoring, and the generator of the shipped sets (`python -m memory3.data.qa`).
+- `factbook`: CIA World Factbook facts as passages and questions, and fictional entities.
+- `wikipedia`: the bundled Wikipedia summaries (CC BY-SA 4.0; read at run time, never copied).
+
+Importing this package reads no data: the packages that hold the data are opened on first use.
+"""
+
+from memory3.data.qa import (
+    Document,
+    QAFormatError,
+    QAItem,
+    Split,
+    answer_contained,
+    exact_match,
+    load_kb,
+    load_qa,
+    normalize_answer,
+    save_kb,
+    save_qa,
+    shipped_path,
+    split_of,
+    token_f1,
+)
+
+__all__ = [
+    "Document",
+    "QAFormatError",
+    "QAItem",
+    "Split",
+    "answer_contained",
+    "exact_match",
+    "load_kb",
+    "load_qa",
+    "normalize_answer",
+    "save_kb",
+    "save_qa",
+    "shipped_path",
+    "split_of",
+    "token_f1",
+]

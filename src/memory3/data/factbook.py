@@ -16,6 +16,7 @@ Both sources split entities into train / held-out with `qa.split_of(name)`.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import random
 import re
@@ -120,7 +121,30 @@ def _no_parens(text: str) -> str:
 
 def _is_name(text: str) -> bool:
     """A short proper name: starts upper-case, no list or note punctuation."""
-    return bool(text) and text[0].isupper() and len(text) <= 60 and not re.search(r"[;:\[\]()]|\bnote\b", text)
+    return (
+        bool(text) and text[0].isupper() and len(text) <= 60 and not re.search(r"[;:\[\]()]|\bnote\b", text)
+    )
+
+
+_NEEDS_THE = re.compile(
+    r"^(United|Republic|Democratic|Federated|Central African|Dominican Republic|Czech Republic|Holy See|"
+    r"Gaza Strip|West Bank|Netherlands|Philippines|Maldives|British Indian Ocean)|(Islands|Lands|Refuges)$"
+)
+_TITLE_WITH_THE = re.compile(
+    r"Republic|Kingdom|State|Commonwealth|Federation|Union|Principality|Duchy|Sultanate|Territory|"
+    r"Confederation|Collectivity|Bailiwick|Region|Lands|Country of|Islands|Emirates|Overseas"
+)
+
+
+def in_sentence(name: str) -> str:
+    """The name as it reads inside a sentence: "the United Arab Emirates", "the Gambia"."""
+    if name.startswith("The "):
+        return "the " + name[4:]
+    return f"the {name}" if _NEEDS_THE.search(name) else name
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def country_name(code: str, data: dict[str, Any]) -> str | None:
@@ -143,9 +167,19 @@ _EST = re.compile(r"\((\d{4}) est\.\)")
 
 def _official_name(n: str, d: dict[str, Any]) -> list[Fact]:
     long = field_text(d, "Government", "Country name", "conventional long form")
-    if not long or long.lower() == "none" or long == n or not _is_name(long) or "," in long:
+    if not long or long.lower() == "none" or long.lower() in (n.lower(), n.lower().removeprefix("the ")):
         return []
-    return [Fact("official_name", f"The official name of {n} is {long}.", f"What is the official name of {n}?", (long,))]
+    if not _is_name(long) or "," in long:
+        return []
+    article = "the " if _TITLE_WITH_THE.search(long) and not long.startswith("The ") else ""
+    return [
+        Fact(
+            "official_name",
+            f"The official name of {n} is {article}{long}.",
+            f"What is the official name of {n}?",
+            (long,),
+        )
+    ]
 
 
 def _capital(n: str, d: dict[str, Any]) -> list[Fact]:
@@ -153,11 +187,11 @@ def _capital(n: str, d: dict[str, Any]) -> list[Fact]:
     if not raw:
         return []
     cap = _no_parens(raw)
-    if cap == "Washington, D.C.":  # the one comma that belongs to a name
-        pass
-    elif not _is_name(cap) or "," in cap or " capital" in cap or " in " in cap:
+    is_dc = cap == "Washington, D.C."  # the one comma that belongs to a name
+    if not is_dc and (not _is_name(cap) or "," in cap or " capital" in cap or " in " in cap):
         return []
-    return [Fact("capital", f"The capital of {n} is {cap}.", f"What is the capital of {n}?", (cap,))]
+    end = "" if cap.endswith(".") else "."
+    return [Fact("capital", f"The capital of {n} is {cap}{end}", f"What is the capital of {n}?", (cap,))]
 
 
 def _holiday(n: str, d: dict[str, Any]) -> list[Fact]:
@@ -178,21 +212,35 @@ def _holiday(n: str, d: dict[str, Any]) -> list[Fact]:
 
 def _independence(n: str, d: dict[str, Any]) -> list[Fact]:
     raw = field_text(d, "Government", "Independence")
-    m = re.fullmatch(r"(\d{1,2} [A-Z][a-z]+ \d{3,4})(?: \(from (the )?([A-Z][^();]*)\))?", (raw or "").split(";")[0])
+    m = re.fullmatch(
+        r"(\d{1,2} [A-Z][a-z]+ \d{3,4})(?: \(from (the )?([A-Z][^();]*)\))?", (raw or "").split(";")[0]
+    )
     if not m or (";" in (raw or "") and not m.group(3)):
         return []
     date, the, origin = m.group(1), m.group(2) or "", m.group(3)
     if not origin:
-        return [Fact("independence", f"{n} became independent on {date}.", f"When did {n} become independent?", (date,))]
-    return [
+        return [
+            Fact(
+                "independence",
+                f"{_cap(n)} became independent on {date}.",
+                f"When did {n} become independent?",
+                (date,),
+            )
+        ]
+    facts = [
         Fact(
             "independence",
-            f"{n} became independent from {the}{origin} on {date}.",
+            f"{_cap(n)} became independent from {the}{origin} on {date}.",
             f"When did {n} become independent?",
             (date,),
-        ),
-        Fact("independence_from", "", f"From which country did {n} gain independence?", (origin,)),
+        )
     ]
+    # "from France" makes a question; "from UN trusteeship under Belgian administration" does not
+    if re.fullmatch(r"[A-Z][\w'-]*(?: (?:[A-Z][\w'-]*|and|of|the))*", origin):
+        facts.append(
+            Fact("independence_from", "", f"From which country did {n} gain independence?", (origin,))
+        )
+    return facts
 
 
 def _anthem(n: str, d: dict[str, Any]) -> list[Fact]:
@@ -217,7 +265,11 @@ def _population(n: str, d: dict[str, Any]) -> list[Fact]:
     if not m or m.group(1) == "0":
         return []
     pop, year = m.group(1), m.group(2)
-    sentence = f"{n} had an estimated population of {pop} in {year}." if year else f"{n} has a population of {pop}."
+    sentence = (
+        f"{_cap(n)} had an estimated population of {pop} in {year}."
+        if year
+        else f"{_cap(n)} has a population of {pop}."
+    )
     return [Fact("population", sentence, f"What is the population of {n}?", (pop,))]
 
 
@@ -228,7 +280,9 @@ def _languages(n: str, d: dict[str, Any]) -> list[Fact]:
     if not raw:
         return []
     names = []
-    for m in re.finditer(r"(?:^|, )([A-Z][a-z]+(?: [A-Z][a-z]+)?)(?: only)? (?:[\d.]+% )?\(official", raw):
+    for m in re.finditer(
+        r"(?:^|, )([A-Z][a-z]+(?: [A-Z][a-z]+)?)(?: only)? (?:[\d.]+% )?\(official(?:\)|,| language)", raw
+    ):
         if m.group(1) not in names:
             names.append(m.group(1))
     if not names:
@@ -252,7 +306,10 @@ def _years_fact(key: str, label: str, question: str, path: tuple[str, ...]) -> C
 
 
 _median_age = _years_fact(
-    "median_age", "The median age in {n}", "What is the median age in {n}?", ("People and Society", "Median age", "total")
+    "median_age",
+    "The median age in {n}",
+    "What is the median age in {n}?",
+    ("People and Society", "Median age", "total"),
 )
 _life_expectancy = _years_fact(
     "life_expectancy",
@@ -263,11 +320,18 @@ _life_expectancy = _years_fact(
 
 
 def _area(n: str, d: dict[str, Any]) -> list[Fact]:
-    raw = (field_text(d, "Geography", "Area", "total") or "").split(";")[0].strip()
+    raw = _no_parens((field_text(d, "Geography", "Area", "total") or "").split(";")[0])
     m = re.fullmatch(rf"({_NUMBER}) sq km", raw)
     if not m or m.group(1) == "0":
         return []
-    return [Fact("area", f"{n} has a total area of {m.group(1)} sq km.", f"What is the total area of {n}?", (m.group(1),))]
+    return [
+        Fact(
+            "area",
+            f"{_cap(n)} has a total area of {m.group(1)} sq km.",
+            f"What is the total area of {n}?",
+            (m.group(1),),
+        )
+    ]
 
 
 def _coastline(n: str, d: dict[str, Any]) -> list[Fact]:
@@ -275,21 +339,24 @@ def _coastline(n: str, d: dict[str, Any]) -> list[Fact]:
     if not m or m.group(1) == "0":
         return []
     v = m.group(1)
-    return [Fact("coastline", f"{n} has a coastline of {v} km.", f"How long is the coastline of {n}?", (v,))]
+    return [
+        Fact("coastline", f"{_cap(n)} has a coastline of {v} km.", f"How long is the coastline of {n}?", (v,))
+    ]
 
 
 def _highest_point(n: str, d: dict[str, Any]) -> list[Fact]:
     raw = _no_parens(field_text(d, "Geography", "Elevation", "highest point") or "")
     m = re.fullmatch(rf"(.+?) ({_NUMBER})(?: m)?", raw)
-    if not m or not _is_name(m.group(1)) or "," in m.group(1):
+    if not m or not _is_name(m.group(1)) or "," in m.group(1) or " and " in m.group(1):
         return []
     peak, height = m.group(1), m.group(2)
+    short = peak.split(" on ")[0]  # "Pico de Teide on Canary Islands": "Pico de Teide" is right too
     return [
         Fact(
             "highest_point",
             f"The highest point in {n} is {peak}, at {height} m.",
             f"What is the highest point in {n}?",
-            (peak,),
+            (peak, short) if short != peak else (peak,),
         ),
         Fact("highest_point_height", "", f"How high is the highest point in {n}, in metres?", (height,)),
     ]
@@ -301,7 +368,14 @@ def _currency(n: str, d: dict[str, Any]) -> list[Fact]:
     if not m:
         return []
     name, code = m.group(1), m.group(2)
-    return [Fact("currency", f"Prices in {n} are in {name} ({code}).", f"What currency is used in {n}?", (name, code))]
+    return [
+        Fact(
+            "currency",
+            f"Prices in {n} are in {name} ({code}).",
+            f"What currency is used in {n}?",
+            (name, code),
+        )
+    ]
 
 
 def _gdp_per_capita(n: str, d: dict[str, Any]) -> list[Fact]:
@@ -329,7 +403,14 @@ def _internet_code(n: str, d: dict[str, Any]) -> list[Fact]:
     raw = field_text(d, "Communications", "Internet country code")
     if not raw or not re.fullmatch(r"\.[a-z]{2}", raw):
         return []
-    return [Fact("internet_code", f"The internet country code of {n} is {raw}.", f"What is the internet country code of {n}?", (raw,))]
+    return [
+        Fact(
+            "internet_code",
+            f"The internet country code of {n} is {raw}.",
+            f"What is the internet country code of {n}?",
+            (raw,),
+        )
+    ]
 
 
 # Order = order in the passages: state and symbols, people, land, economy.
@@ -361,7 +442,7 @@ def extract_country(code: str) -> Country | None:
     name = country_name(code, data)
     if not name:
         return None
-    facts = [f for parse in _PARSERS for f in parse(name, data)]
+    facts = [f for parse in _PARSERS for f in parse(in_sentence(name), data)]
     if not facts:
         return None
     return Country(code, name, split_of(name), tuple(facts))
@@ -390,19 +471,49 @@ def entity_splits(countries: Sequence[Country] | None = None) -> dict[Split, lis
 
 
 def pack_sentences(groups: Sequence[Sequence[str]], max_tokens: int = PASSAGE_TOKENS) -> list[list[int]]:
-    """Greedy packing of sentence groups (a group stays together) into passages of at most
-    `max_tokens` estimated tokens; returns the group indices of each passage. A single group over
-    the budget gets a passage of its own."""
+    """Split sentence groups (kept in order, a group never split) into the fewest passages of at
+    most `max_tokens` estimated tokens, balanced so that no passage is a short leftover; returns
+    the group indices of each passage. A group over the budget gets a passage of its own."""
+    sizes = [sum(estimate_tokens(s) + 1 for s in g) for g in groups]
     passages: list[list[int]] = []
-    size = 0
-    for i, group in enumerate(groups):
-        n = sum(estimate_tokens(s) + 1 for s in group)
-        if not passages or size + n > max_tokens:
-            passages.append([])
-            size = 0
-        passages[-1].append(i)
-        size += n
+    run: list[int] = []
+    for i, size in enumerate(sizes):
+        if size > max_tokens:
+            passages += _balanced([sizes[j] for j in run], max_tokens, offset=run[0]) if run else []
+            passages.append([i])
+            run = []
+        else:
+            run.append(i)
+    if run:
+        passages += _balanced([sizes[j] for j in run], max_tokens, offset=run[0])
     return passages
+
+
+def _balanced(sizes: list[int], max_tokens: int, offset: int) -> list[list[int]]:
+    """Contiguous split of `sizes` (each <= max_tokens) into the fewest parts that fit, with the
+    largest part as small as possible (linear partition by dynamic programming; n is ~15)."""
+    n = len(sizes)
+    prefix = [0]
+    for x in sizes:
+        prefix.append(prefix[-1] + x)
+    for k in range(max(1, -(-prefix[-1] // max_tokens)), n + 1):
+        # best[j][i]: smallest possible largest part when sizes[:i] make j parts
+        best = [[float("inf")] * (n + 1) for _ in range(k + 1)]
+        cut = [[0] * (n + 1) for _ in range(k + 1)]
+        best[0][0] = 0
+        for j in range(1, k + 1):
+            for i in range(j, n + 1):
+                for h in range(j - 1, i):
+                    v = max(best[j - 1][h], prefix[i] - prefix[h])
+                    if v < best[j][i]:
+                        best[j][i], cut[j][i] = v, h
+        if best[k][n] <= max_tokens:
+            bounds, i = [], n
+            for j in range(k, 0, -1):
+                bounds.append((cut[j][i], i))
+                i = cut[j][i]
+            return [list(range(offset + a, offset + b)) for a, b in reversed(bounds)]
+    raise AssertionError("unreachable: n parts of sizes <= max_tokens always fit")
 
 
 def _country_documents(c: Country, max_tokens: int) -> tuple[list[Document], list[QAItem]]:
@@ -431,7 +542,6 @@ def _country_documents(c: Country, max_tokens: int) -> tuple[list[Document], lis
                         source=SOURCE,
                         doc_id=doc_id,
                         reference=text,
-                        meta={"fact": f.key},
                     )
                 )
     return docs, items
@@ -454,7 +564,6 @@ def build_factbook(
 def sample_per_entity(items: Sequence[QAItem], k: int, salt: str = "sample") -> list[QAItem]:
     """At most `k` items per entity, chosen by a hash of the item id (stable when other items
     change), in the original order. Spreads a small shipped set over many fact types."""
-    import hashlib
 
     def rank(it: QAItem) -> bytes:
         return hashlib.sha256(f"{salt}:{it.id}".encode()).digest()
@@ -470,9 +579,30 @@ def sample_per_entity(items: Sequence[QAItem], k: int, salt: str = "sample") -> 
 # Names are built from syllables so they are not real; attributes are drawn from fixed lists
 # (occupations, products) or are numbers, so the answer cannot be guessed from the question.
 
-_ONSETS = ("b", "br", "c", "d", "dr", "f", "g", "gl", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr", "v", "z")
-_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
-_CODAS = ("", "", "", "n", "r", "l", "s", "sk", "m", "nd", "v", "th")
+_ONSETS = (
+    "b",
+    "br",
+    "c",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gl",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "z",
+)
+_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "ei", "ou")
+_CODAS = ("", "", "n", "r", "l", "s", "m", "nd", "v")
 _TOWN_ENDS = ("ov", "esk", "ara", "ing", "holm", "ford", "enza", "ach", "ton", "ica")
 _SURNAME_ENDS = ("ini", "son", "ek", "ova", "ard", "ez", "lio", "berg", "ault", "enko")
 _COMPANY_ENDS = ("ex", "ica", "on", "ar", "ium", "ix")
@@ -485,14 +615,24 @@ _PRODUCTS = (
     "copper kettles", "wool blankets", "pear brandy", "glass beads", "paper lanterns", "salted cod",
     "clay pipes", "cherry jam", "linen shirts", "iron nails", "goat cheese", "wooden toys",
 )  # fmt: skip
-_INDUSTRIES = ("shipping", "textile", "brewing", "software", "mining", "publishing", "furniture", "pharmaceutical")
+_INDUSTRIES = (
+    "shipping",
+    "textile",
+    "brewing",
+    "software",
+    "mining",
+    "publishing",
+    "furniture",
+    "pharmaceutical",
+)
 _DEVICES = ("lamp", "pump", "loom", "engine", "scale", "compass", "kettle", "valve", "drill", "press")
-_RIVERS = ("river", "lake")
+_WATERS = ("river", "lake")
 
 
 @dataclass(frozen=True)
 class FictionalEntity:
-    """An invented entity: its kind ("person", "town", "company"), its passage and its facts."""
+    """An invented entity of a kind ("person", "town", "company"); its first fact's sentence is its
+    whole passage, the other facts are stated in it."""
 
     id: str
     kind: str
@@ -510,23 +650,31 @@ class _Names:
 
     def _syllables(self, n: int) -> str:
         r = self.rng
-        return "".join(r.choice(_ONSETS) + r.choice(_VOWELS) + r.choice(_CODAS) for _ in range(n))
+        return "".join(r.choice(_ONSETS) + r.choice(_VOWELS) for _ in range(n)) + r.choice(_CODAS)
 
     def _fresh(self, make: Callable[[], str]) -> str:
         while True:
             name = make()
-            if name not in self.used and 4 <= len(name) <= 24:
+            if name not in self.used and all(4 <= len(w) <= 12 for w in name.split()):
                 self.used.add(name)
                 return name
 
     def word(self, ends: Sequence[str]) -> str:
-        return self._fresh(lambda: (self._syllables(self.rng.randint(1, 2)) + self.rng.choice(ends)).capitalize())
+        return self._fresh(
+            lambda: (self._syllables(self.rng.randint(1, 2)) + self.rng.choice(ends)).capitalize()
+        )
 
     def person(self) -> str:
         return self._fresh(
-            lambda: f"{self._syllables(self.rng.randint(2, 3)).capitalize()} "
-            f"{(self._syllables(1) + self.rng.choice(_SURNAME_ENDS)).capitalize()}"
+            lambda: (
+                f"{self._syllables(self.rng.randint(2, 3)).capitalize()} "
+                f"{(self._syllables(1) + self.rng.choice(_SURNAME_ENDS)).capitalize()}"
+            )
         )
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
 def _person(names: _Names, i: int) -> FictionalEntity:
@@ -536,7 +684,7 @@ def _person(names: _Names, i: int) -> FictionalEntity:
     died = born + r.randint(35, 95)
     job = r.choice(_OCCUPATIONS)
     sentence = (
-        f"{name} was born in {born} in the town of {born_in} and worked as a {job}. "
+        f"{name} was born in {born} in the town of {born_in} and worked as {_a(job)}. "
         f"Later in life {name} moved to {moved_to}, where {name.split()[0]} died in {died}."
     )
     facts = (
@@ -552,7 +700,7 @@ def _person(names: _Names, i: int) -> FictionalEntity:
 def _town(names: _Names, i: int) -> FictionalEntity:
     r = names.rng
     town, water, region = names.word(_TOWN_ENDS), names.word(_TOWN_ENDS), names.word(_TOWN_ENDS)
-    kind = r.choice(_RIVERS)
+    kind = r.choice(_WATERS)
     founded = r.randint(900, 1900)
     pop = f"{r.randint(1200, 98000):,}"
     product = r.choice(_PRODUCTS)
@@ -579,7 +727,7 @@ def _company(names: _Names, i: int) -> FictionalEntity:
     staff = f"{r.randint(40, 60000):,}"
     product = f"{names.word(_COMPANY_ENDS)} {r.choice(_DEVICES)}"
     sentence = (
-        f"{company} is a {industry} company founded in {founded} by {founder} in the city of {city}. "
+        f"{company} is {_a(industry)} company founded in {founded} by {founder} in the city of {city}. "
         f"It employs {staff} people and its best-known product is the {product}."
     )
     facts = (
@@ -589,7 +737,9 @@ def _company(names: _Names, i: int) -> FictionalEntity:
         Fact("employees", "", f"How many people does the company {company} employ?", (staff,)),
         Fact("product", "", f"What is the best-known product of the company {company}?", (product,)),
     )
-    return FictionalEntity(f"{FICTIONAL_SOURCE}/company/{i:04d}", "company", company, split_of(company), facts)
+    return FictionalEntity(
+        f"{FICTIONAL_SOURCE}/company/{i:04d}", "company", company, split_of(company), facts
+    )
 
 
 def fictional_entities(n: int, seed: int = 0) -> list[FictionalEntity]:
@@ -619,7 +769,6 @@ def build_fictional(n: int = 150, seed: int = 0) -> tuple[list[Document], list[Q
                     source=FICTIONAL_SOURCE,
                     doc_id=e.id,
                     reference=text,
-                    meta={"kind": e.kind, "fact": f.key},
                 )
             )
     return docs, items

@@ -25,7 +25,7 @@ import logging
 import re
 import string
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -174,7 +174,9 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise QAFormatError(f"{_where(path, lineno)}: invalid JSON ({e.msg} at column {e.colno})") from e
+                raise QAFormatError(
+                    f"{_where(path, lineno)}: invalid JSON ({e.msg} at column {e.colno})"
+                ) from e
 
 
 def load_qa(
@@ -216,7 +218,9 @@ def _resolve(items: list[QAItem], path: Path, kb: Sequence[Document] | str | Pat
     docs = {d.id: d for d in (load_kb(kb) if isinstance(kb, (str, Path)) else kb)}
     for it in rest:
         if it.doc_id not in docs:
-            raise QAFormatError(f"{path}: item {it.id!r} has no reference and doc_id {it.doc_id!r} is not in the KB")
+            raise QAFormatError(
+                f"{path}: item {it.id!r} has no reference and doc_id {it.doc_id!r} is not in the KB"
+            )
         it.reference = docs[it.doc_id].text
 
 
@@ -234,7 +238,7 @@ def save_qa(items: Iterable[QAItem], path: str | Path, with_text: bool = True) -
                 d["reference"] = None
                 if it.source in _TEXT_FREE_SOURCES:
                     d["question"] = None
-            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+            f.write(json.dumps(d, ensure_ascii=False, separators=(",", ":")) + "\n")
             n += 1
     return n
 
@@ -252,7 +256,9 @@ def load_kb(path: str | Path) -> list[Document]:
         if not all(isinstance(obj[k], str) and obj[k] for k in ("id", "title", "text")):
             raise QAFormatError(f"{where}: id, title and text must be non-empty strings")
         if obj["id"] in seen:
-            raise QAFormatError(f"{where}: duplicate document id {obj['id']!r} (first on line {seen[obj['id']]})")
+            raise QAFormatError(
+                f"{where}: duplicate document id {obj['id']!r} (first on line {seen[obj['id']]})"
+            )
         seen[obj["id"]] = lineno
         docs.append(Document(obj["id"], obj["title"], obj["text"]))
     return docs
@@ -264,7 +270,7 @@ def save_kb(docs: Iterable[Document], path: str | Path) -> int:
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
-            f.write(json.dumps(d.to_dict(), ensure_ascii=False) + "\n")
+            f.write(json.dumps(d.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n")
             n += 1
     return n
 
@@ -302,7 +308,11 @@ _SCALED = re.compile(r"(\d+(?:\.\d+)?)\s*(thousand|million|billion|trillion)\b")
 _GROUP_SEP = re.compile(r"(?<=\d)[,'’_\u00a0\u202f\u2009](?=\d{3}(?!\d))")
 _DOT_GROUPS = re.compile(r"\b\d{1,3}(?:\.\d{3}){2,}\b")
 _DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+_LIST_COMMA = re.compile(r"(?<=\d),(?=\d)")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_MONTHS = "january|february|march|april|may|june|july|august|september|october|november|december"
+_MONTH_DAY = re.compile(rf"\b({_MONTHS}) (\d{{1,2}})(?:st|nd|rd|th)?\b")
+_DAY_MONTH = re.compile(rf"\b(\d{{1,2}})(?:st|nd|rd|th) (?:of )?({_MONTHS})\b")
 _PUNCT = str.maketrans("", "", string.punctuation + "“”‘’–—")
 
 
@@ -314,12 +324,16 @@ def _expand_scale(m: re.Match[str]) -> str:
 def normalize_answer(text: str) -> str:
     """SQuAD normalisation (lower case, no punctuation, no articles, single spaces), plus what
     SmolLM2's answers need: accents folded ("Bogotá" = "Bogota"), digit-group separators dropped
-    ("67,000,000" = "67000000" = "67.000.000"), scale words expanded ("67 million" = "67000000")
-    and decimal points kept ("42.7" stays "42.7", not "427")."""
+    ("67,000,000" = "67000000" = "67.000.000"), scale words expanded ("67 million" = "67000000"),
+    decimal points kept ("42.7" stays "42.7", not "427") and dates put day first ("July 14, 1789"
+    = "14 July 1789")."""
     text = unicodedata.normalize("NFKD", text)
     text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    text = _MONTH_DAY.sub(r"\2 \1", text)  # "July 14" and "14th of July" = "14 July"
+    text = _DAY_MONTH.sub(r"\1 \2", text)
     text = _GROUP_SEP.sub("", text)
     text = _DOT_GROUPS.sub(lambda m: m.group(0).replace(".", ""), text)
+    text = _LIST_COMMA.sub(" ", text)  # "1,2,3" is a list, not 123
     text = _SCALED.sub(_expand_scale, text)
     text = _DECIMAL_POINT.sub("\0", text)  # protect decimal points from punctuation removal
     text = text.translate(_PUNCT).replace("\0", ".")
@@ -369,7 +383,7 @@ class GenerateConfig:
     at run time by `build_factbook()`, `build_fictional()` and `build_wikipedia_qa()`."""
 
     factbook_questions_per_country: int = 2
-    fictional_entities: int = 150
+    fictional_entities: int = 80
     fictional_seed: int = 0
     wikipedia_questions: int = 300
 
@@ -391,22 +405,23 @@ def generate(out: str | Path, config: GenerateConfig = GenerateConfig()) -> dict
     save_kb(docs, out / "factbook_kb.jsonl")
     items = sample_per_entity(items, config.factbook_questions_per_country)
     save_qa(items, out / "factbook.jsonl", with_text=False)
-    counts["factbook"] = _count(items)
+    counts["factbook"] = count_splits(items)
 
     docs, items = build_fictional(config.fictional_entities, seed=config.fictional_seed)
     save_kb(docs, out / "fictional_kb.jsonl")
     save_qa(items, out / "fictional.jsonl", with_text=False)
-    counts["fictional"] = _count(items)
+    counts["fictional"] = count_splits(items)
 
     items = build_wikipedia_qa(limit=config.wikipedia_questions)
     save_qa(items, out / "wikipedia.jsonl", with_text=False)
-    counts["wikipedia"] = _count(items)
+    counts["wikipedia"] = count_splits(items)
     for name, c in counts.items():
         log.info("%s: %s", name, c)
     return counts
 
 
-def _count(items: Iterable[QAItem]) -> dict[str, int]:
+def count_splits(items: Iterable[QAItem]) -> dict[str, int]:
+    """Number of items per split."""
     c = {s: 0 for s in SPLITS}
     for it in items:
         c[it.split] += 1
@@ -414,18 +429,16 @@ def _count(items: Iterable[QAItem]) -> dict[str, int]:
 
 
 def check_gold(items: Iterable[QAItem]) -> list[str]:
-    """Ids of items whose reference does not contain one of its answers verbatim (should be none)."""
+    """Ids of items whose reference does not contain each of its answers verbatim (should be none)."""
     return [it.id for it in items if not it.reference or any(a not in it.reference for a in it.answers)]
-
-
-def split_counts(items: Iterable[QAItem]) -> Mapping[str, int]:
-    return _count(items)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m memory3.data.qa", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for the JSONL files")
-    parser.add_argument("--factbook-per-country", type=int, default=GenerateConfig.factbook_questions_per_country)
+    parser.add_argument(
+        "--factbook-per-country", type=int, default=GenerateConfig.factbook_questions_per_country
+    )
     parser.add_argument("--fictional-entities", type=int, default=GenerateConfig.fictional_entities)
     parser.add_argument("--fictional-seed", type=int, default=GenerateConfig.fictional_seed)
     parser.add_argument("--wikipedia-questions", type=int, default=GenerateConfig.wikipedia_questions)

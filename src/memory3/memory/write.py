@@ -8,6 +8,7 @@ import hashlib
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,6 +116,11 @@ def reset_fingerprint(model: Memory3Model) -> None:
 def memory_fingerprint(model: Memory3Model, config: MemoryConfig) -> str:
     fields = (config.prefix, config.reference_tokens, config.kept_tokens, config.selection, config.seed)
     return fingerprint(model_fingerprint(model), repr(fields))
+
+
+def reference_prefix_ids(tokenizer: Any, bos_token_id: int, config: MemoryConfig) -> list[int]:
+    """§3.1 the reference prefix `<s>Reference:` as token ids: BOS, then the prefix text."""
+    return [bos_token_id, *tokenizer(config.prefix, add_special_tokens=False).input_ids]
 
 
 def attention_scores(cap: Captured, valid: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""A retriever over a few texts held in RAM: memories written on construction, exact search.
+"""A retriever over a few references held in RAM: memories written on construction, exact search.
 
 For demos, tests and small private knowledge bases; a memory bank on disk is
 `memory3.retrieval.retriever.StoreRetriever`.
@@ -11,33 +11,40 @@ from typing import Any
 
 import numpy as np
 
+from memory3.memory.ingest import Reference
 from memory3.memory.write import Memories, MemoryWriter
 from memory3.retrieval.base import Embedder, Hit
+from memory3.retrieval.leak import leaks
 
 
 class InMemoryRetriever:
+    """references: chunked `Reference`s (see `memory.ingest.chunk_documents`) or plain strings
+    (each cut to the first `reference_tokens` tokens)."""
+
     def __init__(
         self,
-        texts: Sequence[str],
+        references: Sequence[Reference] | Sequence[str],
         writer: MemoryWriter,
         tokenizer: Any,
         embedder: Embedder,
-        titles: Sequence[str] | None = None,
         batch_size: int = 16,
     ) -> None:
-        if not texts:
-            raise ValueError("InMemoryRetriever needs at least one text")
+        if not references:
+            raise ValueError("InMemoryRetriever needs at least one reference")
         n = writer.config.reference_tokens
-        ids = [tokenizer(t, add_special_tokens=False).input_ids[:n] for t in texts]
-        empty = [i for i, r in enumerate(ids) if not r]
-        if empty:
-            raise ValueError(f"texts {empty} are empty: give non-empty references")
-        self.texts = [tokenizer.decode(r) for r in ids]  # exactly what the memories encode
-        self.token_ids = ids
-        self.titles = list(titles) if titles is not None else [""] * len(texts)
+        refs: list[Reference] = []
+        for i, r in enumerate(references):
+            if isinstance(r, str):
+                ids = tokenizer(r, add_special_tokens=False).input_ids[:n]
+                if not ids:
+                    raise ValueError(f"reference {i} is empty: give non-empty texts")
+                r = Reference(str(i), str(i), 0, tuple(ids), tokenizer.decode(ids))
+            refs.append(r)
+        self.references = refs
+        self.texts = [r.text for r in refs]
         self.embedder = embedder
         self._vectors = embedder.embed(self.texts)
-        self._memories: Memories = writer.write(ids, batch_size=batch_size).to("cpu")
+        self._memories: Memories = writer.write([list(r.token_ids) for r in refs], batch_size=batch_size).to("cpu")
         self._fingerprint = writer.fingerprint
 
     @property
@@ -45,7 +52,7 @@ class InMemoryRetriever:
         return self._fingerprint
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.references)
 
     def search(
         self,
@@ -62,12 +69,10 @@ class InMemoryRetriever:
             for i in row:
                 if len(hits) == k:
                     break
-                if leak_texts is not None and leak_threshold is not None:
-                    from memory3.retrieval.leak import overlap
-
-                    if overlap(leak_texts[qi], self.texts[i]) > leak_threshold:
-                        continue
-                hits.append(Hit(int(i), float(scores[qi, i]), self.texts[i], self.titles[i], str(i)))
+                r = self.references[i]
+                if leak_texts is not None and leak_threshold is not None and leaks(leak_texts[qi], r.text, leak_threshold):
+                    continue  # §4.4 the reference (nearly) contains the query text
+                hits.append(Hit(int(i), float(scores[qi, i]), r.text, r.title, r.doc_id))
             out.append(hits)
         return out
 
