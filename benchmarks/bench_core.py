@@ -110,17 +110,20 @@ def main() -> int:
         for batch in (1, 8):
             ids = torch.tensor([chat_ids] * batch)
 
-            def ours(n: int, b: int = batch) -> callable:
+            def ours(n: int, b: int = batch, g: Generator = gen) -> callable:
                 cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
-                return lambda: gen.generate([PROMPT] * b, mode="none", config=cfg)
+                return lambda: g.generate([PROMPT] * b, mode="none", config=cfg)
 
-            def theirs(n: int, x: torch.Tensor = ids) -> callable:
-                return lambda: hf.generate(
+            def theirs(n: int, x: torch.Tensor = ids, m=hf) -> callable:
+                return lambda: m.generate(
                     x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False
                 )
 
             with torch.inference_mode():
-                t = interleave({"ours_n": ours(n_new), "hf_n": theirs(n_new), "ours_1": ours(1), "hf_1": theirs(1)}, rounds)
+                t = interleave(
+                    {"ours_n": ours(n_new), "hf_n": theirs(n_new), "ours_1": ours(1), "hf_1": theirs(1)},
+                    rounds,
+                )
             r_ours = decode_rate(batch, n_new, t["ours_n"], t["ours_1"])
             r_hf = decode_rate(batch, n_new, t["hf_n"], t["hf_1"])
             row = {
@@ -170,7 +173,13 @@ def main() -> int:
                 if r > 0:
                     timings[mode].append(batch * (n - 1) / gen.timing.decode_s)
         m, nm = statistics.median(timings["memory"]), statistics.median(timings["none"])
-        row = {"batch": batch, "memory tok/s": m, "no memory tok/s": nm, "ratio": m / nm, "memories per sequence": 5}
+        row = {
+            "batch": batch,
+            "memory tok/s": m,
+            "no memory tok/s": nm,
+            "ratio": m / nm,
+            "memories per sequence": 5,
+        }
         print(json.dumps(row), file=sys.stderr)
         mem_rows.append(row)
     results["decode_memory_vs_none"] = mem_rows
@@ -187,7 +196,9 @@ def main() -> int:
         f"**{results['write']['references_per_s']:.1f} references/s**.\n"
     )
     cmd = "python benchmarks/bench_core.py" + (" --quick" if args.quick else "")
-    update_section(args.out, "core", "Core: decode speed and memory writing (SmolLM2-135M)", cmd, body, results)
+    update_section(
+        args.out, "core", "Core: decode speed and memory writing (SmolLM2-135M)", cmd, body, results
+    )
     return 0
 
 

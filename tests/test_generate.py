@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 
+from conftest import tiny_model
 from memory3.config import GenerationConfig, MemoryConfig
 from memory3.generate import Generator, sample
 from memory3.memory.write import Memories, MemoryFormatError, MemoryWriter
@@ -56,7 +56,9 @@ def setup(tok):
 
 def test_none_mode_equals_plain_greedy_recompute(setup, tok) -> None:
     model, _, gen, _ = setup
-    out = gen.generate("Tell me about Quellmar and the sea", mode="none", config=GenerationConfig(max_new_tokens=12))[0]
+    out = gen.generate(
+        "Tell me about Quellmar and the sea", mode="none", config=GenerationConfig(max_new_tokens=12)
+    )[0]
     ids = tok("Tell me about Quellmar and the sea").input_ids
     want = []
     with torch.no_grad():
@@ -136,9 +138,14 @@ def test_stream_matches_generate_and_stop_strings_cut(setup) -> None:
     assert events[-1].finish_reason == full.finish_reason
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
     if stop.strip():
-        cut = gen.generate("Mount Fjarn", mode="memory", config=GenerationConfig(max_new_tokens=16, stop=(stop,)))[0]
+        cut = gen.generate(
+            "Mount Fjarn", mode="memory", config=GenerationConfig(max_new_tokens=16, stop=(stop,))
+        )[0]
         assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
-        streamed = "".join(e.delta for e in gen.stream("Mount Fjarn", config=GenerationConfig(max_new_tokens=16, stop=(stop,))))
+        streamed = "".join(
+            e.delta
+            for e in gen.stream("Mount Fjarn", config=GenerationConfig(max_new_tokens=16, stop=(stop,)))
+        )
         assert streamed == cut.text
 
 
@@ -155,7 +162,7 @@ def test_sampling_is_seeded_and_top_p_narrows() -> None:
 
 
 def test_bad_input_is_named(setup, tok) -> None:
-    model, cfg, gen, retr = setup
+    model, cfg, gen, _ = setup
     with pytest.raises(ValueError, match="empty prompt"):
         gen.generate("   ")
     with pytest.raises(ValueError, match="does not fit the context"):

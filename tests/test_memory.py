@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
 from torch.testing import assert_close
 
+from conftest import tiny_model
 from memory3.config import MemoryConfig
 from memory3.memory.write import Memories, MemoryWriter
 from memory3.model import KVCache, MemoryInput
@@ -35,7 +35,7 @@ def loop_scores(model, ref: list[int], layer_pos: int, kv_head: int) -> list[flo
         w = 0.0
         for i in range(p, p + len(ref)):
             for h in group:
-                w += math.exp(float(cap.q.detach()[0, h, i] @ cap.k_pre[0, kv_head, j]) / math.sqrt(D))
+                w += math.exp(float((cap.q[0, h, i] @ cap.k_pre[0, kv_head, j]).detach()) / math.sqrt(D))
         scores.append(w)
     return scores
 
@@ -95,9 +95,9 @@ def test_batched_writing_equals_one_by_one() -> None:
 
 def test_writer_rejects_bad_references() -> None:
     writer = MemoryWriter(tiny_model(), PREFIX, MemoryConfig(reference_tokens=16, kept_tokens=4))
-    with pytest.raises(ValueError, match="1..16 tokens"):
+    with pytest.raises(ValueError, match=r"1\.\.16 tokens"):
         writer.write([[5] * 17])
-    with pytest.raises(ValueError, match="1..16 tokens"):
+    with pytest.raises(ValueError, match=r"1\.\.16 tokens"):
         writer.write([[]])
 
 
@@ -184,7 +184,7 @@ def test_memory_layer_attention_matches_naive_softmax() -> None:
                 kh = h // G
                 keys, vals = [k[0, kh, : i + 1]], [v[0, kh, : i + 1]]
                 if c >= 0:
-                    for j, m in enumerate(chunks[c]):
+                    for m in chunks[c]:
                         keys.append(mem.k[m, 0, kh])
                         vals.append(mem.v[m, 0, kh])
                 K_, V_ = torch.cat(keys), torch.cat(vals)
@@ -195,7 +195,7 @@ def test_memory_layer_attention_matches_naive_softmax() -> None:
 
 
 def test_no_memory_is_bit_identical_to_plain_model() -> None:
-    model, cfg, mem = _setup()
+    model, cfg, _ = _setup()
     ids, pos = _layout(10, cfg)
     with torch.no_grad():
         plain = model(ids, pos)
@@ -225,7 +225,7 @@ def test_cached_decoding_with_memories_equals_full_recompute() -> None:
 def test_full_memory_at_all_layers_equals_plain_forward_over_reference_and_prompt() -> None:
     """Positive control (SPEC §5): unsparsified memory in every layer is exactly the model
     reading prefix + reference + prompt with the same position ids."""
-    model, cfg, mem = _setup(all_layers=True, selection="all")
+    model, cfg, _ = _setup(all_layers=True, selection="all")
     ref = refs(1, 16, 16, seed=8)[0]
     writer = MemoryWriter(model, PREFIX, cfg)
     with torch.no_grad():

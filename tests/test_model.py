@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_model
 from memory3.config import ModelConfig
 from memory3.model import KVCache, Memory3Model
 
@@ -57,7 +57,9 @@ def test_incremental_decode_equals_full_recompute(tiny: Memory3Model) -> None:
     with torch.no_grad():
         full = tiny(ids)
         cache = KVCache(tiny.config, 2, 32)
-        steps = [tiny(ids[:, :12], cache=cache)] + [tiny(ids[:, t : t + 1], cache=cache) for t in range(12, 20)]
+        steps = [tiny(ids[:, :12], cache=cache)] + [
+            tiny(ids[:, t : t + 1], cache=cache) for t in range(12, 20)
+        ]
     assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 

@@ -25,7 +25,9 @@ def _torch_dtype(name: str) -> Any:
 
 
 def add_model_args(p: argparse.ArgumentParser, dtype: str = "bfloat16") -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint directory or the bundled model name")
+    p.add_argument(
+        "--model", default="smollm2-135m-instruct", help="checkpoint directory or the bundled model name"
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=dtype, choices=DTYPES)
 
@@ -104,14 +106,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "finish_reason": o.finish_reason,
             "prompt_tokens": o.prompt_tokens,
             "completion_tokens": len(o.token_ids),
-            "references": [[{"id": h.ref_id, "title": h.title, "score": round(h.score, 4)} for h in hs] for hs in o.references],
+            "references": [
+                [{"id": h.ref_id, "title": h.title, "score": round(h.score, 4)} for h in hs]
+                for hs in o.references
+            ],
         }
         print(json.dumps(row, ensure_ascii=False))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memory3", description="Language modeling with explicit memory (Memory³)")
+    parser = argparse.ArgumentParser(
+        prog="memory3", description="Language modeling with explicit memory (Memory³)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -120,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--articles", type=int, default=6, help="Wikipedia summaries to write as memories")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("convert", help="convert a GGUF file or Hugging Face directory to a memory3 checkpoint")
+    p = sub.add_parser(
+        "convert", help="convert a GGUF file or Hugging Face directory to a memory3 checkpoint"
+    )
     p.add_argument("source", help="a .gguf file or a Hugging Face Llama-family directory")
     p.add_argument("out", help="output checkpoint directory")
     p.add_argument("--preset", default=None, help="model preset matching the GGUF file (e.g. smollm2-135m)")

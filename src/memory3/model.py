@@ -104,11 +104,8 @@ class KVCache:
         self.max_len = max_len
         self.len = 0
         self.offsets = [mem_slots if i in mem_layers else 0 for i in range(config.n_layer)]
-        shape = (batch_size, config.n_kv_head, 0, config.head_dim)
-        self.k = [
-            torch.zeros(shape[:2] + (off + max_len,) + shape[3:], device=device, dtype=dtype)
-            for off in self.offsets
-        ]
+        B, K, D = batch_size, config.n_kv_head, config.head_dim
+        self.k = [torch.zeros(B, K, off + max_len, D, device=device, dtype=dtype) for off in self.offsets]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.mem_valid = torch.zeros(batch_size, mem_slots, dtype=torch.bool, device=device)

@@ -21,7 +21,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def update_section(path: str | Path, name: str, title: str, command: str, body_md: str, figures: dict) -> None:
+def update_section(
+    path: str | Path, name: str, title: str, command: str, body_md: str, figures: dict
+) -> None:
     """Replace (or append) the section `name` of a Markdown file with a table and the JSON."""
     path = Path(path)
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
@@ -29,7 +31,11 @@ def update_section(path: str | Path, name: str, title: str, command: str, body_m
         f"{start}\n## {title}\n\nReproduce: `{command}`\n\n{body_md.strip()}\n\n"
         f"<details><summary>JSON</summary>\n\n```json\n{json.dumps(figures, indent=2)}\n```\n</details>\n{end}"
     )
-    text = path.read_text() if path.exists() else "# memory3 benchmarks\n\nFigures measured on the machine named in each section; ratios are the headline, absolute times vary with load.\n"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# memory3 benchmarks\n\nFigures measured on the machine named in each section; ratios are the headline, absolute times vary with load.\n"
+    )
     if start in text and end in text:
         before, rest = text.split(start, 1)
         after = rest.split(end, 1)[1]

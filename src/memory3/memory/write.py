@@ -5,7 +5,6 @@ keep the K/V of the 8 tokens each memory head attends to most, after RoPE, with 
 from __future__ import annotations
 
 import hashlib
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -178,7 +177,7 @@ class MemoryWriter:
         return mem[inverse]
 
     def _write_batch(self, refs: Sequence[Sequence[int]]) -> Memories:
-        cfg, p = self.config, self.prefix_len
+        p = self.prefix_len
         device = self.model.device
         B, T = len(refs), p + max(len(r) for r in refs)
         ids = torch.zeros(B, T, dtype=torch.long)
@@ -189,7 +188,6 @@ class MemoryWriter:
         ids, valid = ids.to(device), valid.to(device)
         pos = torch.arange(T, device=device).expand(B, T)  # §3.2 prefix 0..p-1, tokens p..
         captured = self.model.capture_memory_layers(ids, pos)
-        S = cfg.kept_tokens
         ks, vs, ps = [], [], []
         for layer, cap in enumerate(captured):
             idx, ok = self._select(cap, valid, layer)  # (B, K, S)
@@ -198,9 +196,7 @@ class MemoryWriter:
             ks.append(torch.gather(cap.k, 2, gather) * ok[..., None])
             vs.append(torch.gather(cap.v, 2, gather) * ok[..., None])
             ps.append(torch.where(ok, idx, -1).to(torch.int32))
-        return Memories(
-            torch.stack(ks, 1), torch.stack(vs, 1), torch.stack(ps, 1).cpu(), self.fingerprint
-        )
+        return Memories(torch.stack(ks, 1), torch.stack(vs, 1), torch.stack(ps, 1).cpu(), self.fingerprint)
 
     def _select(self, cap: Captured, valid: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         """Indices (B, K, S) of the kept tokens, sorted by position, and which are real."""
@@ -224,7 +220,7 @@ class MemoryWriter:
             key = torch.where(ok, idx, T + idx)
             key, order2 = key.sort(dim=-1)
             idx, ok = idx.gather(-1, order2), ok.gather(-1, order2)
-        if S < cfg.kept_tokens:  # fewer tokens in the batch than slots: pad with empty slots
+        if cfg.kept_tokens > S:  # fewer tokens in the batch than slots: pad with empty slots
             pad = cfg.kept_tokens - S
             idx = torch.cat((idx, idx.new_zeros(B, K, pad)), -1)
             ok = torch.cat((ok, ok.new_zeros(B, K, pad)), -1)

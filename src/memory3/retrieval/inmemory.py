@@ -44,7 +44,9 @@ class InMemoryRetriever:
         self.texts = [r.text for r in refs]
         self.embedder = embedder
         self._vectors = embedder.embed(self.texts)
-        self._memories: Memories = writer.write([list(r.token_ids) for r in refs], batch_size=batch_size).to("cpu")
+        self._memories: Memories = writer.write([list(r.token_ids) for r in refs], batch_size=batch_size).to(
+            "cpu"
+        )
         self._fingerprint = writer.fingerprint
 
     @property
@@ -70,7 +72,11 @@ class InMemoryRetriever:
                 if len(hits) == k:
                     break
                 r = self.references[i]
-                if leak_texts is not None and leak_threshold is not None and leaks(leak_texts[qi], r.text, leak_threshold):
+                if (
+                    leak_texts is not None
+                    and leak_threshold is not None
+                    and leaks(leak_texts[qi], r.text, leak_threshold)
+                ):
                     continue  # §4.4 the reference (nearly) contains the query text
                 hits.append(Hit(int(i), float(scores[qi, i]), r.text, r.title, r.doc_id))
             out.append(hits)

@@ -43,7 +43,7 @@ _FIRST_BATCH = 64
 _BATCH = 512
 
 H = TypeVar("H", bound=Hit)
-Seq = Sequence[int] | str
+Seq = Sequence[int] | np.ndarray | str  # token ids, or a text compared word by word
 
 
 def words(text: str) -> list[str]:
@@ -71,11 +71,12 @@ def _window_bounds(t: np.ndarray, r: np.ndarray, width: int) -> np.ndarray:
     the bag intersection, an upper bound on LCS(t[s:s+width], r)."""
     n_starts = len(t) - width + 1
     uniq, r_counts = np.unique(r, return_counts=True)
-    # (U, n + 1) running counts in t of each distinct token of r.
-    cum = np.zeros((len(uniq), len(t) + 1), dtype=np.int32)
-    np.cumsum(t[None, :] == uniq[:, None], axis=1, out=cum[:, 1:])
-    in_window = cum[:, width : width + n_starts] - cum[:, :n_starts]  # (U, n_starts)
-    return np.minimum(in_window, r_counts[:, None]).sum(axis=0)
+    # (n + 1, U) running counts in t of each distinct token of r; time-major so cumsum adds rows.
+    dtype = np.int16 if len(t) < np.iinfo(np.int16).max else np.int32
+    cum = np.zeros((len(t) + 1, len(uniq)), dtype=dtype)
+    np.cumsum(t[:, None] == uniq[None, :], axis=0, dtype=dtype, out=cum[1:])
+    in_window = cum[width : width + n_starts] - cum[:n_starts]  # (n_starts, U)
+    return np.minimum(in_window, r_counts[None, :].astype(dtype)).sum(axis=1, dtype=np.int64)
 
 
 class _BitLCS:

@@ -33,7 +33,9 @@ def open_retriever(
 
     cfg = MemoryConfig()
     stats = IngestStats()
-    refs = list(chunk_documents(read_documents(kb, stats), loaded.tokenizer, cfg.reference_tokens, stats=stats))
+    refs = list(
+        chunk_documents(read_documents(kb, stats), loaded.tokenizer, cfg.reference_tokens, stats=stats)
+    )
     if not refs:
         raise ValueError(f"{kb}: no text to remember ({stats.as_dict()})")
     prefix = reference_prefix_ids(loaded.tokenizer, loaded.model.config.bos_token_id, cfg)
