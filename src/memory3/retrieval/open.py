@@ -22,7 +22,7 @@ def open_retriever(
     if store is not None:
         from memory3.retrieval.retriever import StoreRetriever
 
-        retriever = StoreRetriever.open(store, loaded.model)
+        retriever = StoreRetriever.open(store, loaded.model, loaded.tokenizer)
         return retriever, retriever.memory_config
     if kb is None:
         return None, MemoryConfig()

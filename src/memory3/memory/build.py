@@ -1,0 +1,273 @@
+"""Building a memory bank from a corpus, resumably (SPEC §2, §4).
+
+    1. read and chunk the corpus into references of ≤128 tokens        (memory.ingest)
+    2. train the codec on memories of uniformly sampled references     (memory.codec, §3.3)
+    3. create the store and register every reference as pending        (one transaction)
+    4. write memories for pending references, batch by batch           (memory.write; skipped in cold start)
+    5. embed every reference and build the FAISS index                 (retrieval.embed / index)
+
+Every step is idempotent: a build killed at any moment (kill -9) and run again with the same
+arguments picks up where it stopped and ends with the same store. Embeddings are saved per batch
+under `embeddings.partial/` so that they are not computed twice either.
+
+Distributed: under `torchrun`, rank r builds the documents i ≡ r (mod world size) into its own part
+with the codec trained by rank 0; rank 0 then merges the parts (shard files are moved, not copied)
+and builds one index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from memory3.config import MemoryConfig
+from memory3.memory.codec import CodecConfig, MemoryCodec, train_codec
+from memory3.memory.ingest import Document, IngestStats, Reference, chunk_documents
+from memory3.memory.store import MemoryStore, RefMeta, merge_stores
+from memory3.memory.write import MemoryWriter, reference_prefix_ids
+from memory3.model import Memory3Model
+from memory3.retrieval.embed import get_embedder
+from memory3.retrieval.index import IndexConfig, VectorIndex
+from memory3.retrieval.retriever import INDEX_SUBDIR
+
+log = logging.getLogger(__name__)
+
+PARTIAL = "embeddings.partial"  # per-batch embeddings of an unfinished build, beside index/
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    embedder: str = "minilm"
+    batch_size: int = 16  # references per forward pass of the writer
+    codec_train_references: int = 512  # sampled uniformly to train the codec
+    cold: bool = False  # register and index only; memories are written when first retrieved
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BuildSummary:
+    path: str
+    references: int
+    written: int  # memories written by this run
+    skipped: dict[str, int]
+    bytes: int
+    seconds: float
+    references_per_s: float
+    resumed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _digest(refs: list[Reference]) -> str:
+    h = hashlib.sha256()
+    for r in refs:
+        h.update(r.ref_id.encode())
+        h.update(np.asarray(r.token_ids, dtype="<i4").tobytes())
+    return h.hexdigest()[:16]
+
+
+def _codec_for(
+    refs: list[Reference], writer: MemoryWriter, config: BuildConfig, progress: bool
+) -> MemoryCodec:
+    rng = random.Random(config.seed)
+    sample = rng.sample(refs, min(len(refs), config.codec_train_references))
+    mems = []
+    with torch.inference_mode():
+        for s in tqdm(
+            range(0, len(sample), config.batch_size), desc="codec sample", disable=not progress, unit="batch"
+        ):
+            batch = sample[s : s + config.batch_size]
+            mems.append(
+                writer.write([list(r.token_ids) for r in batch], config.batch_size).to("cpu", torch.float32)
+            )
+    return train_codec(mems, config.codec)
+
+
+def build(
+    docs: Iterable[Document],
+    out: str | Path,
+    model: Memory3Model,
+    tokenizer: Any,
+    memory_config: MemoryConfig | None = None,
+    config: BuildConfig | None = None,
+    progress: bool = True,
+    stats: IngestStats | None = None,
+    codec: MemoryCodec | None = None,
+    index: bool = True,
+) -> BuildSummary:
+    """Build (or resume building) the memory bank at `out` from `docs`."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    mem_cfg = memory_config or MemoryConfig()
+    config = config or BuildConfig()
+    stats = stats if stats is not None else IngestStats()
+    writer = MemoryWriter(model, reference_prefix_ids(tokenizer, model.config.bos_token_id, mem_cfg), mem_cfg)
+    refs = list(
+        chunk_documents(
+            tqdm(docs, desc="read", disable=not progress, unit="doc"),
+            tokenizer,
+            mem_cfg.reference_tokens,
+            stats=stats,
+        )
+    )
+    if not refs:
+        raise ValueError(f"nothing to remember: no text in the input ({stats.as_dict()})")
+    digest = _digest(refs)
+    resumed = (out / "manifest.json").exists()
+    if resumed:
+        store = MemoryStore.open(out, expect_fingerprint=writer.fingerprint, readonly=False)
+        made_from = (store.manifest.get("extra") or {}).get("source_digest")
+        if made_from != digest:
+            store.close()
+            raise ValueError(
+                f"{out} was built from other input (digest {made_from}, now {digest}); choose a new "
+                "--out, or change documents with `memory3 store add/delete`"
+            )
+    else:
+        codec = codec or _codec_for(refs, writer, config, progress)
+        store = MemoryStore.create(
+            out, codec, writer.fingerprint, model.config, mem_cfg,
+            extra={"source_digest": digest, "build": config.to_dict(), "references": len(refs)},
+        )  # fmt: skip
+    try:
+        if store.counts()["records"] == 0 and len(store.pending_ids()) == 0 and len(store.live_ids()) == 0:
+            store.add_pending([RefMeta(r.doc_id, r.index, r.text, r.title, r.token_ids) for r in refs])
+        written = 0 if config.cold else _fill(store, writer, config, progress)
+        if index:
+            _index(store, config, progress)
+        size = sum(p.stat().st_size for p in (out / "shards").glob("*.bin"))
+        n = store.counts()
+    finally:
+        store.close()
+    dt = time.perf_counter() - t0
+    summary = BuildSummary(
+        str(out), n["live"] + n["pending"], written, stats.as_dict(), size, dt, written / dt, resumed
+    )
+    log.info("built %s", json.dumps(summary.to_dict()))
+    return summary
+
+
+def _fill(store: MemoryStore, writer: MemoryWriter, config: BuildConfig, progress: bool) -> int:
+    pending = store.pending_ids().tolist()
+    bar = tqdm(total=len(pending), desc="write memories", disable=not progress, unit="ref")
+    written = 0
+    for s in range(0, len(pending), config.batch_size):
+        ids = pending[s : s + config.batch_size]
+        metas = store.refs(ids)
+        with torch.inference_mode():
+            mem = writer.write([list(r.tokens or ()) for r in metas], config.batch_size)
+        store.fill(ids, mem)
+        written += len(ids)
+        bar.update(len(ids))
+    bar.close()
+    return written
+
+
+def _index(store: MemoryStore, config: BuildConfig, progress: bool) -> None:
+    """Embed every reference (resumable: one .npy per batch) and build the retrieval index."""
+    index_dir = store.path / INDEX_SUBDIR
+    if (index_dir / "index.json").exists() and store.manifest.get("index"):
+        return
+    part_dir = store.path / PARTIAL
+    part_dir.mkdir(parents=True, exist_ok=True)
+    embedder = get_embedder(config.embedder)
+    ids = np.concatenate((store.live_ids(), store.pending_ids())) if config.cold else store.live_ids()
+    ids = np.sort(ids)
+    batch = 256
+    for s in tqdm(range(0, len(ids), batch), desc="embed", disable=not progress, unit="batch"):
+        f = part_dir / f"{s:09d}.npy"
+        if f.exists():
+            continue
+        chunk = ids[s : s + batch]
+        vec = embedder.embed(store.texts(chunk.tolist())).astype(np.float32)
+        tmp = part_dir / f".{s:09d}.tmp.npy"
+        np.save(tmp, vec)
+        os.replace(tmp, f)
+    vectors = np.concatenate([np.load(part_dir / f"{s:09d}.npy") for s in range(0, len(ids), batch)])
+    vindex = VectorIndex.build(vectors, ids, config.index)
+    vindex.save(index_dir)
+    store.set_index_info({**vindex.describe(), "embedder": embedder.spec()})
+    for f in part_dir.glob("*.npy"):
+        f.unlink()
+    part_dir.rmdir()
+
+
+def build_distributed(
+    docs: list[Document],
+    out: str | Path,
+    model: Memory3Model,
+    tokenizer: Any,
+    memory_config: MemoryConfig | None = None,
+    config: BuildConfig | None = None,
+    progress: bool = True,
+) -> BuildSummary | None:
+    """Under torchrun: each rank builds its share into `out.parts/rank-N`; rank 0 merges them.
+    Returns the summary on rank 0, None elsewhere."""
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    out = Path(out)
+    parts = out.with_name(out.name + ".parts")
+    mem_cfg = memory_config or MemoryConfig()
+    config = config or BuildConfig()
+    codec_dir = parts / "codec"
+    if rank == 0 and not (codec_dir / "codec.json").exists():
+        # one codec for every part, so their records are interchangeable (merge moves shard files)
+        writer = MemoryWriter(
+            model, reference_prefix_ids(tokenizer, model.config.bos_token_id, mem_cfg), mem_cfg
+        )
+        refs = list(chunk_documents(docs, tokenizer, mem_cfg.reference_tokens))
+        _codec_for(refs, writer, config, progress).save(codec_dir)
+    dist.barrier()
+    codec = MemoryCodec.load(codec_dir)
+    mine = [d for i, d in enumerate(docs) if i % world == rank]
+    part = parts / f"rank-{rank}"
+    build(
+        mine,
+        part,
+        model,
+        tokenizer,
+        mem_cfg,
+        config,
+        progress=progress and rank == 0,
+        codec=codec,
+        index=False,
+    )
+    dist.barrier()
+    summary = None
+    if rank == 0:
+        t0 = time.perf_counter()
+        merge_stores([parts / f"rank-{r}" for r in range(world)], out)
+        store = MemoryStore.open(out, readonly=False)
+        try:
+            _index(store, config, progress)
+            n = store.counts()
+            size = sum(p.stat().st_size for p in (out / "shards").glob("*.bin"))
+        finally:
+            store.close()
+        summary = BuildSummary(
+            str(out), n["live"] + n["pending"], n["live"], {}, size, time.perf_counter() - t0, 0.0, False
+        )
+    dist.barrier()
+    return summary

@@ -1,0 +1,156 @@
+"""`memory3 build` and `memory3 store …`: make and maintain memory banks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _codec_config(args: argparse.Namespace) -> Any:
+    from memory3.memory.codec import CodecConfig
+
+    if args.codec == "none":
+        return CodecConfig(kind="none")
+    return CodecConfig(kind="faiss", factory="" if args.codec == "default" else args.codec)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from memory3.__main__ import load_model
+    from memory3.config import MemoryConfig
+    from memory3.memory.build import BuildConfig, build, build_distributed
+    from memory3.memory.ingest import IngestStats, read_documents
+    from memory3.retrieval.index import IndexConfig
+
+    loaded = load_model(args)
+    config = BuildConfig(
+        codec=_codec_config(args),
+        index=IndexConfig(kind=args.index),
+        embedder=args.embedder,
+        batch_size=args.batch_size,
+        cold=args.cold,
+    )
+    mem_cfg = MemoryConfig(kept_tokens=args.kept_tokens)
+    stats = IngestStats()
+    docs = read_documents(args.source, stats)
+    if args.limit:
+        docs = (d for i, d in enumerate(docs) if i < args.limit)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        summary = build_distributed(list(docs), args.out, loaded.model, loaded.tokenizer, mem_cfg, config)
+        if summary is not None:
+            _print(summary.to_dict())
+        return 0
+    summary = build(docs, args.out, loaded.model, loaded.tokenizer, mem_cfg, config, stats=stats)
+    _print(summary.to_dict())
+    return 0
+
+
+def _open(args: argparse.Namespace, writable: bool) -> Any:
+    from memory3.__main__ import load_model
+    from memory3.retrieval.retriever import StoreRetriever
+
+    loaded = load_model(args)
+    return StoreRetriever.open(args.store, loaded.model, loaded.tokenizer, writable=writable)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from memory3.memory.store import MemoryStore
+
+    with MemoryStore.open(args.store) as store:
+        _print(store.info())
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from memory3.memory.store import MemoryStore
+
+    with MemoryStore.open(args.store) as store:
+        report = store.verify()
+    _print({"ok": report.ok, "checked": report.checked, "errors": report.errors, "counts": report.counts})
+    return 0 if report.ok else 1
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from memory3.memory.store import MemoryStore
+
+    with MemoryStore.open(args.store, readonly=False) as store:
+        _print(store.compact())
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from memory3.memory.ingest import IngestStats, read_documents
+
+    retr = _open(args, writable=True)
+    stats = IngestStats()
+    docs = list(read_documents(args.source, stats))
+    added = retr.add_documents(docs, replace=True)
+    _print(
+        {
+            "documents": len(added),
+            "references": sum(len(v) for v in added.values()),
+            "skipped": stats.as_dict(),
+        }
+    )
+    retr.store.close()
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    retr = _open(args, writable=True)
+    n = retr.delete_documents(args.doc_ids)
+    retr.store.close()
+    _print({"deleted_references": n})
+    return 0 if n else 1
+
+
+def register(sub: Any) -> None:
+    from memory3.__main__ import add_model_args
+
+    p = sub.add_parser("build", help="build a memory bank from files, a directory, JSONL or 'wikipedia'")
+    p.add_argument("source", help="a text/Markdown/JSONL file, a directory of them, or 'wikipedia' (bundled)")
+    p.add_argument("--out", required=True, help="the memory bank directory (resumes if it exists)")
+    add_model_args(p)
+    p.add_argument(
+        "--codec",
+        default="default",
+        help="'default' (OPQ+PQ, 1/16 of bf16), 'none' (bf16), or a FAISS factory string",
+    )
+    p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf"))
+    p.add_argument(
+        "--embedder",
+        default="minilm",
+        help="'minilm' (bundled), 'bge-m3', or a sentence-transformers name/path",
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--kept-tokens", type=int, default=8, help="tokens kept per memory head (§3.3)")
+    p.add_argument("--cold", action="store_true", help="cold start: write memories when first retrieved")
+    p.add_argument("--limit", type=int, default=0, help="only the first N documents")
+    p.set_defaults(func=cmd_build)
+
+    store = sub.add_parser("store", help="inspect and change a memory bank").add_subparsers(
+        dest="store_command", required=True
+    )
+    for name, func, helptext in (
+        ("info", cmd_info, "counts, sizes, fingerprints"),
+        ("verify", cmd_verify, "check every record's checksum"),
+        ("compact", cmd_compact, "reclaim the space of deleted references"),
+    ):
+        q = store.add_parser(name, help=helptext)
+        q.add_argument("store")
+        q.set_defaults(func=func)
+    q = store.add_parser("add", help="add or replace documents (same id = replaced as a unit)")
+    q.add_argument("store")
+    q.add_argument("source")
+    add_model_args(q)
+    q.set_defaults(func=cmd_add)
+    q = store.add_parser("delete", help="delete documents by id")
+    q.add_argument("store")
+    q.add_argument("doc_ids", nargs="+")
+    add_model_args(q)
+    q.set_defaults(func=cmd_delete)

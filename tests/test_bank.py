@@ -1,0 +1,210 @@
+"""The memory bank end to end: build → store → index → StoreRetriever → generation; resume after
+kill -9, document changes, cold start, cache, fingerprints, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from memory3.checkpoint import save_checkpoint
+from memory3.config import GenerationConfig, MemoryConfig
+from memory3.generate import Generator
+from memory3.memory.build import BuildConfig, build
+from memory3.memory.codec import CodecConfig
+from memory3.memory.ingest import Document
+from memory3.memory.store import FingerprintMismatchError, MemoryStore
+from memory3.memory.write import MemoryWriter, reference_prefix_ids
+from memory3.retrieval.index import IndexConfig
+from memory3.retrieval.retriever import MemoryCache, StoreRetriever
+
+MEM = MemoryConfig(reference_tokens=32, kept_tokens=4, chunk_tokens=16, memories_per_chunk=2)
+CFG = BuildConfig(
+    codec=CodecConfig(kind="none"), index=IndexConfig(kind="flat"), embedder="hashing-64", batch_size=4
+)
+
+DOCS = [
+    Document(
+        "zantoria", "Quellmar is the capital of Zantoria, a port city on the Amber Sea. " * 2, "Zantoria"
+    ),
+    Document("fjarn", "Mount Fjarn, 4,211 metres high, is the highest point of Zantoria.", "Mount Fjarn"),
+    Document(
+        "velmora",
+        "Velmora Castiglio was a glassblower born in Dresk in 1873. She moved to Quellmar in 1901.",
+        "Velmora",
+    ),
+    Document("dresk", "The Dresk glassworks closed in 1931 after a fire destroyed the furnaces.", "Dresk"),
+    Document("zant", "The currency of Zantoria is the zant, divided into 100 pell.", "Zant"),
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from memory3.checkpoint import load_bundled_tokenizer
+
+    return load_bundled_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(seed=21, vocab_size=len(tok))
+
+
+def test_build_then_retrieve_and_generate(tmp_path, model, tok) -> None:
+    summary = build(DOCS, tmp_path / "bank", model, tok, MEM, CFG, progress=False)
+    assert summary.references >= len(DOCS) and summary.written == summary.references
+    retr = StoreRetriever.open(tmp_path / "bank", model, tok)
+    hits = retr.search(["Who was Velmora Castiglio, the glassblower?"], 2)[0]
+    assert hits[0].doc_id == "velmora"
+    # memories read back equal the writer's (codec none keeps bf16)
+    writer = MemoryWriter(model, reference_prefix_ids(tok, model.config.bos_token_id, MEM), MEM)
+    ref = retr.store.refs([hits[0].ref_id])[0]
+    with torch.no_grad():
+        want = writer.write([list(ref.tokens)])
+    got = retr.memories([hits[0].ref_id])
+    assert torch.equal(got.positions, want.positions)
+    torch.testing.assert_close(got.k, want.k.bfloat16().float())
+    gen = Generator(model, tok, retr, MEM, chat=False)
+    out = gen.generate(["Who was Velmora Castiglio?", "zant"], config=GenerationConfig(max_new_tokens=20))
+    assert all(len(o.token_ids) > 0 for o in out)
+    assert out[0].references[0][0].doc_id == "velmora"
+    # leak filter: a query that contains the reference drops it and the next hit takes the slot
+    leaky = retr.search([DOCS[3].text], 2, leak_texts=[DOCS[3].text], leak_threshold=2 / 3)[0]
+    assert "dresk" not in [h.doc_id for h in leaky] and len(leaky) == 2
+
+
+def test_other_model_is_refused_with_both_fingerprints(tmp_path, model, tok) -> None:
+    build(DOCS[:2], tmp_path / "bank", model, tok, MEM, CFG, progress=False)
+    other = tiny_model(seed=22, vocab_size=len(tok))
+    with pytest.raises(FingerprintMismatchError) as e:
+        StoreRetriever.open(tmp_path / "bank", other, tok)
+    stored = json.loads((tmp_path / "bank" / "manifest.json").read_text())["memory_fingerprint"]
+    assert stored in str(e.value)
+
+
+def test_documents_added_replaced_deleted(tmp_path, model, tok) -> None:
+    build(DOCS[:3], tmp_path / "bank", model, tok, MEM, CFG, progress=False)
+    retr = StoreRetriever.open(tmp_path / "bank", model, tok, writable=True)
+    retr.add_documents(
+        [Document("ostrel", "The Ostrel river flows through Dresk into the Amber Sea.", "Ostrel")]
+    )
+    assert retr.search(["Which river flows through Dresk?"], 1)[0][0].doc_id == "ostrel"
+    retr.add_documents([Document("ostrel", "The Ostrel is a canal dug in 1850 between two lakes.", "Ostrel")])
+    hit = retr.search(["Ostrel canal"], 1)[0][0]
+    assert hit.doc_id == "ostrel" and "canal" in hit.text
+    assert retr.delete_documents(["ostrel"]) >= 1
+    for hits in retr.search(["Ostrel river canal Dresk", "Ostrel"], 3):
+        assert "ostrel" not in [h.doc_id for h in hits]
+    retr.store.close()
+    # a reopened bank agrees (index saved with the store)
+    again = StoreRetriever.open(tmp_path / "bank", model, tok)
+    assert "ostrel" not in [h.doc_id for h in again.search(["Ostrel"], 3)[0]]
+
+
+def test_cold_start_writes_on_first_retrieval(tmp_path, model, tok) -> None:
+    cold = BuildConfig(**{**CFG.__dict__, "cold": True})
+    build(DOCS, tmp_path / "bank", model, tok, MEM, cold, progress=False)
+    with MemoryStore.open(tmp_path / "bank") as s:
+        assert s.counts()["records"] == 0
+    retr = StoreRetriever.open(tmp_path / "bank", model, tok, writable=True)
+    hit = retr.search(["Mount Fjarn"], 1)[0][0]
+    m1 = retr.memories([hit.ref_id])
+    assert retr.store.counts()["records"] == 1
+    assert torch.equal(retr.memories([hit.ref_id]).k, m1.k) and retr.cache.hits == 1
+
+
+def test_lru_cache_evicts_least_recent() -> None:
+    c = MemoryCache(2)
+    t = (torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    c.put(1, t)
+    c.put(2, t)
+    assert c.get(1) is not None  # 1 is now the most recent
+    c.put(3, t)
+    assert c.get(2) is None and c.get(1) is not None and c.get(3) is not None
+    off = MemoryCache(0)
+    off.put(1, t)
+    assert off.get(1) is None
+
+
+_BUILD_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_model
+from memory3.checkpoint import load_bundled_tokenizer
+from memory3.memory.build import BuildConfig, build
+from memory3.memory.codec import CodecConfig
+from memory3.memory.ingest import Document
+from memory3.config import MemoryConfig
+from memory3.retrieval.index import IndexConfig
+tok = load_bundled_tokenizer()
+model = tiny_model(seed=21, vocab_size=len(tok))
+docs = [Document(f"d{{i}}", f"Document number {{i}} says the value of item {{i}} is {{i * 7}}. " * 3) for i in range(120)]
+mem = MemoryConfig(reference_tokens=32, kept_tokens=4, chunk_tokens=16, memories_per_chunk=2)
+cfg = BuildConfig(codec=CodecConfig(kind="none"), index=IndexConfig(kind="flat"), embedder="hashing-64", batch_size=2)
+build(docs, sys.argv[1], model, tok, mem, cfg, progress=False)
+"""
+
+
+def _snapshot(path: Path) -> dict:
+    with MemoryStore.open(path) as s:
+        ids = s.live_ids().tolist()
+        return {
+            "ids": ids,
+            "records": s.get_records(ids).tobytes(),
+            "refs": [(r.doc_id, r.chunk, r.text) for r in s.refs(ids)],
+            "counts": s.counts(),
+        }
+
+
+@pytest.mark.slow
+def test_build_killed_with_sigkill_resumes_to_the_same_store(tmp_path) -> None:
+    script = tmp_path / "build.py"
+    script.write_text(_BUILD_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "ref")], check=True, env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "bank")], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it in the middle of writing memories
+        db = tmp_path / "bank" / "meta.sqlite"
+        if db.exists():
+            try:
+                with MemoryStore.open(tmp_path / "bank") as s:
+                    if s.counts()["records"] >= 20:
+                        break
+            except Exception:
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with MemoryStore.open(tmp_path / "bank") as s:
+        partial = s.counts()
+    assert 0 < partial["records"] < _snapshot(tmp_path / "ref")["counts"]["records"]
+    subprocess.run([sys.executable, str(script), str(tmp_path / "bank")], check=True, env=env)
+    assert _snapshot(tmp_path / "bank") == _snapshot(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_torchrun_build_with_two_processes(tmp_path, model, tok) -> None:
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"id": d.doc_id, "text": d.text, "title": d.title}) + "\n" for d in DOCS)
+    )
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+        "-m", "memory3", "build", str(corpus), "--out", str(tmp_path / "bank"), "--model", str(ckpt),
+        "--dtype", "float32", "--codec", "none", "--embedder", "hashing-64", "--index", "flat",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    with MemoryStore.open(tmp_path / "bank") as s:
+        assert s.verify().ok
+        docs = {r.doc_id for r in s.refs(s.live_ids().tolist())}
+    assert docs == {d.doc_id for d in DOCS}
