@@ -1,0 +1,508 @@
+"""Compression of explicit memories (§3.3, App. B): vector quantization of every key and value
+head vector with FAISS, so that a memory takes a few KiB on disk instead of ~100 KiB of bf16.
+
+A `MemoryCodec` turns a batch of `Memories` into fixed-size uint8 records and back:
+
+    record = [ K codes (Lm·K·S × code_k) | V codes (Lm·K·S × code_v) | positions (Lm·K·S × 1 or 2) ]
+
+in (layer, kv head, slot) order. Keys and values get separate quantizers, shared by all layers and
+heads by default (SPEC §2 [ours]); `per_layer=True` trains one pair per memory layer. The paper
+used `OPQ20_80,Residual2x14,PQ8x10` for head dim 80 (14 bytes per vector); see `default_factory`
+for head dim 64. kind="none" stores bf16 as is (exact for bf16-representable values).
+
+Positions are stored as uint8 `position + 1` (0 = empty slot) by default: references are written
+at positions p..p+127 behind a short prefix, so they fit in one byte; int16 is there for longer
+prefixes or references.
+
+A codec directory holds `codec.json` (config, shape, fingerprint) and one FAISS index file per
+quantizer (`faiss.write_index`, no pickle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from memory3.memory.write import Memories, MemoryFormatError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "codec.json"
+_UINT8_MAX_POSITION = 254  # uint8 stores position + 1; 0 is the empty slot
+
+
+class CodecError(ValueError):
+    """A codec that is untrained, damaged, or does not fit the memories given to it."""
+
+
+def default_factory(head_dim: int) -> str:
+    """The default quantizer for a head dimension: OPQ rotation, then a product quantizer with one
+    8-bit code per 8 dimensions (64 -> 8 bytes, 1/16 of bf16). Measured on SmolLM2-135M memories
+    in `codec_report`: see the module docstring of tests/test_codec.py for the numbers."""
+    m = max(1, head_dim // 8)
+    while head_dim % m:
+        m -= 1
+    return f"OPQ{m}_{head_dim},PQ{m}x8"
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How memory vectors are compressed.
+
+    kind: "none" keeps bf16; "faiss" quantizes with `factory` (a `faiss.index_factory` string;
+      "" = `default_factory(head_dim)`, resolved when the codec is built).
+    per_layer: one key and one value quantizer per memory layer instead of one shared pair.
+    train_vectors: key (and value) vectors sampled from the training memories, per quantizer.
+    positions: "uint8" (positions 0..254) or "int16" (0..32767).
+    seed: drives the sampling of training vectors (FAISS's own k-means seeds are fixed, so the
+      same vectors give the same codec).
+    """
+
+    kind: Literal["none", "faiss"] = "faiss"
+    factory: str = ""
+    per_layer: bool = False
+    train_vectors: int = 131072
+    positions: Literal["uint8", "int16"] = "uint8"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "faiss"):
+            raise ValueError(f"codec kind must be 'none' or 'faiss', got {self.kind!r}")
+        if self.kind == "none" and self.factory:
+            raise ValueError(
+                f"codec kind 'none' takes no factory, got {self.factory!r}: use kind='faiss'"
+            )
+        if self.positions not in ("uint8", "int16"):
+            raise ValueError(f"positions must be 'uint8' or 'int16', got {self.positions!r}")
+        if self.train_vectors < 1:
+            raise ValueError(f"train_vectors must be positive, got {self.train_vectors}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CodecConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"CodecConfig: unknown field(s) {sorted(set(d) - known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class MemoryShape:
+    """The shape of one memory: (layers Lm, kv heads K, slots S, head dim D)."""
+
+    layers: int
+    kv_heads: int
+    slots: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MemoryShape.{name} must be a positive int, got {value!r}")
+
+    @property
+    def vectors(self) -> int:
+        """Key (or value) vectors per memory: Lm·K·S."""
+        return self.layers * self.kv_heads * self.slots
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        return (self.layers, self.kv_heads, self.slots, self.head_dim)
+
+    @classmethod
+    def of(cls, mem: Memories) -> MemoryShape:
+        return cls(*(int(n) for n in mem.k.shape[1:]))
+
+
+def _as_f32(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
+        raise CodecError(f"{what} must be a float array, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    x = np.ascontiguousarray(x, dtype=np.float32)  # FAISS takes float32 only
+    if not np.isfinite(x).all():
+        raise CodecError(f"{what} holds NaN or inf values: cannot quantize them")
+    return x
+
+
+def _bf16_bytes(x: np.ndarray) -> np.ndarray:
+    """(..., D) float32 -> (..., 2D) uint8, round-to-nearest bf16 (as torch does)."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16)
+    return t.numpy().view(np.uint8).reshape(*x.shape[:-1], 2 * x.shape[-1])
+
+
+def _from_bf16_bytes(b: np.ndarray) -> np.ndarray:
+    """(..., 2D) uint8 -> (..., D) float32."""
+    raw = np.ascontiguousarray(b).view(np.int16)
+    return torch.from_numpy(raw.copy()).view(torch.bfloat16).float().numpy()
+
+
+class MemoryCodec:
+    """Fixed-size uint8 records for memories of one `MemoryShape` (train, encode, decode, save, load)."""
+
+    def __init__(self, config: CodecConfig, shape: MemoryShape) -> None:
+        if config.kind == "faiss" and not config.factory:
+            config = dataclasses.replace(config, factory=default_factory(shape.head_dim))
+        self.config = config
+        self.shape = shape
+        self._k: list[Any] = []  # faiss indexes: one, or one per layer
+        self._v: list[Any] = []
+        self._fingerprint: str | None = None
+        if config.kind == "faiss":
+            self._k, self._v = self._new_indexes(), self._new_indexes()
+            self._code = int(self._k[0].sa_code_size())
+        else:
+            self._code = 2 * shape.head_dim
+
+    def _new_indexes(self) -> list[Any]:
+        import faiss
+
+        n = self.shape.layers if self.config.per_layer else 1
+        try:
+            return [faiss.index_factory(self.shape.head_dim, self.config.factory) for _ in range(n)]
+        except RuntimeError as e:
+            raise CodecError(
+                f"FAISS cannot build {self.config.factory!r} for head dim {self.shape.head_dim}: "
+                f"{str(e).splitlines()[-1]}; give a faiss index_factory string such as "
+                f"{default_factory(self.shape.head_dim)!r}"
+            ) from None
+
+    # --- sizes ------------------------------------------------------------------------------
+    @property
+    def code_bytes(self) -> int:
+        """Bytes per key (or value) vector."""
+        return self._code
+
+    @property
+    def position_bytes(self) -> int:
+        return 1 if self.config.positions == "uint8" else 2
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes per memory: K codes, V codes and positions."""
+        n = self.shape.vectors
+        return 2 * n * self._code + n * self.position_bytes
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes per memory in bf16 (K and V) with int16 positions, for comparison."""
+        n = self.shape.vectors
+        return 2 * n * 2 * self.shape.head_dim + 2 * n
+
+    @property
+    def trained(self) -> bool:
+        return all(ix.is_trained for ix in self._k + self._v)
+
+    # --- training ---------------------------------------------------------------------------
+    def train(self, k_vectors: np.ndarray, v_vectors: np.ndarray) -> MemoryCodec:
+        """Train the key and value quantizers on float vectors: (N, D), or (Lm, N, D) with
+        per_layer=True. Excluding empty (zero) slots is the caller's job (`train_codec` does it)."""
+        if self.config.kind == "none":
+            return self
+        for name, x, indexes in (("k_vectors", k_vectors, self._k), ("v_vectors", v_vectors, self._v)):
+            x = _as_f32(x, name)
+            want = "(Lm, N, D)" if self.config.per_layer else "(N, D)"
+            ndim = 3 if self.config.per_layer else 2
+            if x.ndim != ndim or x.shape[-1] != self.shape.head_dim:
+                raise CodecError(
+                    f"{name} must be {want} with D = {self.shape.head_dim}, got {x.shape}"
+                )
+            per = x if self.config.per_layer else x[None]
+            if per.shape[0] != len(indexes):
+                raise CodecError(f"{name} has {per.shape[0]} layers, the codec {len(indexes)}")
+            for index, xs in zip(indexes, per):
+                try:
+                    index.train(np.ascontiguousarray(xs))
+                except RuntimeError as e:
+                    raise CodecError(
+                        f"training {self.config.factory!r} on {len(xs)} vectors failed: "
+                        f"{str(e).splitlines()[-1]}; give more training vectors or a smaller codebook"
+                    ) from None
+        self._fingerprint = None
+        return self
+
+    # --- records ----------------------------------------------------------------------------
+    def _check_trained(self) -> None:
+        if not self.trained:
+            raise CodecError("the codec is not trained: call train() or train_codec() first")
+
+    def _encode_vectors(self, indexes: list[Any], x: np.ndarray) -> np.ndarray:
+        """(M, Lm, K, S, D) float32 -> (M, Lm·K·S·code) uint8."""
+        M, D = x.shape[0], x.shape[-1]
+        if self.config.kind == "none":
+            return _bf16_bytes(x).reshape(M, -1)
+        if len(indexes) == 1:
+            return indexes[0].sa_encode(x.reshape(-1, D)).reshape(M, -1)
+        parts = [ix.sa_encode(np.ascontiguousarray(x[:, i]).reshape(-1, D)) for i, ix in enumerate(indexes)]
+        return np.concatenate([p.reshape(M, -1) for p in parts], axis=1)
+
+    def _decode_vectors(self, indexes: list[Any], codes: np.ndarray) -> np.ndarray:
+        """(M, Lm·K·S·code) uint8 -> (M, Lm, K, S, D) float32."""
+        M = codes.shape[0]
+        full = (M, *self.shape.dims)
+        if self.config.kind == "none":
+            return _from_bf16_bytes(codes.reshape(M, self.shape.vectors, self._code)).reshape(full)
+        if len(indexes) == 1:
+            return indexes[0].sa_decode(np.ascontiguousarray(codes).reshape(-1, self._code)).reshape(full)
+        per = codes.reshape(M, len(indexes), -1, self._code)
+        layers = [ix.sa_decode(np.ascontiguousarray(per[:, i]).reshape(-1, self._code)) for i, ix in enumerate(indexes)]
+        return np.stack([y.reshape(M, *self.shape.dims[1:]) for y in layers], axis=1)
+
+    def encode(self, mem: Memories) -> np.ndarray:
+        """(M, record_bytes) uint8 records for a batch of memories."""
+        self._check_trained()
+        if not isinstance(mem, Memories):
+            raise TypeError(f"encode takes Memories, got {type(mem).__name__}")
+        if tuple(mem.k.shape[1:]) != self.shape.dims:
+            raise MemoryFormatError(
+                f"memories of shape (Lm, K, S, D) = {tuple(mem.k.shape[1:])} do not fit this codec, "
+                f"trained for {self.shape.dims}: train a codec for this model and memory config"
+            )
+        pos = mem.positions.detach().cpu().numpy()
+        if not np.issubdtype(pos.dtype, np.integer):
+            raise MemoryFormatError(f"memory positions must be integers, got {pos.dtype}")
+        high = _UINT8_MAX_POSITION if self.config.positions == "uint8" else np.iinfo(np.int16).max
+        if pos.size and (pos.min() < -1 or pos.max() > high):
+            raise CodecError(
+                f"memory positions span {pos.min()}..{pos.max()}; positions={self.config.positions!r} "
+                f"stores -1..{high}: use CodecConfig(positions='int16')"
+            )
+        M = len(mem)
+        if self.config.positions == "uint8":
+            pos_bytes = (pos + 1).astype(np.uint8).reshape(M, -1)
+        else:
+            pos_bytes = pos.astype("<i2").view(np.uint8).reshape(M, -1)
+        k = _as_f32(mem.k, "memory keys")
+        v = _as_f32(mem.v, "memory values")
+        out = np.concatenate([self._encode_vectors(self._k, k), self._encode_vectors(self._v, v), pos_bytes], axis=1)
+        assert out.shape == (M, self.record_bytes), (out.shape, self.record_bytes)
+        return out
+
+    def decode(
+        self, records: np.ndarray | bytes, fingerprint: str = "", dtype: torch.dtype = torch.float32
+    ) -> Memories:
+        """Memories (on the CPU) from (M, record_bytes) uint8 records; empty slots come back as
+        zeros with position -1. `fingerprint` is that of the model that wrote the memories (the
+        store keeps it in its manifest)."""
+        self._check_trained()
+        if isinstance(records, (bytes, bytearray, memoryview)):
+            records = np.frombuffer(records, dtype=np.uint8)
+        if not isinstance(records, np.ndarray) or records.dtype != np.uint8:
+            raise CodecError(f"records must be a uint8 array, got {type(records).__name__} {getattr(records, 'dtype', '')}")
+        if records.ndim == 1 and records.size % self.record_bytes == 0:
+            records = records.reshape(-1, self.record_bytes)
+        if records.ndim != 2 or records.shape[1] != self.record_bytes:
+            raise CodecError(
+                f"records must be (M, {self.record_bytes}) uint8 for this codec, got {records.shape}"
+            )
+        M, n, c = records.shape[0], self.shape.vectors, self._code
+        k = self._decode_vectors(self._k, records[:, : n * c])
+        v = self._decode_vectors(self._v, records[:, n * c : 2 * n * c])
+        raw_pos = np.ascontiguousarray(records[:, 2 * n * c :])
+        if self.config.positions == "uint8":
+            pos = raw_pos.astype(np.int32) - 1
+        else:
+            pos = raw_pos.view("<i2").astype(np.int32)
+        pos = pos.reshape(M, *self.shape.dims[:3])
+        empty = pos < 0
+        k[empty], v[empty] = 0.0, 0.0  # as the writer leaves them
+        return Memories(
+            torch.from_numpy(k).to(dtype), torch.from_numpy(v).to(dtype), torch.from_numpy(pos), fingerprint
+        )
+
+    # --- identity and files -----------------------------------------------------------------
+    def _index_bytes(self) -> list[bytes]:
+        import faiss
+
+        return [faiss.serialize_index(ix).tobytes() for ix in self._k + self._v]
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the config, the shape and the trained quantizers: two codecs with the same
+        fingerprint produce the same records."""
+        if self._fingerprint is None:
+            self._check_trained()
+            h = hashlib.sha256(json.dumps(self._describe(), sort_keys=True).encode())
+            for b in self._index_bytes():
+                h.update(hashlib.sha256(b).digest())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "shape": dataclasses.asdict(self.shape),
+            "record_bytes": self.record_bytes,
+        }
+
+    def _files(self) -> list[str]:
+        if self.config.kind == "none":
+            return []
+        if not self.config.per_layer:
+            return ["k.faiss", "v.faiss"]
+        n = self.shape.layers
+        return [f"k.{i:03d}.faiss" for i in range(n)] + [f"v.{i:03d}.faiss" for i in range(n)]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the codec directory; `codec.json` goes last (atomically), so a directory with a
+        `codec.json` is complete."""
+        import faiss
+
+        self._check_trained()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, ix in zip(self._files(), self._k + self._v):
+            faiss.write_index(ix, str(path / name))
+        meta = {**self._describe(), "files": self._files(), "fingerprint": self.fingerprint}
+        tmp = path / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path / CONFIG_FILE)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> MemoryCodec:
+        """Read a codec directory and check that its files still give the saved fingerprint."""
+        import faiss
+
+        path = Path(path)
+        meta_file = path / CONFIG_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file}: no codec here (save one with MemoryCodec.save)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise CodecError(f"{meta_file}: codec format {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
+        codec = cls(CodecConfig.from_dict(meta["config"]), MemoryShape(**meta["shape"]))
+        if meta["files"] != codec._files():
+            raise CodecError(f"{meta_file}: lists files {meta['files']}, expected {codec._files()}")
+        indexes = []
+        for name in meta["files"]:
+            if not (path / name).is_file():
+                raise CodecError(f"{path / name}: codec file missing")
+            indexes.append(faiss.read_index(str(path / name)))
+        half = len(indexes) // 2
+        codec._k, codec._v = indexes[:half], indexes[half:]
+        if codec.record_bytes != meta["record_bytes"] or codec.fingerprint != meta["fingerprint"]:
+            raise CodecError(
+                f"{path}: codec files give fingerprint {codec.fingerprint} and {codec.record_bytes}-byte "
+                f"records, codec.json says {meta['fingerprint']} and {meta['record_bytes']}: the files "
+                "were changed or damaged; restore them or retrain the codec"
+            )
+        return codec
+
+    def __repr__(self) -> str:
+        kind = self.config.factory if self.config.kind == "faiss" else "bf16"
+        layers = ", per layer" if self.config.per_layer else ""
+        return f"MemoryCodec({kind}{layers}, {self.shape.dims}, {self.record_bytes} B/memory)"
+
+
+def sample_vectors(
+    memories: Memories | Iterable[Memories], n: int, per_layer: bool = False, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to n key and n value vectors of real (non-empty) slots, sampled uniformly without
+    replacement: (N, D) each, or (Lm, N, D) per layer."""
+    batches = [memories] if isinstance(memories, Memories) else list(memories)
+    if not batches:
+        raise ValueError("no memories to sample codec training vectors from")
+    ks, vs = [], []
+    for mem in batches:
+        valid = (mem.positions >= 0).permute(1, 0, 2, 3).reshape(mem.k.shape[1], -1)  # (Lm, M·K·S)
+        k = mem.k.detach().float().cpu().transpose(0, 1).reshape(*valid.shape, -1)  # (Lm, M·K·S, D)
+        v = mem.v.detach().float().cpu().transpose(0, 1).reshape(*valid.shape, -1)
+        # Every layer keeps as many real tokens (the writer pads short references alike).
+        ks.append(torch.stack([k[i][valid[i]] for i in range(len(valid))]))
+        vs.append(torch.stack([v[i][valid[i]] for i in range(len(valid))]))
+    k_all, v_all = torch.cat(ks, 1).numpy(), torch.cat(vs, 1).numpy()  # (Lm, N, D)
+    rng = np.random.default_rng(seed)
+    if per_layer:
+        N = k_all.shape[1]
+        idx = np.sort(rng.choice(N, size=min(n, N), replace=False))
+        return k_all[:, idx], v_all[:, idx]
+    D = k_all.shape[-1]
+    k_flat, v_flat = k_all.reshape(-1, D), v_all.reshape(-1, D)
+    idx = np.sort(rng.choice(len(k_flat), size=min(n, len(k_flat)), replace=False))
+    return k_flat[idx], v_flat[idx]
+
+
+def train_codec(memories: Memories | Iterable[Memories], config: CodecConfig) -> MemoryCodec:
+    """A codec trained on the key/value vectors of sampled memories (§3.3: codecs are trained on
+    K/V vectors of uniformly sampled references)."""
+    batches = [memories] if isinstance(memories, Memories) else list(memories)
+    if not batches:
+        raise ValueError("no memories to train the codec on")
+    codec = MemoryCodec(config, MemoryShape.of(batches[0]))
+    if config.kind == "none":
+        return codec
+    k, v = sample_vectors(batches, config.train_vectors, config.per_layer, config.seed)
+    log.info("training codec %s on %d key and value vectors", config.factory or codec.config.factory, k.shape[-2])
+    return codec.train(k, v)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√D) v over memory slots. q (G, Q, D), k/v (G, N, D), valid (G, N) -> (G, Q, D)."""
+    logits = torch.einsum("gqd,gnd->gqn", q, k) / k.shape[-1] ** 0.5
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.softmax(logits, -1) @ v
+
+
+def codec_report(mem: Memories, codec: MemoryCodec, group: int = 5, queries: int = 8, seed: int = 0) -> dict[str, Any]:
+    """How much a codec costs and how much it changes what a memory layer reads.
+
+    Returns bytes per memory (and bf16 bytes), the relative reconstruction error ‖x̂−x‖/‖x‖ of
+    keys and values over real slots, and the relative error of a memory-layer attention output
+    when decoded memories replace exact ones: for each layer and kv head, `queries` random queries
+    (Gaussian with the per-dimension mean and spread of that head's keys) attend with one softmax over the
+    slots of `group` memories (§3.1: a chunk reads 5 memories).
+    """
+    if len(mem) < group:
+        raise ValueError(f"codec_report needs at least group={group} memories, got {len(mem)}")
+    exact = mem.to(dtype=torch.float32)
+    got = codec.decode(codec.encode(mem), mem.fingerprint)
+    valid = exact.positions >= 0  # (M, Lm, K, S)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b)[valid].norm() / b[valid].norm())
+
+    G = len(mem) // group
+    Lm, K, S, D = codec.shape.dims
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:  # (M, Lm, K, S, ...) -> (Lm, K, G, group·S, ...)
+        x = x[: G * group].reshape(G, group, Lm, K, S, *x.shape[4:])
+        return x.permute(2, 3, 0, 1, 4, *range(5, x.ndim)).reshape(Lm, K, G, group * S, *x.shape[5:])
+
+    gk, gv, gvalid = grouped(exact.k), grouped(exact.v), grouped(valid)
+    hk, hv = grouped(got.k), grouped(got.v)
+    # Queries with the mean and spread of each (layer, head)'s real keys.
+    w = valid.float().sum(dim=(0, 3))[..., None].clamp(min=1)  # (Lm, K, 1)
+    mean = (exact.k * valid[..., None]).sum(dim=(0, 3)) / w  # (Lm, K, D)
+    std = (((exact.k - mean[None, :, :, None]) ** 2 * valid[..., None]).sum(dim=(0, 3)) / w).sqrt()
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(Lm, K, G, queries, D, generator=gen) * std[:, :, None, None] + mean[:, :, None, None]
+    flat = (Lm * K * G, -1, D)
+    out = _attention(q.view(*flat), gk.view(*flat), gv.view(*flat), gvalid.view(Lm * K * G, -1))
+    out_hat = _attention(q.view(*flat), hk.view(*flat), hv.view(*flat), gvalid.view(Lm * K * G, -1))
+    err = (out_hat - out).view(Lm, -1).norm(dim=1) / out.view(Lm, -1).norm(dim=1)
+    total = float((out_hat - out).norm() / out.norm())
+    return {
+        "codec": repr(codec),
+        "bytes_per_memory": codec.record_bytes,
+        "bf16_bytes_per_memory": codec.raw_bytes,
+        "compression": codec.raw_bytes / codec.record_bytes,
+        "k_rel_error": rel(got.k, exact.k),
+        "v_rel_error": rel(got.v, exact.v),
+        "attn_rel_error": total,
+        "attn_rel_error_per_layer": [round(float(e), 4) for e in err],
+    }

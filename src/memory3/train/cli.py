@@ -1,0 +1,126 @@
+"""`memory3 train warmup|continual|sft|pair|probe`: the recipes behind the command line.
+
+Each recipe takes a JSON config (see configs/train/) and an output directory; running the same
+command again resumes from the last checkpoint in that directory. Data parallel:
+`torchrun --nproc_per_node 2 -m memory3 train warmup --config … --out …`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _add_recipe(sub: Any, name: str, help_text: str, func: Any) -> None:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--config", required=True, help="training config JSON (see configs/train/)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint/, metrics.jsonl, the result)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if out/ has a checkpoint")
+    p.set_defaults(func=func)
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from memory3.train.warmup import main_from_file
+
+    print(json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume))}))
+    return 0
+
+
+def cmd_continual(args: argparse.Namespace) -> int:
+    from memory3.train.continual import main_from_file
+
+    print(json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume))}))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from memory3.train.sft import main_from_file
+
+    print(json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume))}))
+    return 0
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    from memory3.checkpoint import load_bundled_tokenizer
+    from memory3.train.continual import PairingConfig, prepare_continual
+    from memory3.train.data import corpus_texts
+
+    texts = corpus_texts(args.corpus, args.split)
+    kb = corpus_texts(args.kb, args.split) if args.kb else texts
+    cfg = PairingConfig(seq_len=args.seq_len, embedder=args.embedder)
+    data = prepare_continual(texts, kb, load_bundled_tokenizer(), cfg, max_sequences=args.max_sequences)
+    data.save(args.out)
+    print(json.dumps({"dataset": args.out, "sequences": len(data), "references": len(data.refs)}))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from memory3.config import MemoryConfig
+    from memory3.train.probe import probe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = _load(args.model)
+    results = {}
+    for kept in args.kept:
+        mem = MemoryConfig(selection="all") if kept == 0 else MemoryConfig(kept_tokens=kept)
+        mem = (
+            dataclasses.replace(mem, selection=args.selection)
+            if args.selection != "attention" and kept
+            else mem
+        )
+        modes = ("memory", "none", "rag") if kept == args.kept[0] else ("memory",)
+        res = probe(loaded.model, loaded.tokenizer, args.n, modes, mem, source=args.source)
+        results[f"kept={kept or 'all'}"] = res.accuracy
+        print(json.dumps({"kept": kept or "all", **res.accuracy}), flush=True)
+    return 0
+
+
+def _load(name: str) -> Any:
+    from pathlib import Path
+
+    from memory3.checkpoint import load_pretrained
+    from memory3.train.adapters import ADAPTER_META, load_trained, shipped_models
+
+    if name in shipped_models() or (Path(name) / ADAPTER_META).exists():
+        return load_trained(name)
+    return load_pretrained(name)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a model to read explicit memory (warmup, continual, sft)")
+    tsub = p.add_subparsers(dest="train_command", required=True)
+    _add_recipe(tsub, "warmup", "stage 1: next-token training without memory", cmd_warmup)
+    _add_recipe(tsub, "continual", "stage 2: continual training with memory (SPEC §5)", cmd_continual)
+    _add_recipe(tsub, "sft", "SFT with memories retrieved for the prompt, loss on the answer", cmd_sft)
+
+    q = tsub.add_parser("pair", help="precompute the reference of every 64-token chunk (continual's dataset)")
+    q.add_argument("--corpus", default="wikipedia", help="'wikipedia' or a .txt/.jsonl file or directory")
+    q.add_argument("--kb", default=None, help="knowledge base texts (default: the corpus itself)")
+    q.add_argument("--split", default="train", choices=("train", "heldout"), help="Wikipedia split")
+    q.add_argument("--seq-len", type=int, default=256)
+    q.add_argument("--max-sequences", type=int, default=None)
+    q.add_argument("--embedder", default="minilm")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_pair)
+
+    r = tsub.add_parser("probe", help="quick held-out accuracy: memory / none / RAG, gold among 5")
+    r.add_argument("--model", default="smollm2-135m-instruct", help="model, checkpoint or adapter directory")
+    r.add_argument("--n", type=int, default=40, help="held-out questions")
+    r.add_argument("--kept", type=int, nargs="+", default=[8], help="tokens kept per head (0 = all)")
+    r.add_argument("--selection", default="attention", choices=("attention", "random"))
+    r.add_argument("--source", default="fictional", choices=("fictional", "factbook"))
+    r.add_argument(
+        "--threads", type=int, default=0, help="torch threads (1 is fastest on a busy 2-core machine)"
+    )
+    r.set_defaults(func=cmd_probe)
+
+
+if __name__ == "__main__":
+    sys.exit(0)

@@ -1,0 +1,208 @@
+"""Training data: text corpora packed into token sequences, the bundled Wikipedia, and
+question–answer groups for SFT, with the held-out split enforced in code.
+
+The held-out entities (`memory3.data.qa.split_of(name) == "heldout"`) are what evaluation asks
+about; `assert_train_only` refuses any training item that belongs to them, and every loader here
+calls it, so no training step can see one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memory3.data.qa import Document, QAItem, load_kb, load_qa, shipped_path, split_of
+
+log = logging.getLogger(__name__)
+
+
+class HeldOutLeak(ValueError):
+    """A training item belongs to a held-out entity."""
+
+
+def assert_train_only(items: Iterable[QAItem]) -> None:
+    """Raise if any item is held out, by its own label or by its entity's hash split."""
+    for it in items:
+        if it.split != "train" or split_of(it.entity) != "train":
+            raise HeldOutLeak(
+                f"training item {it.id!r} is about held-out entity {it.entity!r}: held-out entities "
+                "are for evaluation only; filter with split == 'train'"
+            )
+
+
+def heldout_entities() -> set[str]:
+    """Entities asked about by the shipped evaluation sets' held-out split (casefolded)."""
+    out = set()
+    for name in ("fictional.jsonl", "factbook.jsonl"):
+        out |= {
+            it.entity.casefold() for it in load_qa(shipped_path(name), resolve=False) if it.split == "heldout"
+        }
+    return out
+
+
+# --- text corpora -----------------------------------------------------------------------------
+
+
+def read_texts(path: str | Path, field: str = "text") -> list[str]:
+    """Texts of a .txt file (one document), a directory of .txt/.md files, or a JSONL file whose
+    lines have a `field` string."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: corpus not found")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{path}: no .txt or .md files in this directory")
+        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    if path.suffix == ".jsonl":
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                    raise ValueError(f"{path}:{lineno}: expected an object with a string {field!r} field")
+                out.append(obj[field])
+        return out
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def corpus_texts(source: str, split: str = "train") -> list[str]:
+    """ "wikipedia" (the bundled summaries, one split) or a path for `read_texts`. Held-out
+    Wikipedia articles are never returned for split="train"."""
+    if source == "wikipedia":
+        from memory3.data.wikipedia import load_articles
+
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        return [a.text for a in load_articles(split) if split_of(a.title) == split]  # type: ignore[arg-type]
+    return read_texts(source)
+
+
+def tokenize_corpus(
+    texts: Sequence[str], tokenizer: Any, eos_id: int, cache: Path | None = None
+) -> np.ndarray:
+    """All texts as one int32 token stream, each document followed by EOS; cached as .npy."""
+    if cache is not None and cache.exists():
+        return np.load(cache)
+    ids: list[int] = []
+    for i in range(0, len(texts), 256):
+        for row in tokenizer(list(texts[i : i + 256]), add_special_tokens=False).input_ids:
+            ids.extend(row)
+            ids.append(eos_id)
+    arr = np.asarray(ids, dtype=np.int32)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, arr)
+    return arr
+
+
+def sequence_at(stream: np.ndarray, seq_len: int, index: int) -> np.ndarray:
+    """Sequence number `index` of seq_len + 1 tokens (input and shifted target), in a fixed
+    shuffled order of non-overlapping windows; wraps around for more epochs."""
+    n = (len(stream) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"corpus of {len(stream)} tokens is shorter than one sequence of {seq_len}")
+    epoch, i = divmod(index, n)
+    perm = np.random.default_rng(epoch).permutation(n)
+    s = int(perm[i]) * seq_len
+    return stream[s : s + seq_len + 1]
+
+
+def rng_for(*keys: Any) -> random.Random:
+    """A generator that depends only on its keys (seed, step, micro-step, rank): batches are pure
+    functions of the step, which makes resume exact."""
+    h = hashlib.sha256(":".join(map(str, keys)).encode()).digest()
+    return random.Random(int.from_bytes(h[:8], "big"))
+
+
+# --- question–answer groups for SFT -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fact:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One knowledge-base passage and the questions it answers."""
+
+    name: str
+    kind: str  # "person", "town", "company", "country"
+    reference: str
+    facts: tuple[Fact, ...]
+
+
+def _entities_from(items: Sequence[QAItem], docs: dict[str, Document], kind_of: Any) -> list[Entity]:
+    by_doc: dict[str, list[QAItem]] = {}
+    for it in items:
+        by_doc.setdefault(it.doc_id, []).append(it)
+    out = []
+    for doc_id, its in by_doc.items():
+        text = docs[doc_id].text if doc_id in docs else its[0].reference
+        facts = tuple(Fact(it.question, it.answers[0]) for it in its if it.answers[0] in text)
+        if facts:
+            out.append(Entity(its[0].entity, kind_of(its[0]), text, facts))
+    return out
+
+
+def fictional_training_entities(n: int, seed: int = 1) -> list[Entity]:
+    """Invented entities for training, generated with another seed than the shipped evaluation
+    set (seed 0), train split only, and none named like a held-out evaluation entity."""
+    from memory3.data.factbook import build_fictional
+
+    if seed == 0:
+        raise ValueError("seed 0 generates the shipped evaluation entities; train with another seed")
+    docs, items = build_fictional(n, seed=seed)
+    banned = heldout_entities()
+    items = [it for it in items if it.split == "train" and it.entity.casefold() not in banned]
+    assert_train_only(items)
+    return _entities_from(items, {d.id: d for d in docs}, lambda it: it.doc_id.split("/")[1])
+
+
+def factbook_training_entities() -> list[Entity]:
+    """Factbook passages of train-split countries with their questions (all facts, not only the
+    shipped sample)."""
+    from memory3.data.factbook import build_factbook
+
+    docs, items = build_factbook()
+    items = [it for it in items if it.split == "train"]
+    assert_train_only(items)
+    return _entities_from(items, {d.id: d for d in docs}, lambda it: "country")
+
+
+@dataclass(frozen=True)
+class Group:
+    """References read together as the memories of every question in the group; each question's
+    own passage (its gold reference) is one of them."""
+
+    references: tuple[str, ...]
+    questions: tuple[Fact, ...]
+
+
+def make_group(pool: Sequence[Entity], rng: random.Random, memories: int, questions: int) -> Group:
+    """`memories` entities of one kind (hard distractors, as retrieval gives) and up to
+    `questions` of their questions."""
+    anchor = pool[rng.randrange(len(pool))]
+    same = [e for e in pool if e.kind == anchor.kind and e is not anchor]
+    others = rng.sample(same, min(memories - 1, len(same)))
+    chosen = [anchor, *others]
+    rng.shuffle(chosen)
+    facts = [f for e in chosen for f in e.facts]
+    rng.shuffle(facts)
+    return Group(tuple(e.reference for e in chosen), tuple(facts[:questions]))
+
+
+def load_kb_entities(name: str) -> list[Document]:
+    return load_kb(shipped_path(name))

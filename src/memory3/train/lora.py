@@ -1,0 +1,113 @@
+"""Low-rank adapters for parameter-efficient training, and choosing which tensors train.
+
+A LoRA layer computes W x + (alpha / r) · B A x with W frozen, A (r, in) small random and B
+(out, r) zero, so training starts from the base model exactly. `merge_lora` folds B A into W and
+puts plain `nn.Linear` modules back: the merged model is an ordinary `Memory3Model` that writes
+and reads memories like any other. An adapter file holds only A and B (a few MB for SmolLM2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from memory3.model import Memory3Model
+from memory3.train.config import LoRAConfig
+
+
+class LoRALinear(nn.Module):
+    """nn.Linear plus a trainable low-rank update. `base` keeps its name so state dicts of the
+    merged model match the plain one."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        a = torch.empty(rank, base.in_features)
+        bound = 1 / math.sqrt(base.in_features)  # kaiming-uniform(a=√5) as nn.Linear and peft
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype) * self.scale
+
+    def delta(self) -> Tensor:
+        """The update B A · scale, shaped like the base weight."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+def _blocks(model: Memory3Model, layers: tuple[int, ...] | None) -> list[tuple[int, nn.Module]]:
+    n = len(model.model.layers)
+    idx = range(n) if layers is None else layers
+    for i in idx:
+        if not 0 <= i < n:
+            raise ValueError(f"lora layer {i} out of range: the model has layers 0..{n - 1}")
+    return [(i, model.model.layers[i]) for i in idx]
+
+
+def apply_lora(model: Memory3Model, config: LoRAConfig, seed: int = 0) -> list[str]:
+    """Replace the target linears of the chosen blocks by LoRA layers, freeze everything else;
+    returns the names of the adapted modules."""
+    if config.rank <= 0:
+        raise ValueError("apply_lora needs rank ≥ 1")
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = []
+    for i, block in _blocks(model, config.layers):
+        for parent_name, parent in (("self_attn", block.self_attn), ("mlp", block.mlp)):
+            for target in config.targets:
+                mod = getattr(parent, target, None)
+                if isinstance(mod, nn.Linear):
+                    setattr(parent, target, LoRALinear(mod, config.rank, config.alpha, g))
+                    names.append(f"model.layers.{i}.{parent_name}.{target}")
+    if not names:
+        raise ValueError(
+            f"no linear layer matched lora targets {config.targets}; choose among q_proj, k_proj, "
+            "v_proj, o_proj, gate_proj, up_proj, down_proj"
+        )
+    return names
+
+
+def select_trainable(model: Memory3Model, patterns: tuple[str, ...]) -> list[str]:
+    """Full training of the parameters whose name contains one of `patterns` (all when empty)."""
+    names = []
+    for name, p in model.named_parameters():
+        on = not patterns or any(s in name for s in patterns)
+        p.requires_grad_(on)
+        if on:
+            names.append(name)
+    if not names:
+        raise ValueError(f"no parameter name contains any of {patterns}; see model.named_parameters()")
+    return names
+
+
+def lora_state(model: nn.Module) -> dict[str, Tensor]:
+    """Only the adapter tensors (names end in lora_A / lora_B)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def merge_lora(model: Memory3Model) -> Memory3Model:
+    """Fold every adapter into its base weight and put the plain nn.Linear back (in place)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight += child.delta().to(child.base.weight.dtype)
+                setattr(module, name, child.base)
+    return model
+
+
+def load_lora_state(model: Memory3Model, state: dict[str, Tensor]) -> None:
+    """Copy adapter tensors into a model that `apply_lora` prepared with the same config."""
+    own = {k for k in model.state_dict() if ".lora_" in k}
+    missing, unexpected = own - set(state), set(state) - own
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter does not match the model's LoRA layers: missing {sorted(missing)[:4]}, "
+            f"unexpected {sorted(unexpected)[:4]}; use the LoRA config saved with the adapter"
+        )
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,368 @@
+"""SFT with explicit memory (SPEC §5): chat samples whose prompt reads memories of 5 references
+(the gold one among them), loss on the answer only.
+
+One step, read top to bottom in `run_sft`:
+  1. draw a group: 5 entities of one kind (hard distractors, as retrieval gives) and up to 24 of
+     their questions; encode the 5 references with the model being trained (writer up to the last
+     memory layer, top-8 tokens per head chosen without gradient, gradients through the kept K/V);
+  2. every question reads the same 5 memories, laid out as at inference (prefix at 0..p-1, prompt
+     from p+128), answer-only loss;
+  3. a RAG sample (the same references as text in the prompt) and a general-text sequence without
+     memory, so the model keeps using its context and keeps its language (the issue's probe lost
+     half its RAG accuracy without them);
+  4. AdamW step with warmup-stable-decay, clipping, accumulation; checkpoint; resume exactly.
+
+Memory layers and kept tokens can follow a curriculum of stages (`stages`), e.g. from full
+memory at all layers, which the untrained model already reads, to the paper's setting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memory3.config import MemoryConfig
+from memory3.generate import rag_prompt
+from memory3.memory.write import MemoryWriter, reference_prefix_ids
+from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, load_config, save_config
+from memory3.train.data import (
+    Entity,
+    Group,
+    corpus_texts,
+    factbook_training_entities,
+    fictional_training_entities,
+    make_group,
+    rng_for,
+    sequence_at,
+    tokenize_corpus,
+)
+from memory3.train.layout import shared_memory, text_batch
+from memory3.train.loop import (
+    Progress,
+    TrainState,
+    all_mean,
+    autocast,
+    average_gradients,
+    batch_loss,
+    checkpoint_due,
+    export,
+    init_distributed,
+    load_base,
+    load_training,
+    make_optimizer,
+    prepare_trainable,
+    save_training,
+    set_lr,
+    set_memory_layers,
+    start_run,
+    wsd_lr,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Until `until` (fraction of the steps), memories keep `kept_tokens` per head (0 = all) and
+    are read by `memory_layers`: "half" (the paper: first half), "all", or "first:<n>"."""
+
+    until: float = 1.0
+    kept_tokens: int = 8
+    memory_layers: str = "half"
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: str = "smollm2-135m-instruct"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=16, alpha=32.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
+    loop: LoopConfig = field(
+        default_factory=lambda: LoopConfig(steps=600, checkpoint_every=25, eval_every=100)
+    )
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    stages: tuple[Stage, ...] = (Stage(),)
+    fictional_entities: int = 4000  # generated with fictional_seed; train split only
+    fictional_seed: int = 1
+    factbook_fraction: float = 0.25  # share of groups drawn from Factbook train countries
+    questions_per_group: int = 24
+    rag_per_step: int = 1
+    rag_weight: float = 0.5
+    text_per_step: int = 1
+    text_seq_len: int = 256
+    text_weight: float = 0.3
+    text_corpus: str = "wikipedia"
+    aux_every: int = 1  # 2: RAG samples on even steps, general text on odd steps (half the cost)
+    init_adapter: str = ""  # start the LoRA from this adapter (a shipped name or a directory)
+    val_groups: int = 4  # loss gap gold vs irrelevant memories on train-split entities kept aside
+    probe_questions: int = 40  # held-out probe at the end (0 = skip)
+
+    def __post_init__(self) -> None:
+        if not self.stages or abs(self.stages[-1].until - 1.0) > 1e-9:
+            raise ValueError(f"the last stage must end at until=1.0, got stages {self.stages}")
+        if self.questions_per_group < 1:
+            raise ValueError(f"questions_per_group must be ≥ 1, got {self.questions_per_group}")
+
+
+def stage_at(config: SFTConfig, step: int) -> Stage:
+    frac = step / config.loop.steps
+    for s in config.stages:
+        if frac < s.until:
+            return s
+    return config.stages[-1]
+
+
+def layers_for(spec: str, n_layer: int) -> tuple[int, ...]:
+    if spec == "half":
+        return tuple(range(n_layer // 2))
+    if spec == "all":
+        return tuple(range(n_layer))
+    if spec.startswith("first:") and spec[6:].isdigit():
+        return tuple(range(int(spec[6:])))
+    raise ValueError(f"memory_layers must be 'half', 'all' or 'first:<n>', got {spec!r}")
+
+
+def memory_config_for(config: SFTConfig, stage: Stage) -> MemoryConfig:
+    import dataclasses
+
+    if stage.kept_tokens == 0:
+        return dataclasses.replace(config.memory, selection="all")
+    return dataclasses.replace(config.memory, kept_tokens=stage.kept_tokens)
+
+
+class SFTData:
+    """Everything a step draws from; a step's samples depend only on (seed, step, micro, rank)."""
+
+    def __init__(self, config: SFTConfig, tokenizer: Any, cache_dir: Path) -> None:
+        self.config, self.tok = config, tokenizer
+        fict = fictional_training_entities(config.fictional_entities, config.fictional_seed)
+        n_val = min(len(fict) // 10, 200)
+        self.val_pool = fict[:n_val]  # never trained on: the gold/irrelevant loss gap is measured on them
+        self.fictional = fict[n_val:]
+        self.factbook: list[Entity] = factbook_training_entities() if config.factbook_fraction > 0 else []
+        self.text = None
+        if config.text_per_step:
+            texts = corpus_texts(config.text_corpus, "train")
+            name = "wikipedia" if config.text_corpus == "wikipedia" else Path(config.text_corpus).stem
+            self.text = tokenize_corpus(
+                texts, tokenizer, tokenizer.eos_token_id, cache_dir / f"tokens-{name}.npy"
+            )
+        log.info(
+            "SFT data: %d fictional, %d factbook entities; %d kept aside for validation",
+            len(self.fictional),
+            len(self.factbook),
+            len(self.val_pool),
+        )
+
+    def group(self, rng: Any) -> Group:
+        c = self.config
+        pool = self.factbook if self.factbook and rng.random() < c.factbook_fraction else self.fictional
+        return make_group(pool, rng, c.memory.memories_per_chunk, c.questions_per_group)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """Exactly what `Generator._encode_prompt` feeds in chat mode."""
+        text = self.tok.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        return list(self.tok(text, add_special_tokens=False).input_ids)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return [*list(self.tok(answer, add_special_tokens=False).input_ids), self.tok.eos_token_id]
+
+    def reference_ids(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False).input_ids)[: self.config.memory.reference_tokens]
+
+    def qa_seqs(
+        self, questions: Any, rag_refs: tuple[str, ...] | None = None
+    ) -> tuple[list[list[int]], list[int]]:
+        seqs, starts = [], []
+        for f in questions:
+            q = rag_prompt(f.question, [_HitText(r) for r in rag_refs]) if rag_refs else f.question
+            p = self.prompt_ids(q)
+            seqs.append(p + self.answer_ids(f.answer))
+            starts.append(len(p))
+        return seqs, starts
+
+
+@dataclass(frozen=True)
+class _HitText:
+    text: str
+
+
+def sft_losses(
+    model: Any,
+    data: SFTData,
+    group: Group,
+    writer: MemoryWriter,
+    prefix: list[int],
+    memory: bool = True,
+    swap_refs: tuple[str, ...] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Answer loss of the group's questions reading the group's memories (or `swap_refs`' memories,
+    or none). Returns (mean loss, answer tokens)."""
+    cfg = data.config
+    seqs, starts = data.qa_seqs(group.questions)
+    pad = data.tok.pad_token_id if data.tok.pad_token_id is not None else 0
+    if not memory:
+        b = text_batch(seqs, starts, prefix, cfg.memory.reference_tokens, pad)
+        return batch_loss(model, b)
+    refs = swap_refs or group.references
+    mem = writer.write([data.reference_ids(r) for r in refs])
+    b = text_batch(seqs, starts, prefix, cfg.memory.reference_tokens, pad)
+    longest = max(starts)
+    if longest > cfg.memory.chunk_tokens:
+        raise ValueError(f"a prompt of {longest} tokens spans two chunks; SFT prompts must fit one chunk")
+    return batch_loss(model, b, shared_memory(mem, b))
+
+
+def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after: int | None = None) -> Path:
+    """Train; returns the run directory (checkpoint/, adapter/ or model/, metrics.jsonl)."""
+    out = Path(out)
+    d = init_distributed()
+    start_run(out, config, resume, d)
+    torch.manual_seed(config.loop.seed)
+    if config.loop.threads:
+        torch.set_num_threads(config.loop.threads)
+
+    # ---- model, trainable tensors, optimizer, data
+    model, tok = load_base(config.model, config.model_overrides, config.loop.seed)
+    params = prepare_trainable(model, config.lora, config.loop.seed)
+    if config.init_adapter:  # continue where an earlier (time-boxed) run's adapter left off
+        from memory3.train.adapters import init_from_adapter
+
+        init_from_adapter(model, config.init_adapter)
+    model._memory3_fingerprint = "training"  # type: ignore[assignment]  # skip hashing the weights
+    model.train()
+    opt = make_optimizer(model, config.optim)
+    data = SFTData(config, tok, out.parent / ".cache")
+    prefix = reference_prefix_ids(tok, model.config.bos_token_id, config.memory)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    state = (load_training(out, model, opt) if resume else None) or TrainState()
+    if state.step:
+        log.info("resumed %s at step %d", out, state.step)
+    progress = Progress(out, config.loop, state, d)
+    last_save, t_start, seconds0 = time.perf_counter(), time.perf_counter(), state.seconds
+    n_layer = model.config.n_layer
+
+    end = config.loop.steps if stop_after is None else min(config.loop.steps, state.step + stop_after)
+    for step in range(state.step, end):
+        stage = stage_at(config, step)
+        layers = layers_for(stage.memory_layers, n_layer)
+        if layers != model.memory_layers:
+            set_memory_layers(model, layers)
+        writer = MemoryWriter(model, prefix, memory_config_for(config, stage))
+        lr = wsd_lr(step, config.loop.steps, config.optim)
+        set_lr(opt, lr)
+        step_loss, step_tokens, parts = 0.0, 0, {"mem": 0.0, "rag": 0.0, "text": 0.0}
+        for micro in range(config.optim.grad_accum):
+            rng = rng_for(config.loop.seed, step, micro, d.rank)
+            group = data.group(rng)
+            with autocast(config.loop.bf16, model.device):
+                # 1-2. the questions read the group's memories; answer-only loss
+                loss, _ = sft_losses(model, data, group, writer, prefix)
+                parts["mem"] += loss.item() / config.optim.grad_accum
+                total = loss
+                ntok = sum(len(s) for s in data.qa_seqs(group.questions)[0])
+                # 3a. RAG: the same references as text in the prompt
+                do_rag = config.aux_every == 1 or step % config.aux_every == 0
+                do_text = config.aux_every == 1 or step % config.aux_every == 1
+                for _ in range(config.rag_per_step if do_rag else 0):
+                    f = group.questions[rng.randrange(len(group.questions))]
+                    seqs, starts = data.qa_seqs(
+                        [f], tuple(rng.sample(group.references, len(group.references)))
+                    )
+                    b = text_batch(seqs, starts, None, 0, pad)
+                    rag_loss, _ = batch_loss(model, b)
+                    total = total + config.rag_weight * rag_loss / config.rag_per_step
+                    parts["rag"] += rag_loss.item() / config.rag_per_step / config.optim.grad_accum
+                    ntok += b.n_tokens
+                # 3b. general text, no memory
+                if data.text is not None and do_text:
+                    seqs = [
+                        sequence_at(data.text, config.text_seq_len, rng.randrange(1 << 30)).tolist()
+                        for _ in range(config.text_per_step)
+                    ]
+                    b = text_batch(seqs, None, None, 0, pad)
+                    text_loss, _ = batch_loss(model, b)
+                    total = total + config.text_weight * text_loss
+                    parts["text"] += text_loss.item() / config.optim.grad_accum
+                    ntok += b.n_tokens
+            (total / config.optim.grad_accum).backward()
+            step_loss += parts["mem"] if micro == config.optim.grad_accum - 1 else 0.0
+            step_tokens += ntok
+        # 4. the update
+        average_gradients(params, d)
+        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.step = step + 1
+        state.tokens += int(all_mean(step_tokens, d) * d.world)
+        state.seconds = seconds0 + time.perf_counter() - t_start
+        extra = {k: round(all_mean(v, d), 4) for k, v in parts.items()}
+        extra["kept"], extra["layers"] = stage.kept_tokens, len(layers)
+        if config.loop.eval_every and state.step % config.loop.eval_every == 0 and d.main:
+            extra.update(loss_gap(model, data, writer, prefix, config))
+        progress.update(state, all_mean(parts["mem"], d), lr, extra)
+        if checkpoint_due(state.step, config.loop, last_save):
+            if d.main:
+                save_training(out, model, opt, state)
+            last_save = time.perf_counter()
+    progress.close()
+    if state.step < config.loop.steps:  # a time-boxed session: resume later
+        if d.main:
+            save_training(out, model, opt, state)
+        return out
+    if d.main:
+        export(model, tok, config, out, state)
+        if config.probe_questions:
+            from memory3.train.probe import probe
+
+            with torch.no_grad():
+                res = probe(
+                    model,
+                    tok,
+                    config.probe_questions,
+                    memory_config=memory_config_for(config, config.stages[-1]),
+                )
+            (out / "probe.json").write_text(json.dumps({"step": state.step, **res.__dict__}, indent=2) + "\n")
+            log.info("probe: %s", res.accuracy)
+    return out
+
+
+@torch.no_grad()
+def loss_gap(
+    model: Any, data: SFTData, writer: MemoryWriter, prefix: list[int], config: SFTConfig
+) -> dict[str, float]:
+    """Answer loss on validation entities with the gold memories, with 5 irrelevant memories,
+    and with none: reading works when gold < irrelevant ≈ none."""
+    was = model.training
+    model.eval()
+    sums = {"val_gold": 0.0, "val_irrelevant": 0.0, "val_none": 0.0}
+    with autocast(config.loop.bf16, model.device):
+        for g in range(config.val_groups):
+            rng = rng_for("val", g)
+            group = make_group(
+                data.val_pool, rng, config.memory.memories_per_chunk, config.questions_per_group
+            )
+            other = make_group(data.val_pool, rng_for("val-other", g), config.memory.memories_per_chunk, 1)
+            irrelevant = tuple(r for r in other.references if r not in group.references) or other.references
+            sums["val_gold"] += sft_losses(model, data, group, writer, prefix)[0].item()
+            sums["val_irrelevant"] += sft_losses(model, data, group, writer, prefix, swap_refs=irrelevant)[
+                0
+            ].item()
+            sums["val_none"] += sft_losses(model, data, group, writer, prefix, memory=False)[0].item()
+    model.train(was)
+    return {k: round(v / config.val_groups, 4) for k, v in sums.items()}
+
+
+def main_from_file(path: str | Path, out: str | Path, resume: bool = True) -> Path:
+    return run_sft(load_config(SFTConfig, path), out, resume)
+
+
+__all__ = ["SFTConfig", "Stage", "run_sft", "save_config"]

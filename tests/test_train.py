@@ -1,0 +1,459 @@
+"""Training: schedule, LoRA, the inference layout in training batches, exact resume, the held-out
+split, offline pairing, and data parallel with torchrun."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from memory3.config import MemoryConfig
+from memory3.memory.write import MemoryWriter
+from memory3.train.config import (
+    LoopConfig,
+    LoRAConfig,
+    OptimConfig,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
+from memory3.train.layout import chunked_memory, shared_memory, text_batch
+from memory3.train.loop import wsd_lr
+from memory3.train.lora import apply_lora, load_lora_state, lora_state, merge_lora
+
+VOCAB = 256
+
+
+def synthetic_stream(n: int = 6000, seed: int = 0) -> np.ndarray:
+    """A learnable token stream: repeated random phrases."""
+    rng = np.random.default_rng(seed)
+    phrases = [rng.integers(3, VOCAB, size=rng.integers(5, 12)) for _ in range(40)]
+    out: list[int] = []
+    while len(out) < n:
+        out.extend(phrases[rng.integers(len(phrases))].tolist())
+    return np.asarray(out[:n], dtype=np.int32)
+
+
+# --- schedule and config ---------------------------------------------------------------------------
+
+
+def test_wsd_schedule_warms_up_holds_and_decays() -> None:
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, decay_fraction=0.5, min_lr_ratio=0.1)
+    lrs = [wsd_lr(s, 20, cfg) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4:10] == [1.0] * 6
+    assert all(a > b for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_config_round_trips_through_json(tmp_path: Path) -> None:
+    from memory3.train.sft import SFTConfig, Stage
+
+    cfg = SFTConfig(
+        lora=LoRAConfig(rank=4, targets=("q_proj",)), stages=(Stage(0.5, 0, "all"), Stage(1.0, 8, "half"))
+    )
+    save_config(cfg, tmp_path / "c.json")
+    assert load_config(SFTConfig, tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        from_dict(SFTConfig, {**to_dict(cfg), "lr": 1})
+
+
+def test_shipped_configs_load() -> None:
+    from memory3.train.sft import SFTConfig
+
+    root = Path(__file__).parents[1] / "configs" / "train"
+    for path in sorted(root.glob("sft*.json")):
+        load_config(SFTConfig, path)
+
+
+# --- LoRA ---------------------------------------------------------------------------------------------
+
+
+def test_lora_starts_at_the_base_model_and_merges_exactly() -> None:
+    model = tiny_model(seed=3)
+    x = torch.randint(0, VOCAB, (2, 12))
+    base = model(x)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0), seed=1)
+    torch.testing.assert_close(model(x), base)  # B = 0: the same model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    adapted = model(x)
+    assert not torch.allclose(adapted, base)
+    state = lora_state(model)
+    merged = merge_lora(model)
+    assert not any(".lora_" in n for n in merged.state_dict())
+    torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=1e-5)
+    # the adapter alone rebuilds the same model from the base
+    other = tiny_model(seed=3)
+    apply_lora(other, LoRAConfig(rank=4, alpha=8.0), seed=99)
+    load_lora_state(other, state)
+    torch.testing.assert_close(other(x), adapted)
+
+
+# --- the inference layout in training ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from memory3.checkpoint import load_bundled_tokenizer
+
+    return load_bundled_tokenizer()
+
+
+def test_sft_layout_reproduces_generation_with_memory(tok) -> None:
+    """Teacher forcing the generated answer in the training layout predicts the same tokens the
+    generator produced: same prefix, positions, memories and masks as at inference."""
+    from memory3.config import GenerationConfig
+    from memory3.generate import Generator
+    from memory3.retrieval.inmemory import InMemoryRetriever
+    from test_generate import FACTS, BagOfWords
+
+    model = tiny_model(seed=11, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
+    cfg = MemoryConfig(reference_tokens=24, kept_tokens=4, chunk_tokens=64, memories_per_chunk=3)
+    gen = Generator(model, tok, memory_config=cfg, chat=True)
+    retr = InMemoryRetriever(FACTS, MemoryWriter(model, gen.prefix_ids, cfg), tok, BagOfWords())
+    gen.set_retriever(retr)
+    q = "Who was Velmora Castiglio?"
+    out = gen.generate(q, mode="memory", config=GenerationConfig(max_new_tokens=6, ignore_eos=True))[0]
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = tok(text, add_special_tokens=False).input_ids
+    mem = retr.memories([h.ref_id for h in out.references[0]])
+    b = text_batch([prompt + out.token_ids], [len(prompt)], gen.prefix_ids, cfg.reference_tokens, 0)
+    with torch.no_grad():
+        logits = model(b.ids, b.pos, token_valid=b.valid, memory=shared_memory(mem, b))
+    pred = logits[0, b.text_start + len(prompt) - 1 : -1].argmax(-1).tolist()
+    assert pred == out.token_ids
+    # answer-only targets: exactly the answer tokens
+    assert (
+        b.targets[b.targets != -100].tolist() == out.token_ids[1:]
+        or b.targets[b.targets != -100].tolist() == out.token_ids
+    )
+
+
+def test_chunked_memory_matches_a_plain_loop() -> None:
+    """Chunk c reads exactly the memories assigned to it; the prefix and padding read none."""
+    torch.manual_seed(0)
+    M, Lm, K, S, D = 4, 2, 2, 3, 8
+    from memory3.memory.write import Memories
+
+    pos = torch.arange(S, dtype=torch.int32).expand(M, Lm, K, S).clone()
+    pos[3, :, :, 2] = -1  # a short reference: one empty slot
+    mem = Memories(torch.randn(M, Lm, K, S, D), torch.randn(M, Lm, K, S, D), pos, "fp")
+    prefix = [1, 5]
+    b = text_batch([list(range(10, 22)), list(range(30, 37))], None, prefix, 16, 0)  # 12 and 7 tokens
+    chunk = 4
+    slots = torch.tensor([[[0, 1], [2, -1], [3, 0]], [[1, 1], [-1, 3], [2, 2]]])  # (B, C=3, J=2)
+    mi = chunked_memory(mem, slots, b, chunk)
+    B, T = b.ids.shape
+    C, J = slots.shape[1:]
+    for bi in range(B):
+        for t in range(T):
+            for c in range(C):
+                for j in range(J):
+                    for s in range(S):
+                        n = (c * J + j) * S + s
+                        r = int(slots[bi, c, j])
+                        text_i = t - len(prefix)
+                        want = (
+                            bool(b.valid[bi, t])
+                            and text_i >= 0
+                            and text_i // chunk == c
+                            and r >= 0
+                            and bool(mem.valid[r, s])
+                        )
+                        assert bool(mi.visible[bi, t, n]) == want, (bi, t, n)
+                        if r >= 0:
+                            torch.testing.assert_close(mi.k[:, bi, :, n], mem.k[r, :, :, s])
+                            torch.testing.assert_close(mi.v[:, bi, :, n], mem.v[r, :, :, s])
+
+
+def test_gradients_flow_through_kept_keys_and_values(tok) -> None:
+    """SPEC §5: the writer runs with grad, so the loss of a reading sequence reaches the weights
+    through the memories (here: only memory-layer weights below the reader's first token)."""
+    model = tiny_model(seed=5)
+    cfg = MemoryConfig(reference_tokens=16, kept_tokens=4, chunk_tokens=8, memories_per_chunk=2)
+    writer = MemoryWriter(model, [1, 7], cfg)
+    mem = writer.write([list(range(20, 32)), list(range(40, 50))])
+    b = text_batch([list(range(60, 70))], None, [1, 7], 16, 0)
+    logits = model(b.ids, b.pos, token_valid=b.valid, memory=shared_memory(mem, b))
+    loss = torch.nn.functional.cross_entropy(logits[b.targets != -100], b.targets[b.targets != -100])
+    grads = torch.autograd.grad(loss, [mem.k, mem.v])
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+# --- the held-out split --------------------------------------------------------------------------------
+
+
+def test_training_data_never_holds_a_heldout_entity() -> None:
+    from memory3.data.qa import QAItem
+    from memory3.train.data import (
+        HeldOutLeak,
+        assert_train_only,
+        fictional_training_entities,
+        heldout_entities,
+    )
+
+    ents = fictional_training_entities(80, seed=3)
+    banned = heldout_entities()
+    assert ents and not any(e.name.casefold() in banned for e in ents)
+    from memory3.data.qa import split_of
+
+    assert all(split_of(e.name) == "train" for e in ents)
+    bad = QAItem("x", "q?", ["a"], "Some Place", "heldout", "fictional", "d", "a")
+    with pytest.raises(HeldOutLeak, match="held-out"):
+        assert_train_only([bad])
+    with pytest.raises(ValueError, match="seed 0"):
+        fictional_training_entities(10, seed=0)
+
+
+# --- recipes: exact resume -------------------------------------------------------------------------------
+
+
+def _warmup_config(steps: int, grad_accum: int = 1):
+    from memory3.train.warmup import WarmupConfig
+
+    return WarmupConfig(
+        model="preset:tiny",
+        model_overrides={"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2},
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, grad_accum=grad_accum),
+        loop=LoopConfig(steps=steps, log_every=1, checkpoint_every=100),
+        seq_len=32,
+        batch_size=4,
+    )
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_the_same_next_loss_as_no_interruption(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from memory3.train.warmup import run_warmup
+
+    stream = synthetic_stream()
+    cfg = _warmup_config(5)
+    run_warmup(cfg, tmp_path / "straight", stream=stream)
+    run_warmup(cfg, tmp_path / "split", stream=stream, stop_after=2)  # interrupted after step 2
+    assert len(_losses(tmp_path / "split")) == 2
+    run_warmup(cfg, tmp_path / "split", stream=stream)  # resumed by the same command
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "straight")[-1] < _losses(tmp_path / "straight")[0]
+
+
+def test_resume_refuses_another_config(tmp_path: Path) -> None:
+    import dataclasses
+
+    from memory3.train.warmup import run_warmup
+
+    stream = synthetic_stream()
+    cfg = _warmup_config(3)
+    run_warmup(cfg, tmp_path / "r", stream=stream, stop_after=1)
+    with pytest.raises(ValueError, match="another config"):
+        run_warmup(dataclasses.replace(cfg, seq_len=16), tmp_path / "r", stream=stream)
+
+
+# --- continual: pairing and a step with memory ----------------------------------------------------------
+
+
+def test_pairing_skips_references_the_sequence_contains(tok) -> None:
+    from memory3.retrieval.embed import get_embedder
+    from memory3.retrieval.leak import overlap
+    from memory3.train.continual import PairingConfig, chunk_slots, prepare_continual
+
+    texts = [
+        "The lighthouse of Brakmoor stands on a granite cliff above the northern harbour. " * 3
+        + "Keepers lit the lamp every evening from 1820 until the light was automated in 1961.",
+        "Glass beads from Vorlund were traded along the river for salt, furs and amber. " * 3
+        + "The bead makers guarded the recipe for their blue glass for three hundred years.",
+    ]
+    kb = [*texts, "Amber from the northern coast was carried south on the river in spring."]
+    cfg = PairingConfig(seq_len=64, chunk_tokens=16, reference_tokens=32, embedder="hashing")
+    data = prepare_continual(texts, kb, tok, cfg, embedder=get_embedder("hashing"))
+    assert data.pairs.shape == (len(data), 4)
+    for i in range(len(data)):
+        seq = data.sequence(i)
+        for r in data.pairs[i]:
+            if r >= 0:
+                assert overlap(seq, data.reference(int(r))) <= 0.9
+    slots = chunk_slots(np.array([[5, 6, 7]]), 2)
+    assert slots.tolist() == [[[-1, 5], [5, 6], [6, 7]]]
+
+
+def test_continual_trains_with_memory_and_saves(tmp_path: Path, tok) -> None:
+    from memory3.retrieval.embed import get_embedder
+    from memory3.train.continual import (
+        ContinualConfig,
+        PairingConfig,
+        evaluate,
+        prepare_continual,
+        run_continual,
+    )
+
+    texts = [
+        f"Town number {i} lies on the river {chr(65 + i)} and is known for its {i * 7} bridges. " * 4
+        for i in range(6)
+    ]
+    pcfg = PairingConfig(seq_len=32, chunk_tokens=16, reference_tokens=32, embedder="hashing")
+    data = prepare_continual(texts, texts, tok, pcfg, embedder=get_embedder("hashing"))
+    data.save(tmp_path / "ds")
+    cfg = ContinualConfig(
+        model="preset:tiny",
+        model_overrides={"vocab_size": len(tok)},
+        optim=OptimConfig(lr=3e-3, warmup_steps=1),
+        loop=LoopConfig(steps=2, log_every=1),
+        memory=MemoryConfig(reference_tokens=32, kept_tokens=4, chunk_tokens=16, memories_per_chunk=3),
+        dataset=str(tmp_path / "ds"),
+        batch_size=2,
+    )
+    run = run_continual(cfg, tmp_path / "run")
+    assert (run / "model" / "model.safetensors").exists() and len(_losses(run)) == 2
+    from memory3.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(run / "model")
+    a = evaluate(loaded.model, tok, data, cfg.memory, with_memory=True, n=2)
+    b = evaluate(loaded.model, tok, data, cfg.memory, with_memory=False, n=2)
+    assert np.isfinite(a) and np.isfinite(b) and a != b
+
+
+# --- SFT: one short run ------------------------------------------------------------------------------------
+
+
+def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
+    from memory3.train.adapters import ADAPTER_META
+    from memory3.train.sft import SFTConfig, Stage, run_sft
+
+    (tmp_path / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 50)
+    cfg = SFTConfig(
+        model="preset:tiny",
+        lora=LoRAConfig(rank=2),
+        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+        loop=LoopConfig(steps=2, log_every=1, eval_every=2),
+        stages=(Stage(0.5, 0, "all"), Stage(1.0, 8, "half")),
+        fictional_entities=40,
+        factbook_fraction=0.0,
+        questions_per_group=3,
+        text_corpus=str(tmp_path / "corpus.txt"),
+        text_seq_len=32,
+        val_groups=1,
+        probe_questions=0,
+    )
+    run = run_sft(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["layers"] for r in rows] == [4, 2] and [r["kept"] for r in rows] == [0, 8]
+    assert "val_gold" in rows[-1] and "val_irrelevant" in rows[-1]
+    meta = json.loads((run / "adapter" / ADAPTER_META).read_text())
+    assert meta["memory_layers"] == [0, 1] and meta["lora"]["rank"] == 2
+    from safetensors.torch import load_file
+
+    from memory3.train.adapters import adapter_from_run
+
+    again = adapter_from_run(run, tmp_path / "exported")  # from the checkpoint, as after a time-boxed session
+    a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(again / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((again / ADAPTER_META).read_text())["memory_layers"] == [0, 1]
+
+
+# --- data parallel ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path: Path) -> None:
+    """2 ranks × 1 micro-batch see the same sequences as 1 rank × 2 accumulated micro-batches:
+    the averaged gradients, hence the trained weights, agree."""
+    from safetensors.torch import load_file
+
+    from memory3.train.warmup import run_warmup
+
+    stream = synthetic_stream()
+    corpus = tmp_path / "corpus.jsonl"
+    np.save(tmp_path / "stream.npy", stream)
+    cfg2 = _warmup_config(3)
+    cfg1 = _warmup_config(3, grad_accum=2)
+    # the torchrun workers read the same stream through the token cache of a corpus file
+    import dataclasses
+
+    cfg2 = dataclasses.replace(cfg2, corpus=str(corpus))
+    cfg1 = dataclasses.replace(cfg1, corpus=str(corpus))
+    corpus.write_text("")
+    cache = tmp_path / ".cache"
+    cache.mkdir()
+    np.save(cache / "tokens-corpus.npy", stream)
+    save_config(cfg2, tmp_path / "c2.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "memory3",
+            "train",
+            "warmup",
+            "--config",
+            str(tmp_path / "c2.json"),
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
+    run_warmup(cfg1, tmp_path / "one", stream=stream)
+    a = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3)
+
+
+# --- adapters ------------------------------------------------------------------------------------------------
+
+
+def test_adapter_saved_and_loaded_merged_gives_the_trained_model(tmp_path: Path) -> None:
+    from memory3.checkpoint import save_checkpoint
+    from memory3.train.adapters import load_trained, save_adapter
+    from memory3.train.loop import set_memory_layers
+    from memory3.train.sft import SFTConfig
+
+    base = tiny_model(seed=4)
+    save_checkpoint(base, tmp_path / "base")
+    cfg = SFTConfig(model=str(tmp_path / "base"), lora=LoRAConfig(rank=4, alpha=8.0))
+    model = tiny_model(seed=4)
+    apply_lora(model, cfg.lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.copy_((torch.randn_like(p) * 0.05).to(torch.bfloat16).float())  # bf16-exact
+    set_memory_layers(model, (0, 1, 2))
+    x = torch.randint(0, VOCAB, (2, 10))
+    want = model(x)
+    save_adapter(model, tmp_path / "adapter", cfg, {"steps": 1}, command="memory3 train sft …")
+    loaded = load_trained(tmp_path / "adapter")
+    assert loaded.model.memory_layers == (0, 1, 2)
+    assert loaded.meta["command"].startswith("memory3 train sft")
+    torch.testing.assert_close(loaded.model(x), want, atol=1e-5, rtol=1e-5)
+    assert loaded.model._memory3_fingerprint != getattr(base, "_memory3_fingerprint", None)
+    with pytest.raises(FileNotFoundError, match="no trained adapter"):
+        load_trained(tmp_path / "nowhere")
