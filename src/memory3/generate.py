@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from memory3.config import GenerationConfig, MemoryConfig
+from memory3.memory import layout
 from memory3.memory.write import Memories, MemoryFormatError, memory_fingerprint, reference_prefix_ids
 from memory3.model import KVCache, Memory3Model, MemoryInput
 from memory3.retrieval.base import Hit, Retriever
@@ -205,36 +206,29 @@ class Generator:
         self.timing.retrieval_s += time.perf_counter() - t0
         return hits
 
-    def _load(self, hit_lists: list[list[Hit]], k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Memories for each list of hits: k, v (Lm, G, K, k·S, D) and valid (G, k·S)."""
+    def _fetch(self, hit_lists: list[list[Hit]], k: int) -> tuple[Memories, Tensor]:
+        """The memories of every hit, once each, on the model's device, and for each list of
+        hits its rows in them: index (G, k), -1 where fewer than k were found."""
         assert self.retriever is not None
         t0 = time.perf_counter()
         unique = sorted({h.ref_id for hits in hit_lists for h in hits})
-        cfg, mcfg = self.model.config, self.mem_cfg
-        S, G = mcfg.kept_tokens, len(hit_lists)
-        Lm, K, D = cfg.n_memory_layers, cfg.n_kv_head, cfg.head_dim
-        device, dtype = self.model.device, self.model.dtype
-        if not unique:
-            z = torch.zeros(Lm, G, K, k * S, D, device=device, dtype=dtype)
-            return z, z.clone(), torch.zeros(G, k * S, dtype=torch.bool, device=device)
-        mem = self.retriever.memories(unique)
-        self._check_memories(mem, len(unique))
-        mem = mem.to(device=device, dtype=dtype)
+        index = torch.full((len(hit_lists), k), -1, dtype=torch.long)
+        if unique:
+            mem = self.retriever.memories(unique)
+            self._check_memories(mem, len(unique))
+        else:  # nothing retrieved at all: zero memories of the right shape
+            cfg = self.model.config
+            shape = (0, cfg.n_memory_layers, cfg.n_kv_head, self.mem_cfg.kept_tokens, cfg.head_dim)
+            mem = Memories(
+                torch.zeros(shape), torch.zeros(shape), torch.zeros(shape[:4], dtype=torch.int32), ""
+            )
         row = {rid: i for i, rid in enumerate(unique)}
-        # index (G, k) into the loaded memories; missing hits point at an extra all-zero row
-        index = torch.full((G, k), len(unique), dtype=torch.long)
         for g, hits in enumerate(hit_lists):
             for j, h in enumerate(hits[:k]):
                 index[g, j] = row[h.ref_id]
-        index = index.to(device)
-        zeros = torch.zeros((1, *mem.k.shape[1:]), device=device, dtype=dtype)
-        mk = torch.cat((mem.k, zeros))[index]  # (G, k, Lm, K, S, D)
-        mv = torch.cat((mem.v, zeros))[index]
-        valid = torch.cat((mem.valid.to(device), torch.zeros(1, S, dtype=torch.bool, device=device)))[index]
-        mk = mk.permute(2, 0, 3, 1, 4, 5).reshape(Lm, G, K, k * S, D)
-        mv = mv.permute(2, 0, 3, 1, 4, 5).reshape(Lm, G, K, k * S, D)
+        mem = mem.to(device=self.model.device, dtype=self.model.dtype)
         self.timing.retrieval_s += time.perf_counter() - t0
-        return mk, mv, valid.reshape(G, k * S)
+        return mem, index
 
     def _check_memories(self, mem: Memories, n: int) -> None:
         cfg = self.model.config
@@ -369,7 +363,7 @@ class Generator:
                 hits = self._search([q if q.strip() else " " for q in last], k, leak_threshold)
                 for b in range(B):
                     refs[b].append(hits[b])
-                cache.set_memory(*self._load(hits, k))
+                cache.set_memory(*layout.gather(*self._fetch(hits, k)))
             feed = torch.tensor([[t] for t in tok_list], device=device)
             logits = model(feed, next_pos[:, None], token_valid=step_valid, cache=cache, last_only=True)[
                 :, -1
@@ -388,42 +382,30 @@ class Generator:
     def _prompt_memories(
         self, enc: list[_Prompt], lens: list[int], n_max: int, p: int, k: int, leak: float | None
     ) -> tuple[MemoryInput, tuple[Tensor, Tensor, Tensor], list[list[list[Hit]]]]:
-        """Memories of every prompt chunk, as one MemoryInput with a block mask (§3.1)."""
+        """Memories of every prompt chunk, as one MemoryInput with a block mask (§3.1), and the
+        memories of each prompt's last chunk, which the first decoded chunk keeps reading."""
         B, n = len(enc), self.mem_cfg.chunk_tokens
         C = max(len(e.queries) for e in enc)
         # retrieve for every chunk that has text of its own; the others reuse the previous hits
         flat = [(b, c) for b, e in enumerate(enc) for c, q in enumerate(e.queries) if q]
         found = self._search([enc[b].queries[c] for b, c in flat], k, leak)
         by_chunk: dict[tuple[int, int], list[Hit]] = dict(zip(flat, found, strict=True))
-        hits = []
         for b, e in enumerate(enc):
             for c in range(C):
                 if c >= len(e.queries):
                     by_chunk[(b, c)] = []
                 elif (b, c) not in by_chunk:
                     by_chunk[(b, c)] = by_chunk[(b, c - 1)]
-                hits.append(by_chunk[(b, c)])
         refs = [[by_chunk[(b, c)] for c in range(len(e.queries))] for b, e in enumerate(enc)]
-        mk, mv, mvalid = self._load(hits, k)  # (Lm, B·C, K, k·S, D), (B·C, k·S)
-        Lm, _, K, N, D = mk.shape
-        mk = mk.view(Lm, B, C, K, N, D).transpose(2, 3).reshape(Lm, B, K, C * N, D)
-        mv = mv.view(Lm, B, C, K, N, D).transpose(2, 3).reshape(Lm, B, K, C * N, D)
-        mvalid = mvalid.view(B, C, N)
-        device = mk.device
-        # chunk of each context position: -1 for padding and the prefix
+        mem, index = self._fetch([by_chunk[(b, c)] for b in range(B) for c in range(C)], k)
+        index = index.view(B, C, k)
         T = p + n_max
-        chunk = torch.full((B, T), -1, dtype=torch.long)
+        chunk = torch.full((B, T), -1, dtype=torch.long)  # -1: padding and the prefix read nothing
         for b, L in enumerate(lens):
             chunk[b, T - L :] = torch.arange(L) // n
-        chunk = chunk.to(device)
-        slot_chunk = torch.arange(C, device=device).repeat_interleave(N)  # (C·N,)
-        visible = (chunk[:, :, None] == slot_chunk[None, None, :]) & mvalid.reshape(B, 1, C * N)
-        last = torch.tensor([len(e.queries) - 1 for e in enc], device=device)
-        ar = torch.arange(B, device=device)
-        # the first decoded chunk keeps the memories of each prompt's last chunk
-        dk = mk.view(Lm, B, K, C, N, D).permute(1, 3, 0, 2, 4, 5)[ar, last].transpose(0, 1)
-        dv = mv.view(Lm, B, K, C, N, D).permute(1, 3, 0, 2, 4, 5)[ar, last].transpose(0, 1)
-        return MemoryInput(mk, mv, visible), (dk, dv, mvalid[ar, last]), refs
+        memory = layout.chunked(mem, index, chunk)
+        last = index[torch.arange(B), torch.tensor([len(e.queries) - 1 for e in enc])]
+        return memory, layout.gather(mem, last), refs
 
 
 def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
