@@ -208,3 +208,35 @@ def test_torchrun_build_with_two_processes(tmp_path, model, tok) -> None:
         assert s.verify().ok
         docs = {r.doc_id for r in s.refs(s.live_ids().tolist())}
     assert docs == {d.doc_id for d in DOCS}
+
+
+def test_server_over_a_real_bank_sees_document_changes(tmp_path, model, tok) -> None:
+    """The HTTP server with a StoreRetriever: a document added through /v1/documents is read by
+    the next answer, and gone after DELETE."""
+    import httpx
+
+    from memory3.serve import BackgroundServer, ServerConfig, create_app
+
+    build(DOCS[:3], tmp_path / "bank", model, tok, MEM, CFG, progress=False)
+    retr = StoreRetriever.open(tmp_path / "bank", model, tok, writable=True)
+    gen = Generator(model, tok, retr, MEM, chat=False)
+    with BackgroundServer(create_app(gen, {"bank": retr}, ServerConfig(model_name="tiny"))) as s:
+        body = {"model": "tiny", "prompt": "Which river flows through Dresk?", "max_tokens": 4}
+
+        def docs_read() -> set[str]:
+            r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+            r.raise_for_status()
+            return {ref["doc_id"] for ref in r.json()["choices"][0]["references"]}
+
+        assert "ostrel" not in docs_read()
+        doc = {
+            "id": "ostrel",
+            "title": "Ostrel",
+            "text": "The Ostrel river flows through Dresk into the Amber Sea.",
+        }
+        r = httpx.post(s.url + "/v1/documents", json={"documents": [doc]}, timeout=60)
+        assert r.status_code == 201, r.text
+        assert "ostrel" in docs_read()
+        assert httpx.delete(s.url + "/v1/documents/ostrel", timeout=60).status_code == 200
+        assert "ostrel" not in docs_read()
+    retr.store.close()

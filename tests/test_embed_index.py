@@ -179,15 +179,19 @@ def test_hnsw_rebuilds_after_many_deletions() -> None:
     assert got.min() >= 250
 
 
-def test_auto_switches_to_hnsw_at_threshold() -> None:
-    x = clustered(600, 16, seed=4, n_centers=20)
-    index = VectorIndex(16, IndexConfig(kind="auto", auto_threshold=500))
+def test_auto_goes_from_flat_to_ivf_and_retrains_as_it_grows() -> None:
+    x = clustered(5000, 16, seed=4, n_centers=20)
+    index = VectorIndex(16, IndexConfig(kind="auto", auto_threshold=500, auto_retrain_growth=4))
     index.add(x[:300], np.arange(300))
     assert index.kind == "flat"
-    index.add(x[300:], np.arange(300, 600))
-    assert index.kind == "hnsw" and index.ntotal == 600
+    index.add(x[300:600], np.arange(300, 600))
+    assert index.kind == "ivf" and index.ntotal == 600 and index.describe()["trained_on"] == 600
+    index.add(x[600:2000], np.arange(600, 2000))  # 2000 < 4 × 600: no retraining
+    assert index.describe()["trained_on"] == 600
+    index.add(x[2000:], np.arange(2000, 5000))
+    assert index.describe()["trained_on"] == 5000 and index.ntotal == 5000
     _, top = index.search(x, 1)
-    assert (top[:, 0] == np.arange(600)).mean() > 0.99
+    assert (top[:, 0] == np.arange(5000)).mean() > 0.99
 
 
 def test_ivf_rebuild_retrains_on_everything() -> None:

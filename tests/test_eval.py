@@ -194,6 +194,23 @@ def test_ppl_without_memory_is_exp_mean_nll_of_the_model_logits(setup, tok) -> N
     assert res.perplexity == pytest.approx(math.exp(nll / n), rel=1e-4)
 
 
+def test_ppl_prefix_control_is_the_memory_layout_without_memories(setup, tok) -> None:
+    model, cfg, gen, retr = setup
+    config = PPLConfig(min_tokens=2, max_tokens=30, k=2)
+    prefix = perplexity(model, tok, TEXTS[:1], "prefix", None, cfg, config)
+    ids = tok(TEXTS[0].text).input_ids[:30]
+    p, R = len(gen.prefix_ids), cfg.reference_tokens
+    pos = list(range(p)) + list(range(p + R, p + R + len(ids)))
+    with torch.no_grad():
+        logits = model(torch.tensor([gen.prefix_ids + ids]), torch.tensor([pos]))[0, p:-1].float()
+    nll = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+    assert prefix.perplexity == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-4)
+    nothing = perplexity(model, tok, TEXTS[:1], "memory", ControlledRetriever(retr, {}), cfg, config)
+    assert nothing.perplexity == pytest.approx(prefix.perplexity, rel=1e-6)  # no hits: no memory read
+    found = perplexity(model, tok, TEXTS[:1], "memory", retr, cfg, config)
+    assert found.retrievals > 0 and found.perplexity != pytest.approx(prefix.perplexity, rel=1e-6)
+
+
 class RecordingRetriever(ControlledRetriever):
     """Real search, recorded."""
 
@@ -334,6 +351,13 @@ def test_storage_against_text(tok) -> None:
     assert row["memory_over_text"] == pytest.approx(
         row["bytes_per_memory"] / (sample.utf8_bytes_per_token * 128)
     )
+    # the table's bytes are what the memory bank's codec writes per memory
+    from memory3.memory.codec import CodecConfig, MemoryCodec, MemoryShape
+
+    smol = ModelConfig.from_preset("smollm2-135m")
+    (row,) = storage_rows(smol, MemoryConfig(), ["default"])
+    codec = MemoryCodec(CodecConfig(kind="faiss"), MemoryShape(15, 3, 8, 64))
+    assert row["bytes_per_memory"] + row["position_bytes"] == codec.record_bytes
     with pytest.raises(ValueError, match=r"FAISS cannot build"):
         codec_size("faiss:PQ7", 64)  # 64 dims do not split into 7
 

@@ -621,6 +621,39 @@ def test_select_batch_groups_compatible_requests() -> None:
     assert select_batch([x, z], 8, 1024) == [x]  # 900 + 200 does not
 
 
+def test_requests_arriving_spread_out_still_share_a_batch() -> None:
+    """The window closes only after a quiet `batch_window_s`: 6 requests 20 ms apart (100 ms
+    in all, more than the 60 ms window) form one batch."""
+    from types import SimpleNamespace
+
+    from memory3.generate import GenerationOutput
+
+    sizes: list[int] = []
+
+    def runner(generator, prompts, mode, config, **kw):
+        sizes.append(len(prompts))
+        yield [GenerationOutput("", [], 1, "stop", []) for _ in prompts]
+
+    fake = SimpleNamespace(
+        model=SimpleNamespace(config=SimpleNamespace(max_seq_len=1024)),
+        mem_cfg=MemoryConfig(),
+        tokenizer=SimpleNamespace(decode=lambda ids, **kw: ""),
+        retriever=None,
+    )
+    sched = Scheduler(fake, SchedulerConfig(batch_window_s=0.06, max_batch_wait_s=2.0), runner=runner).start()
+    try:
+        got: list = []
+        for _ in range(6):
+            sched.submit(GenerationRequest("x", "none", GenerationConfig(max_new_tokens=1)), got.append)
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        while len(got) < 6 and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert sizes == [6] and all(o.finish_reason == "stop" for o in got)
+    finally:
+        sched.close()
+
+
 # -- queueing, time-outs, clients that leave -------------------------------------------------------
 class SlowRunner:
     """Runs batches as usual but sleeps after each step, so tests can act mid-batch."""
@@ -816,6 +849,8 @@ def test_sampling_with_a_seed_is_reproducible(client) -> None:
 
 def test_a_stopped_scheduler_answers_503(small_server) -> None:
     small_server.scheduler.close()
-    r = httpx.post(small_server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    r = httpx.post(
+        small_server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
+    )
     assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
     assert httpx.get(small_server.url + "/health").status_code == 503

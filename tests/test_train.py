@@ -33,6 +33,16 @@ from memory3.train.lora import apply_lora, load_lora_state, lora_state, merge_lo
 VOCAB = 256
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Training steps of tiny models are all synchronisation with 2 threads on a busy 2-core
+    machine (10x slower measured); the recipes set loop.threads the same way."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def synthetic_stream(n: int = 6000, seed: int = 0) -> np.ndarray:
     """A learnable token stream: repeated random phrases."""
     rng = np.random.default_rng(seed)
@@ -224,14 +234,14 @@ def test_training_data_never_holds_a_heldout_entity() -> None:
 # --- recipes: exact resume -------------------------------------------------------------------------------
 
 
-def _warmup_config(steps: int, grad_accum: int = 1):
+def _warmup_config(steps: int, grad_accum: int = 1, bf16: bool = False):
     from memory3.train.warmup import WarmupConfig
 
     return WarmupConfig(
         model="preset:tiny",
         model_overrides={"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2},
         optim=OptimConfig(lr=3e-3, warmup_steps=2, grad_accum=grad_accum),
-        loop=LoopConfig(steps=steps, log_every=1, checkpoint_every=100),
+        loop=LoopConfig(steps=steps, log_every=1, checkpoint_every=100, bf16=bf16),
         seq_len=32,
         batch_size=4,
     )
@@ -319,7 +329,7 @@ def test_continual_trains_with_memory_and_saves(tmp_path: Path, tok) -> None:
         model="preset:tiny",
         model_overrides={"vocab_size": len(tok)},
         optim=OptimConfig(lr=3e-3, warmup_steps=1),
-        loop=LoopConfig(steps=2, log_every=1),
+        loop=LoopConfig(steps=2, log_every=1, bf16=False),
         memory=MemoryConfig(reference_tokens=32, kept_tokens=4, chunk_tokens=16, memories_per_chunk=3),
         dataset=str(tmp_path / "ds"),
         batch_size=2,
@@ -346,7 +356,7 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
         model="preset:tiny",
         lora=LoRAConfig(rank=2),
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
-        loop=LoopConfig(steps=2, log_every=1, eval_every=2),
+        loop=LoopConfig(steps=2, log_every=1, eval_every=2, bf16=False),
         stages=(Stage(0.5, 0, "all"), Stage(1.0, 8, "half")),
         fictional_entities=40,
         factbook_fraction=0.0,
@@ -386,8 +396,8 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path: Pa
     stream = synthetic_stream()
     corpus = tmp_path / "corpus.jsonl"
     np.save(tmp_path / "stream.npy", stream)
-    cfg2 = _warmup_config(3)
-    cfg1 = _warmup_config(3, grad_accum=2)
+    cfg2 = _warmup_config(3, bf16=True)  # bf16 autocast on the CPU, as the recipes default to
+    cfg1 = _warmup_config(3, grad_accum=2, bf16=True)
     # the torchrun workers read the same stream through the token cache of a corpus file
     import dataclasses
 

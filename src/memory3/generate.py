@@ -135,6 +135,16 @@ class Generator:
                 outputs = event
         return outputs
 
+    def events(
+        self,
+        prompts: str | Sequence[str],
+        mode: Mode = "memory",
+        config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> Iterator[StreamEvent | list[GenerationOutput]]:
+        """`stream`'s events, then the list of final outputs (token ids, references) as the last item."""
+        return self._run(prompts, mode, config or GenerationConfig(), stream=True, **kwargs)
+
     def stream(
         self,
         prompts: str | Sequence[str],
@@ -313,6 +323,8 @@ class Generator:
         g = torch.Generator(device="cpu")
         if gen.seed is not None:
             g.manual_seed(gen.seed)
+        else:
+            g.seed()  # unseeded sampling differs from call to call
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         finish: list[Literal["stop", "length"]] = ["length"] * B
@@ -356,13 +368,16 @@ class Generator:
             n_gen = step + 1  # tokens generated so far; the one fed next is number n_gen
             if mode == "memory" and n_gen % self.mem_cfg.chunk_tokens == 0:
                 # §3.1 drop the memories; retrieve new ones with the last 64 generated tokens
+                active = [b for b in range(B) if not done[b]]
                 last = [
-                    self.tokenizer.decode(o[-self.mem_cfg.chunk_tokens :], skip_special_tokens=True)
-                    for o in out
+                    self.tokenizer.decode(out[b][-self.mem_cfg.chunk_tokens :], skip_special_tokens=True)
+                    for b in active
                 ]
-                hits = self._search([q if q.strip() else " " for q in last], k, leak_threshold)
-                for b in range(B):
-                    refs[b].append(hits[b])
+                found = self._search([q if q.strip() else " " for q in last], k, leak_threshold)
+                hits: list[list[Hit]] = [[] for _ in range(B)]  # finished sequences read nothing
+                for b, h in zip(active, found, strict=True):
+                    hits[b] = h
+                    refs[b].append(h)
                 cache.set_memory(*layout.gather(*self._fetch(hits, k)))
             feed = torch.tensor([[t] for t in tok_list], device=device)
             logits = model(feed, next_pos[:, None], token_valid=step_valid, cache=cache, last_only=True)[

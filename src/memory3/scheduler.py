@@ -77,15 +77,21 @@ class JobTimeout(TimeoutError):
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_size: int = 8
-    batch_window_s: float = 0.02  # how long the oldest request waits for others to join its batch
+    # The oldest request waits for others to join its batch until no request has arrived for
+    # `batch_window_s`, and never longer than `max_batch_wait_s` (a burst that reaches the server
+    # spread over some milliseconds still lands in one batch).
+    batch_window_s: float = 0.02
+    max_batch_wait_s: float = 0.2
     max_queue: int = 64  # requests (and document operations) waiting; more are refused
     request_timeout_s: float = 300.0  # queueing + decoding; an unfinished request then fails
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be ≥ 1, got {self.max_batch_size}")
-        if self.batch_window_s < 0:
-            raise ValueError(f"batch_window_s must be ≥ 0, got {self.batch_window_s}")
+        if not 0 <= self.batch_window_s <= self.max_batch_wait_s:
+            raise ValueError(
+                f"need 0 ≤ batch_window_s ({self.batch_window_s}) ≤ max_batch_wait_s ({self.max_batch_wait_s})"
+            )
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be ≥ 1, got {self.max_queue}")
         if self.request_timeout_s <= 0:
@@ -235,7 +241,7 @@ BatchRunner = Callable[..., Iterator[StreamEvent | list[GenerationOutput]]]
 def run_batch_events(
     generator: Generator, prompts: list[str], mode: Mode, config: GenerationConfig, **kwargs: Any
 ) -> Iterator[StreamEvent | list[GenerationOutput]]:
-    return generator._run(prompts, mode, config, stream=True, **kwargs)
+    return generator.events(prompts, mode, config, **kwargs)
 
 
 @dataclass
@@ -273,6 +279,7 @@ class Scheduler:
         self._running: list[Job] = []
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._last_arrival = 0.0
         self.stats = SchedulerStats()
         self.context_limit = generator.model.config.max_seq_len
 
@@ -315,6 +322,7 @@ class Scheduler:
             if len(self._waiting) + len(self._calls) >= self.config.max_queue:
                 raise QueueFull(f"{self.config.max_queue} requests are already waiting; retry later")
             self._waiting.append(job)
+            self._last_arrival = job.submitted
             self._cv.notify_all()
         return job
 
@@ -400,9 +408,12 @@ class Scheduler:
             if not self._waiting:
                 return []
             head = self._waiting[0]
-            until = head.submitted + cfg.batch_window_s
             while not self._closing and not self._calls:
                 n = len(select_batch(self._waiting, cfg.max_batch_size, self.context_limit))
+                until = min(
+                    max(head.submitted, self._last_arrival) + cfg.batch_window_s,
+                    head.submitted + cfg.max_batch_wait_s,
+                )
                 left = until - time.monotonic()
                 if n >= cfg.max_batch_size or left <= 0:
                     break

@@ -591,30 +591,20 @@ class _App:
     ) -> AsyncIterator[str]:
         extra = {"usage": None} if usage else {}
 
-        def chunk(delta: str | None, finish: str | None = None, **choice_extra: Any) -> str:
+        def chunk(delta: dict | str, finish: str | None = None, refs: list | None = None, **top: Any) -> str:
+            c: dict[str, Any] = {"index": 0}
             if chat:
-                c: dict[str, Any] = {"index": 0, "delta": {} if delta is None else {"content": delta}}
+                c["delta"] = {"content": delta} if isinstance(delta, str) else delta
             else:
-                c = {"index": 0, "text": delta or ""}
-            c |= {"logprobs": None, "finish_reason": finish, **choice_extra}
-            return _sse({**meta, "choices": [c], **extra})
+                c["text"] = delta if isinstance(delta, str) else ""
+            c |= {"logprobs": None, "finish_reason": finish}
+            if refs is not None:
+                c["references"] = refs
+            return _sse({**meta, "choices": [c], **extra, **top})
 
         try:
             if chat:
-                yield _sse(
-                    {
-                        **meta,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                        **extra,
-                    }
-                )
+                yield chunk({"role": "assistant", "content": ""})
             while True:
                 try:
                     item = await _next_item(pipe, job, None)
@@ -625,7 +615,7 @@ class _App:
                     if item.delta:
                         yield chunk(item.delta)
                 elif isinstance(item, GenerationOutput):
-                    yield chunk(None, item.finish_reason, references=_references(item), memory=memory)
+                    yield chunk({}, item.finish_reason, _references(item), memory=memory)
                     if usage:
                         yield _sse({**meta, "choices": [], "usage": _usage(item)})
                     break

@@ -63,7 +63,13 @@ def register(subparsers: Any) -> None:
         "--batch-window-ms",
         type=float,
         default=20.0,
-        help="how long a request waits for others to batch with",
+        help="a batch closes when no request has come for this long...",
+    )
+    p.add_argument(
+        "--max-batch-wait-ms",
+        type=float,
+        default=200.0,
+        help="...or when its oldest request has waited this long",
     )
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds (queueing + generation)")
@@ -140,6 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sched = SchedulerConfig(
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000,
+        max_batch_wait_s=args.max_batch_wait_ms / 1000,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,
     )

@@ -32,6 +32,14 @@ SECTIONS = {
     "speed": ("bench-speed", "Speed: throughput and time to first token"),
     "storage": ("bench-storage", "Storage per memory"),
 }
+COMMANDS = {"qa": "eval qa", "ppl": "eval ppl", "speed": "bench speed", "storage": "bench storage"}
+# `bench all --quick`: minutes on a shared 2-core CPU instead of an hour
+QUICK = {
+    "qa": "--set fictional --limit 40 --max-new-tokens 32",
+    "ppl": "--limit 16 --max-tokens 256",
+    "speed": "--batch-sizes 1,8 --prompt-tokens 64 --new-tokens 64 --runs 2 --warmup first --kb-articles 50",
+    "storage": "",
+}
 _LOADED: dict[tuple[str, str, str], Any] = {}  # models loaded by this process (bench all reuses them)
 
 
@@ -263,6 +271,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         runs=args.runs,
         modes=args.modes,
         caches=args.caches,
+        warmup=args.warmup,
     )
     torch.manual_seed(0)
     loaded = _load(args)
@@ -332,22 +341,17 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
 
 def cmd_bench_all(args: argparse.Namespace) -> int:
     results_dir = Path(args.results_dir)
-    cmd = "memory3 bench all" + (" --quick" if args.quick else "")
+    cmd = (
+        "memory3 bench all"
+        + (" --quick" if args.quick else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+    )
     if not args.render_only:
         q = args.quick
         common = ["--model", str(args.model), "--device", args.device, "--dtype", args.dtype]
         common += ["--no-progress"] if args.no_progress else []
         common += ["--threads", str(args.threads)] if args.threads else []
-        runs = {
-            "qa": ["eval", "qa", *(["--set", "fictional", "--limit", "40", "--max-new-tokens", "32"] if q else [])],
-            "ppl": ["eval", "ppl", *(["--limit", "16", "--max-tokens", "256"] if q else [])],
-            "speed": [
-                "bench",
-                "speed",
-                *(["--batch-sizes", "1,8", "--prompt-tokens", "64", "--new-tokens", "64"] if q else []),
-            ],
-            "storage": ["bench", "storage"],
-        }
+        runs = {name: [*c.split(), *(QUICK[name].split() if q else [])] for name, c in COMMANDS.items()}
         from memory3.__main__ import build_parser
 
         unknown = sorted(set(args.only or ()) - set(runs))
@@ -443,10 +447,12 @@ def _md_qa(res: dict[str, Any]) -> str:
 def _md_ppl(res: dict[str, Any]) -> str:
     from memory3.eval.report import table
 
+    none = res["modes"].get("none", {}).get("perplexity")
     rows = [
         {
             "mode": m,
-            "perplexity": round(v["perplexity"], 3),
+            "perplexity": f"{v['perplexity']:.3f}",
+            "vs none": f"{v['perplexity'] / none:.3f}×" if none else "–",
             "scored tokens": v["tokens"],
             "texts": v["texts"],
             "chunks reading memory": v["retrievals"],
@@ -454,11 +460,13 @@ def _md_ppl(res: dict[str, Any]) -> str:
         for m, v in res["modes"].items()
     ]
     c = res["config"]
+    leak = "off" if c["leak_threshold"] is None else f"{c['leak_threshold']:.3g}"
     return (
         f"Model `{res['model']}` ({res['dtype']}); texts: `{res['texts']}` (held-out split), first "
         f"{c['max_tokens']} tokens of each text with ≥ {c['min_tokens']}. Memory: chunk c reads {c['k']} memories "
         f"retrieved with chunk c-1's text (chunk 0: {c['first_query']}), so no chunk sees references chosen by its "
-        f"own future; leak filter {c['leak_threshold']} against the whole scored text. Knowledge base: {res['kb']}.\n\n"
+        f"own future; leak filter {leak} against the whole scored text; `prefix` is the memory layout (reference "
+        f"prefix, text at position p+128) without memories, the control for `memory`. Knowledge base: {res['kb']}.\n\n"
         + table(rows)
     )
 
@@ -482,15 +490,27 @@ def _md_speed(res: dict[str, Any]) -> str:
         }
         for r in res["rows"]
     ]
+    names = {
+        "throughput_memory_over_rag": "throughput memory/RAG",
+        "throughput_memory_over_none": "throughput memory/none",
+        "decode_memory_over_none": "decode memory/none",
+        "ttft_memory_over_rag": "TTFT memory/RAG",
+    }
     ratio_rows = [
-        {k: (f"{v:.2f}×" if isinstance(v, float) else v) for k, v in r.items()} for r in res["ratios"]
+        {names.get(k, k): (f"{v:.2f}×" if isinstance(v, float) else v) for k, v in r.items()}
+        for r in res["ratios"]
     ]
     c = res["config"]
+    warm = (
+        "a dropped warm-up round at each batch size"
+        if c.get("warmup", "each") == "each"
+        else "one dropped warm-up round"
+    )
     skipped = "".join(f"\n- skipped `{k}` cache: {v}" for k, v in res.get("skipped", {}).items())
     return (
-        f"Model `{res['model']}` ({res['dtype']}, {res.get('threads', '?')} threads), {c['prompt_tokens']} prompt tokens "
+        f"Model `{res['model']}` ({res['dtype']}, torch threads: {res.get('threads', '?')}), {c['prompt_tokens']} prompt tokens "
         f"+ {c['new_tokens']} generated (EOS ignored), {c['k']} references per retrieval, {c['runs']} measured runs "
-        f"after one dropped, median (min–max). Throughput = batch × generated / total wall time (Table 21: prefill "
+        f"after {warm}, median (min–max). Memory retrieves once per 64-token prompt chunk and again after every 64 generated tokens that more tokens follow (3 times per sequence for 128 + 128). Throughput = batch × generated / total wall time (Table 21: prefill "
         f"and every retrieval included); TTFT includes retrieval, memory loading and prefill. Knowledge base: "
         f"{res['kb']}.{skipped}\n\n"
         + table(rows)
@@ -524,7 +544,7 @@ def _md_storage(res: dict[str, Any]) -> str:
         "query heads, as the paper's 160× does). Text: UTF-8 of a full reference, from "
         f"{s['references']} held-out Wikipedia references ({s['utf8_bytes_per_token']:.2f} bytes/token, SmolLM2 "
         f"tokenizer). Positions add {res['rows'][0]['position_bytes'] if res['rows'] else 0} bytes per memory "
-        f"(int32) for the first model.{skipped}\n\n" + table(rows)
+        f"(one byte each) for the first model.{skipped}\n\n" + table(rows)
     )
 
 
@@ -599,7 +619,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=32, help="texts to score")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--min-tokens", type=int, default=129, help="skip shorter texts (129: at least 3 chunks)")
-    p.add_argument("--modes", type=_csv(str), default=("none", "memory"))
+    p.add_argument(
+        "--modes",
+        type=_csv(str),
+        default=("none", "prefix", "memory"),
+        help="none: plain model; prefix: the memory layout without memories (control); memory",
+    )
     p.add_argument(
         "--first-query", default="none", choices=("none", "title"), help="what chunk 0 retrieves with"
     )
@@ -618,6 +643,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3, help="measured runs (one more warm-up run is dropped)")
     p.add_argument("--modes", type=_csv(str), default=("none", "rag", "memory"))
+    p.add_argument(
+        "--warmup",
+        default="each",
+        choices=("each", "first"),
+        help="dropped warm-up round at each batch size, or only before the first",
+    )
     p.add_argument("--caches", type=_csv(str), default=("warm", "cold"), help="cold needs --store")
     p.add_argument(
         "--kb-articles", type=int, default=200, help="Wikipedia summaries to retrieve from (no --store)"
@@ -629,8 +660,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--codecs",
         type=_csv(str),
-        default=("none", "fp32", "faiss:OPQ20_80,Residual2x14,PQ8x10"),
-        help="none (bf16), fp16, fp32, faiss:<factory string>, or a memory3.memory.codec name",
+        default=("none", "default", "faiss:OPQ20_80,Residual2x14,PQ8x10"),
+        help="none (bf16), default (the memory bank's), faiss:<factory string>, fp16, fp32",
     )
     p.add_argument(
         "--presets", type=_csv(str), default=("memory3-2b",), help="model presets to add to the table"

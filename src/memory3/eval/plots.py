@@ -99,7 +99,7 @@ def plot_throughput(speed: dict[str, Any], path: str | Path) -> Path:
             lo.append(t["median"] - t["min"])
             hi.append(t["max"] - t["median"])
         bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=name, color=color)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     cfg = speed["config"]
     ax.set_ylabel("tokens/s (batch × generated / wall)")
@@ -135,12 +135,21 @@ def plot_accuracy_vs_speed(
             continue
         x, y = r["throughput"]["median"], 100 * sum(accs) / len(accs)
         ax.scatter([x], [y], s=80, color=MODE_COLORS[mode], zorder=3)
-        ax.annotate(MODE_LABELS[mode], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        left = mode == "memory"  # memory and no memory often sit close together: label one to the left
+        ax.annotate(
+            MODE_LABELS[mode],
+            (x, y),
+            textcoords="offset points",
+            xytext=(-8, 8) if left else (8, 8),
+            ha="right" if left else "left",
+            fontsize=9,
+        )
     ax.set_xlabel(f"throughput at batch {batch} (tokens/s)")
     ax.set_ylabel("answer contained (%, mean over sets)")
     ax.set_title("Accuracy vs speed")
     ax.grid(alpha=0.3)
-    ax.margins(x=0.25, y=0.25)
+    ax.margins(x=0.3)
+    ax.set_ylim(-8, 108)
     return _save(fig, path)
 
 

@@ -19,7 +19,10 @@ Leak filter (§4.4): a reference whose overlap with the scored text exceeds 2/3 
 next hit takes the slot). The whole scored text is the leak text, not just the chunk, because
 overlap is measured relative to the reference (128 tokens), longer than a chunk.
 
-Both modes score the same tokens: every token of the text but the first (which has no context in
+"prefix" is the control: the memory layout (prefix, text shifted to p+R) with no memory read, so
+that the effect of the memories is told apart from that of the layout.
+
+All modes score the same tokens: every token of the text but the first (which has no context in
 "none"); perplexity = exp(total NLL / scored tokens).
 """
 
@@ -43,8 +46,8 @@ from memory3.retrieval.leak import EVAL_THRESHOLD
 
 log = logging.getLogger(__name__)
 
-PPLMode = Literal["none", "memory"]
-PPL_MODES: tuple[str, ...] = ("none", "memory")
+PPLMode = Literal["none", "prefix", "memory"]
+PPL_MODES: tuple[str, ...] = ("none", "prefix", "memory")
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,9 @@ def perplexity(
         if mode == "none":
             nll = _nll_plain(model, [ids for _, ids in batch])
         else:
-            assert retriever is not None
-            nll, n_read = _nll_memory(model, tokenizer, batch, retriever, mcfg, config)
+            nll, n_read = _nll_layout(
+                model, tokenizer, batch, retriever if mode == "memory" else None, mcfg, config
+            )
             result.retrievals += n_read
         for (_, ids), v in zip(batch, nll.tolist(), strict=True):
             result.nll += v
@@ -234,14 +238,16 @@ def chunk_memory_input(
     return MemoryInput(mk, mv, visible)
 
 
-def _nll_memory(
+def _nll_layout(
     model: Memory3Model,
     tokenizer: Any,
     batch: list[tuple[PPLText, list[int]]],
-    retriever: Retriever,
+    retriever: Retriever | None,
     mcfg: MemoryConfig,
     config: PPLConfig,
 ) -> tuple[Tensor, int]:
+    """NLL in the memory layout; with a retriever each chunk reads its memories, without one
+    none (the "prefix" control)."""
     device = model.device
     prefix = reference_prefix_ids(tokenizer, model.config.bos_token_id, mcfg)
     p, R = len(prefix), mcfg.reference_tokens
@@ -250,9 +256,14 @@ def _nll_memory(
         chunk_queries(tokenizer, ids, mcfg.chunk_tokens, t.title, config.first_query) for t, ids in batch
     ]
     leak = [tokenizer.decode(ids, skip_special_tokens=True) for _, ids in batch]
-    flat = [(b, c) for b, qs in enumerate(queries) for c, q in enumerate(qs) if q.strip()]
+    flat = [
+        (b, c)
+        for b, qs in enumerate(queries)
+        for c, q in enumerate(qs)
+        if q.strip() and retriever is not None
+    ]
     found = (
-        retriever.search(
+        retriever.search(  # type: ignore[union-attr]
             [queries[b][c] for b, c in flat],
             config.k,
             leak_texts=[leak[b] for b, _ in flat] if config.leak_threshold is not None else None,
@@ -265,7 +276,10 @@ def _nll_memory(
     for (b, c), h in zip(flat, found, strict=True):
         hits[b][c] = h
     lens = [len(ids) for _, ids in batch]
-    memory = chunk_memory_input(retriever, hits, lens, p, mcfg, config.k, device, model.dtype)
+    memory = None
+    if flat:
+        assert retriever is not None
+        memory = chunk_memory_input(retriever, hits, lens, p, mcfg, config.k, device, model.dtype)
 
     seqs = [prefix + ids for _, ids in batch]
     ids, valid = _right_pad(seqs, 0, device)
@@ -274,8 +288,9 @@ def _nll_memory(
     pos[:, :p] = torch.arange(p)
     pos[:, p:] = torch.arange(p + R, p + R + T - p)  # §3.2 the text starts after the memories' interval
     pos = pos.to(device)
-    mem = memory if memory.visible.shape[-1] else None
-    logits = model(ids, pos, token_valid=valid, memory=mem)
+    if memory is not None and not memory.visible.shape[-1]:
+        memory = None  # no chunk found anything
+    logits = model(ids, pos, token_valid=valid, memory=memory)
     # score text tokens 1.. from the logits at text tokens 0..: the same tokens as "none"
     nll = token_nll(logits[:, p:], ids[:, p:], valid[:, p:])
     return nll, sum(1 for per_seq in hits for h in per_seq if h)

@@ -45,6 +45,9 @@ class SpeedConfig:
     new_tokens: int = 128
     k: int = 5  # references per retrieval
     runs: int = 3  # measured rounds; one more warm-up round runs first and is dropped
+    # "each": a dropped warm-up round at every batch size (the specification); "first": only before
+    # the first batch size (kernels, embedder and caches warm up once; quick runs)
+    warmup: str = "each"
     modes: tuple[str, ...] = ("none", "rag", "memory")
     caches: tuple[str, ...] = CACHES
 
@@ -59,6 +62,8 @@ class SpeedConfig:
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown mode(s) {bad}; choose from {MODES}")
+        if self.warmup not in ("each", "first"):
+            raise ValueError(f"warmup must be 'each' or 'first', got {self.warmup!r}")
         bad = [c for c in self.caches if c not in CACHES]
         if bad:
             raise ValueError(f"unknown cache setting(s) {bad}; choose from {CACHES}")
@@ -189,16 +194,18 @@ def bench_speed(
     from tqdm.auto import tqdm
 
     rows: list[dict[str, Any]] = []
+    warmups = len(config.batch_sizes) if config.warmup == "each" else 1
     bar = tqdm(
-        total=len(config.batch_sizes) * (config.runs + 1) * len(settings),
+        total=(len(config.batch_sizes) * config.runs + warmups) * len(settings),
         desc="bench speed",
         unit="run",
         disable=not progress,
     )
-    for B in config.batch_sizes:
+    for bi, B in enumerate(config.batch_sizes):
         batch = list(prompts[:B])
         runs: dict[tuple[str, str | None], list[dict[str, float]]] = {s: [] for s in settings}
-        for rnd in range(config.runs + 1):
+        first = 0 if (config.warmup == "each" or bi == 0) else 1
+        for rnd in range(first, config.runs + 1):
             for mode, cache in settings:
                 r = found[cache] if cache is not None else None
                 if r is not None:

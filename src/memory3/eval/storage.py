@@ -4,30 +4,28 @@ One memory holds, for each memory layer, keys and values (2) of each kv head for
 Lm × 2 × K × S vectors of head-dim D. A codec stores each such vector in some bytes:
 
 - "none": bf16, 2·D bytes (the uncompressed store);
-- "fp16" / "fp32": 2·D / 4·D bytes;
+- "default": the memory bank's default FAISS codec (`memory3.memory.codec.default_factory`);
 - "faiss:<factory string>": a FAISS vector codec; its `sa_code_size()` is the bytes per vector
   (the paper's `OPQ20_80,Residual2x14,PQ8x10` stores 80 values in 14 bytes);
-- any other name: a codec of `memory3.memory.codec` (imported only then).
+- "fp16" / "fp32": 2·D / 4·D bytes (for comparison).
 
 Compared with the full KV cache of the same reference (every layer, every kv head, all of its
-tokens, bf16) and with the reference's text itself (UTF-8). The kept tokens' positions (int32, one
-per layer, head and slot) are counted apart as `position_bytes`.
+tokens, bf16) and with the reference's text itself (UTF-8). The kept tokens' positions (one per
+layer, head and slot; one byte each in the store when they fit) are counted apart as
+`position_bytes`.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from memory3.config import MemoryConfig, ModelConfig
 
-log = logging.getLogger(__name__)
-
 KIB = 1024
 PAPER_CODEC = "faiss:OPQ20_80,Residual2x14,PQ8x10"
-DEFAULT_CODECS = ("none", "fp32", PAPER_CODEC)
+DEFAULT_CODECS = ("none", "default", PAPER_CODEC)
 
 
 @dataclass(frozen=True)
@@ -47,9 +45,11 @@ def bytes_per_memory(model: ModelConfig, memory: MemoryConfig, bytes_per_vector:
     return memory_vectors(model, memory) * bytes_per_vector
 
 
-def position_bytes(model: ModelConfig, memory: MemoryConfig) -> int:
-    """The kept tokens' positions as `Memories.positions` holds them (int32, Lm × K × S)."""
-    return model.n_memory_layers * model.n_kv_head * memory.kept_tokens * 4
+def position_bytes(model: ModelConfig, memory: MemoryConfig, prefix_tokens: int = 8) -> int:
+    """The kept tokens' positions as the store's codec records hold them: Lm × K × S positions,
+    one byte each while prefix + reference fit in 0..254, else two."""
+    per = 1 if prefix_tokens + memory.reference_tokens <= 254 else 2
+    return model.n_memory_layers * model.n_kv_head * memory.kept_tokens * per
 
 
 def full_kv_bytes(model: ModelConfig, tokens: int, bytes_per_value: int = 2, heads: int | None = None) -> int:
@@ -61,45 +61,26 @@ def full_kv_bytes(model: ModelConfig, tokens: int, bytes_per_value: int = 2, hea
 
 
 def codec_size(name: str, head_dim: int) -> CodecSize:
-    """Bytes per head-dim vector for a codec name (see the module docstring)."""
-    if name in ("none", "bf16"):
-        return CodecSize(name, 2 * head_dim, "bf16, uncompressed")
+    """Bytes per head-dim vector for a codec name (see the module docstring). The memory bank's
+    codecs are sized by `memory3.memory.codec.MemoryCodec` itself, so the table shows what the
+    store writes."""
     if name == "fp16":
         return CodecSize(name, 2 * head_dim, "float16, uncompressed")
     if name == "fp32":
         return CodecSize(name, 4 * head_dim, "float32, uncompressed")
-    if name.startswith("faiss:"):
-        import faiss
+    from memory3.memory.codec import CodecConfig, MemoryCodec, MemoryShape
 
-        spec = name.removeprefix("faiss:")
-        try:
-            index = faiss.index_factory(head_dim, spec)
-        except RuntimeError as e:
-            raise ValueError(
-                f"codec {name!r}: FAISS cannot build {spec!r} for {head_dim}-d vectors ({e})"
-            ) from e
-        return CodecSize(name, float(index.sa_code_size()), f"FAISS {spec}")
-    return _project_codec(name, head_dim)
-
-
-def _project_codec(name: str, head_dim: int) -> CodecSize:
-    """A codec from `memory3.memory.codec`, asked for its bytes per vector."""
-    try:
-        from memory3.memory import codec as codecs  # type: ignore[attr-defined]
-    except ModuleNotFoundError as e:
-        raise ValueError(
-            f"unknown codec {name!r}: use none, fp16, fp32 or faiss:<factory string>"
-            " (memory3.memory.codec is not installed)"
-        ) from e
-    make = getattr(codecs, "get_codec", None) or getattr(codecs, "make_codec", None)
-    if make is None:
-        raise ValueError(f"unknown codec {name!r}: memory3.memory.codec offers no get_codec()")
-    c = make(name, head_dim)
-    for attr in ("bytes_per_vector", "code_size", "code_bytes"):
-        v = getattr(c, attr, None)
-        if v is not None:
-            return CodecSize(name, float(v() if callable(v) else v), type(c).__name__)
-    raise ValueError(f"codec {name!r} does not report its bytes per vector")
+    if name in ("none", "bf16"):
+        config = CodecConfig(kind="none")
+    elif name == "default":
+        config = CodecConfig(kind="faiss")
+    elif name.startswith("faiss:"):
+        config = CodecConfig(kind="faiss", factory=name.removeprefix("faiss:"))
+    else:
+        raise ValueError(f"unknown codec {name!r}: use none, default, fp16, fp32 or faiss:<factory string>")
+    codec = MemoryCodec(config, MemoryShape(1, 1, 1, head_dim))
+    note = "bf16, uncompressed" if config.kind == "none" else f"FAISS {codec.config.factory}"
+    return CodecSize(name, float(codec.code_bytes), note)
 
 
 @dataclass(frozen=True)

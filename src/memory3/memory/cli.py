@@ -93,7 +93,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     _print(
         {
             "documents": len(added),
-            "references": sum(len(v) for v in added.values()),
+            "references": sum(len(a["reference_ids"]) for a in added),
             "skipped": stats.as_dict(),
         }
     )
@@ -105,7 +105,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     retr = _open(args, writable=True)
     n = retr.delete_documents(args.doc_ids)
     retr.store.close()
-    _print({"deleted_references": n})
+    _print({"deleted_documents": n})
     return 0 if n else 1
 
 

@@ -25,7 +25,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -127,6 +128,24 @@ class MemoryShape:
         return cls(*(int(n) for n in mem.k.shape[1:]))
 
 
+@contextmanager
+def faiss_threads(n: int | None) -> Iterator[None]:
+    """Run FAISS with n OpenMP threads inside the block (None: leave it alone). Torch resets the
+    shared OpenMP thread count behind FAISS's back, so a fixed count is set around each call; on
+    a busy machine FAISS's spinning threads make small jobs many times slower than one thread."""
+    if n is None:
+        yield
+        return
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def _as_f32(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
@@ -153,7 +172,8 @@ def _from_bf16_bytes(b: np.ndarray) -> np.ndarray:
 class MemoryCodec:
     """Fixed-size uint8 records for memories of one `MemoryShape` (train, encode, decode, save, load)."""
 
-    def __init__(self, config: CodecConfig, shape: MemoryShape) -> None:
+    def __init__(self, config: CodecConfig, shape: MemoryShape, threads: int | None = None) -> None:
+        self.threads = threads  # FAISS OpenMP threads for train/encode/decode (None: FAISS default)
         if config.kind == "faiss" and not config.factory:
             config = dataclasses.replace(config, factory=default_factory(shape.head_dim))
         self.config = config
@@ -172,13 +192,22 @@ class MemoryCodec:
 
         n = self.shape.layers if self.config.per_layer else 1
         try:
-            return [faiss.index_factory(self.shape.head_dim, self.config.factory) for _ in range(n)]
+            indexes = [faiss.index_factory(self.shape.head_dim, self.config.factory) for _ in range(n)]
         except RuntimeError as e:
             raise CodecError(
                 f"FAISS cannot build {self.config.factory!r} for head dim {self.shape.head_dim}: "
                 f"{str(e).splitlines()[-1]}; give a faiss index_factory string such as "
                 f"{default_factory(self.shape.head_dim)!r}"
             ) from None
+        for index in indexes:
+            # The factory's "PQ" turns on polysemous training, which only helps Hamming-distance
+            # search and costs 10x the training time; we only encode and decode.
+            inner = faiss.downcast_index(index)
+            if isinstance(inner, faiss.IndexPreTransform):
+                inner = faiss.downcast_index(inner.index)
+            if hasattr(inner, "do_polysemous_training"):
+                inner.do_polysemous_training = False
+        return indexes
 
     # --- sizes ------------------------------------------------------------------------------
     @property
@@ -225,7 +254,8 @@ class MemoryCodec:
                 raise CodecError(f"{name} has {per.shape[0]} layers, the codec {len(indexes)}")
             for index, xs in zip(indexes, per):
                 try:
-                    index.train(np.ascontiguousarray(xs))
+                    with faiss_threads(self.threads):
+                        index.train(np.ascontiguousarray(xs))
                 except RuntimeError as e:
                     raise CodecError(
                         f"training {self.config.factory!r} on {len(xs)} vectors failed: "
@@ -287,7 +317,9 @@ class MemoryCodec:
             pos_bytes = pos.astype("<i2").view(np.uint8).reshape(M, -1)
         k = _as_f32(mem.k, "memory keys")
         v = _as_f32(mem.v, "memory values")
-        out = np.concatenate([self._encode_vectors(self._k, k), self._encode_vectors(self._v, v), pos_bytes], axis=1)
+        with faiss_threads(self.threads):
+            k_codes, v_codes = self._encode_vectors(self._k, k), self._encode_vectors(self._v, v)
+        out = np.concatenate([k_codes, v_codes, pos_bytes], axis=1)
         assert out.shape == (M, self.record_bytes), (out.shape, self.record_bytes)
         return out
 
@@ -309,8 +341,9 @@ class MemoryCodec:
                 f"records must be (M, {self.record_bytes}) uint8 for this codec, got {records.shape}"
             )
         M, n, c = records.shape[0], self.shape.vectors, self._code
-        k = self._decode_vectors(self._k, records[:, : n * c])
-        v = self._decode_vectors(self._v, records[:, n * c : 2 * n * c])
+        with faiss_threads(self.threads):
+            k = self._decode_vectors(self._k, records[:, : n * c])
+            v = self._decode_vectors(self._v, records[:, n * c : 2 * n * c])
         raw_pos = np.ascontiguousarray(records[:, 2 * n * c :])
         if self.config.positions == "uint8":
             pos = raw_pos.astype(np.int32) - 1
@@ -374,7 +407,7 @@ class MemoryCodec:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> MemoryCodec:
+    def load(cls, path: str | Path, threads: int | None = None) -> MemoryCodec:
         """Read a codec directory and check that its files still give the saved fingerprint."""
         import faiss
 
@@ -385,7 +418,7 @@ class MemoryCodec:
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != FORMAT_VERSION:
             raise CodecError(f"{meta_file}: codec format {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
-        codec = cls(CodecConfig.from_dict(meta["config"]), MemoryShape(**meta["shape"]))
+        codec = cls(CodecConfig.from_dict(meta["config"]), MemoryShape(**meta["shape"]), threads)
         if meta["files"] != codec._files():
             raise CodecError(f"{meta_file}: lists files {meta['files']}, expected {codec._files()}")
         indexes = []
@@ -437,13 +470,15 @@ def sample_vectors(
     return k_flat[idx], v_flat[idx]
 
 
-def train_codec(memories: Memories | Iterable[Memories], config: CodecConfig) -> MemoryCodec:
+def train_codec(
+    memories: Memories | Iterable[Memories], config: CodecConfig, threads: int | None = None
+) -> MemoryCodec:
     """A codec trained on the key/value vectors of sampled memories (§3.3: codecs are trained on
     K/V vectors of uniformly sampled references)."""
     batches = [memories] if isinstance(memories, Memories) else list(memories)
     if not batches:
         raise ValueError("no memories to train the codec on")
-    codec = MemoryCodec(config, MemoryShape.of(batches[0]))
+    codec = MemoryCodec(config, MemoryShape.of(batches[0]), threads)
     if config.kind == "none":
         return codec
     k, v = sample_vectors(batches, config.train_vectors, config.per_layer, config.seed)
@@ -458,17 +493,26 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.T
     return torch.softmax(logits, -1) @ v
 
 
-def codec_report(mem: Memories, codec: MemoryCodec, group: int = 5, queries: int = 8, seed: int = 0) -> dict[str, Any]:
+def codec_report(
+    mem: Memories,
+    codec: MemoryCodec,
+    group: int = 5,
+    queries: torch.Tensor | int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
     """How much a codec costs and how much it changes what a memory layer reads.
 
     Returns bytes per memory (and bf16 bytes), the relative reconstruction error ‖x̂−x‖/‖x‖ of
     keys and values over real slots, and the relative error of a memory-layer attention output
-    when decoded memories replace exact ones: for each layer and kv head, `queries` random queries
-    (Gaussian with the per-dimension mean and spread of that head's keys) attend with one softmax over the
-    slots of `group` memories (§3.1: a chunk reads 5 memories).
+    when decoded memories replace exact ones: for each layer and kv head, queries attend with one
+    softmax over the slots of `group` memories (§3.1: a chunk reads 5 memories), nothing else.
+    `queries` is either a count of random queries per group (Gaussian with the per-dimension
+    mean and spread of that head's keys) or real post-RoPE queries (Lm, K, Q, D) grouped by the
+    kv head they read. For scale, `attn_rel_error_other_memories` is the error of reading the
+    wrong memories (the next group's) exactly; `_k_only`/`_v_only` decode only keys or values.
     """
-    if len(mem) < group:
-        raise ValueError(f"codec_report needs at least group={group} memories, got {len(mem)}")
+    if len(mem) < 2 * group:
+        raise ValueError(f"codec_report needs at least 2 × group = {2 * group} memories, got {len(mem)}")
     exact = mem.to(dtype=torch.float32)
     got = codec.decode(codec.encode(mem), mem.fingerprint)
     valid = exact.positions >= 0  # (M, Lm, K, S)
@@ -479,23 +523,33 @@ def codec_report(mem: Memories, codec: MemoryCodec, group: int = 5, queries: int
     G = len(mem) // group
     Lm, K, S, D = codec.shape.dims
 
-    def grouped(x: torch.Tensor) -> torch.Tensor:  # (M, Lm, K, S, ...) -> (Lm, K, G, group·S, ...)
+    def grouped(x: torch.Tensor) -> torch.Tensor:  # (M, Lm, K, S, ...) -> (Lm·K·G, group·S, ...)
         x = x[: G * group].reshape(G, group, Lm, K, S, *x.shape[4:])
-        return x.permute(2, 3, 0, 1, 4, *range(5, x.ndim)).reshape(Lm, K, G, group * S, *x.shape[5:])
+        x = x.permute(2, 3, 0, 1, 4, *range(5, x.ndim))
+        return x.reshape(Lm * K * G, group * S, *x.shape[5:])
 
+    if isinstance(queries, int):
+        # Queries with the mean and spread of each (layer, head)'s real keys.
+        w = valid.float().sum(dim=(0, 3))[..., None].clamp(min=1)  # (Lm, K, 1)
+        mean = (exact.k * valid[..., None]).sum(dim=(0, 3)) / w  # (Lm, K, D)
+        std = (((exact.k - mean[None, :, :, None]) ** 2 * valid[..., None]).sum(dim=(0, 3)) / w).sqrt()
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(Lm, K, G, queries, D, generator=gen) * std[:, :, None, None] + mean[:, :, None, None]
+    else:
+        if queries.ndim != 4 or tuple(queries.shape[:2]) != (Lm, K) or queries.shape[-1] != D:
+            raise ValueError(f"queries must be (Lm, K, Q, D) = ({Lm}, {K}, Q, {D}), got {tuple(queries.shape)}")
+        q = queries.float()[:, :, None].expand(Lm, K, G, *queries.shape[2:])
+    q = q.reshape(Lm * K * G, -1, D)
     gk, gv, gvalid = grouped(exact.k), grouped(exact.v), grouped(valid)
     hk, hv = grouped(got.k), grouped(got.v)
-    # Queries with the mean and spread of each (layer, head)'s real keys.
-    w = valid.float().sum(dim=(0, 3))[..., None].clamp(min=1)  # (Lm, K, 1)
-    mean = (exact.k * valid[..., None]).sum(dim=(0, 3)) / w  # (Lm, K, D)
-    std = (((exact.k - mean[None, :, :, None]) ** 2 * valid[..., None]).sum(dim=(0, 3)) / w).sqrt()
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(Lm, K, G, queries, D, generator=gen) * std[:, :, None, None] + mean[:, :, None, None]
-    flat = (Lm * K * G, -1, D)
-    out = _attention(q.view(*flat), gk.view(*flat), gv.view(*flat), gvalid.view(Lm * K * G, -1))
-    out_hat = _attention(q.view(*flat), hk.view(*flat), hv.view(*flat), gvalid.view(Lm * K * G, -1))
-    err = (out_hat - out).view(Lm, -1).norm(dim=1) / out.view(Lm, -1).norm(dim=1)
-    total = float((out_hat - out).norm() / out.norm())
+    out = _attention(q, gk, gv, gvalid)
+
+    def err(o: torch.Tensor) -> float:
+        return float((o - out).norm() / out.norm())
+
+    decoded = _attention(q, hk, hv, gvalid)
+    per_layer = (decoded - out).view(Lm, -1).norm(dim=1) / out.view(Lm, -1).norm(dim=1)
+    other = [t.view(Lm * K, G, *t.shape[1:]).roll(1, dims=1).view_as(t) for t in (gk, gv, gvalid)]
     return {
         "codec": repr(codec),
         "bytes_per_memory": codec.record_bytes,
@@ -503,6 +557,9 @@ def codec_report(mem: Memories, codec: MemoryCodec, group: int = 5, queries: int
         "compression": codec.raw_bytes / codec.record_bytes,
         "k_rel_error": rel(got.k, exact.k),
         "v_rel_error": rel(got.v, exact.v),
-        "attn_rel_error": total,
-        "attn_rel_error_per_layer": [round(float(e), 4) for e in err],
+        "attn_rel_error": err(decoded),
+        "attn_rel_error_k_only": err(_attention(q, hk, gv, gvalid)),
+        "attn_rel_error_v_only": err(_attention(q, gk, hv, gvalid)),
+        "attn_rel_error_other_memories": err(_attention(q, *other)),
+        "attn_rel_error_per_layer": [round(float(e), 4) for e in per_layer],
     }

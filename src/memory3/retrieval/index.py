@@ -11,8 +11,11 @@ whatever the embedder did. Three kinds:
 - "ivf": `IndexIVFFlat` with native ids (IDMap's removal assumes flat storage), trained with
   k-means on the vectors present at the first `add` (or at `rebuild()`): build it in one call with
   all vectors, or `rebuild()` after the collection has grown. Deletion is native.
-- "auto" (default): flat below `auto_threshold` vectors, then converted once to hnsw, which keeps
-  working as the collection grows without retraining.
+- "auto" (default): flat below `auto_threshold` vectors, then ivf, retrained whenever the collection
+  has grown `auto_retrain_growth` times since the last training (so the cost stays proportional
+  to the size, like a growing array). Measured on this 2-core machine at 1M × 384: ivf builds in
+  minutes with recall@5 ≈ 0.99 and ~2 ms per query, hnsw took far longer to build (see the report
+  in the commit introducing this file), and ivf deletes natively.
 
 An index directory describes itself: `index.faiss` (faiss.write_index), `ids.npy` (live ids),
 `deleted.npy` (hnsw ids awaiting the next rebuild) and `index.json` (kind, dimension, config, counts,
@@ -55,7 +58,8 @@ class IndexConfig:
     may be changed on a built index: `index.config = dataclasses.replace(index.config, ...)`."""
 
     kind: IndexKind = "auto"
-    auto_threshold: int = 50_000  # "auto": exact search below this many vectors, hnsw from here on
+    auto_threshold: int = 50_000  # "auto": exact search below this many vectors, ivf from here on
+    auto_retrain_growth: float = 8.0  # "auto": retrain ivf once the collection grew this many times
     hnsw_m: int = 32  # graph degree
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 64  # raised to k when k is larger
@@ -69,6 +73,8 @@ class IndexConfig:
         for name in ("auto_threshold", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.auto_retrain_growth <= 1:
+            raise ValueError(f"auto_retrain_growth must be > 1, got {self.auto_retrain_growth}")
         if self.ivf_nlist is not None and self.ivf_nlist < 1:
             raise ValueError(f"ivf_nlist must be ≥ 1 or None, got {self.ivf_nlist}")
         if not 0 < self.rebuild_deleted_fraction <= 1:
@@ -98,6 +104,7 @@ class VectorIndex:
         self._ids: set[int] = set()  # live ids
         self._deleted: set[int] = set()  # hnsw only: stored but removed
         self._selector: Any = None  # hnsw: excludes _deleted; keeps the selectors it points to alive
+        self._trained_on = 0  # ivf: how many vectors were present at the last training
 
     # ---- building -------------------------------------------------------------------------------
 
@@ -109,7 +116,7 @@ class VectorIndex:
             raise ValueError(f"vectors must be (n, dim), got shape {vectors.shape}")
         index = cls(vectors.shape[1], config)
         if index.config.kind == "auto" and len(vectors) >= index.config.auto_threshold:
-            index._kind = "hnsw"
+            index._kind = "ivf"
         index.add(vectors, ids)
         return index
 
@@ -153,6 +160,7 @@ class VectorIndex:
             hnsw = faiss.IndexHNSWFlat(self.dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             hnsw.hnsw.efConstruction = cfg.hnsw_ef_construction
             return faiss.IndexIDMap2(hnsw)
+        self._trained_on = len(train)
         nlist = _ivf_nlist(len(train), cfg.ivf_nlist)
         if len(train) < 39 * nlist or len(train) < 1000:
             log.warning(
@@ -189,14 +197,16 @@ class VectorIndex:
             )
         if self._deleted and any(i in self._deleted for i in new):
             self.rebuild()  # hnsw: the old vector is still stored under that id; drop it first
-        if (
-            self.config.kind == "auto"
-            and self._kind == "flat"
-            and len(self._ids) + len(x) >= self.config.auto_threshold
-        ):
-            log.info("index reaches %d vectors: switching from flat to hnsw", len(self._ids) + len(x))
-            self._convert("hnsw", extra=(x, id_arr))
-            return
+        if self.config.kind == "auto":
+            total = len(self._ids) + len(x)
+            if self._kind == "flat" and total >= self.config.auto_threshold:
+                log.info("index reaches %d vectors: switching from flat to ivf", total)
+                self._convert("ivf", extra=(x, id_arr))
+                return
+            if self._kind == "ivf" and total >= self.config.auto_retrain_growth * self._trained_on:
+                log.info("index grew from %d to %d vectors: retraining ivf", self._trained_on, total)
+                self._convert("ivf", extra=(x, id_arr))
+                return
         if self._index is None:
             self._index = self._new_index(x)
         self._index.add_with_ids(x, id_arr)
@@ -293,6 +303,7 @@ class VectorIndex:
             "ntotal": len(self._ids),
             "n_deleted": len(self._deleted),
             "nlist": int(self._index.nlist) if self._kind == "ivf" and self._index is not None else None,
+            "trained_on": self._trained_on,
             "config": dataclasses.asdict(self.config),
             "faiss_version": faiss.__version__,
         }
@@ -336,6 +347,7 @@ class VectorIndex:
         if meta.get("kind") not in ("flat", "hnsw", "ivf"):
             raise IndexFormatError(f"{path}: unknown index kind {meta.get('kind')!r} in {META_FILE}")
         index._kind = meta["kind"]
+        index._trained_on = int(meta.get("trained_on", 0))
         index._ids = set(np.load(path / IDS_FILE, allow_pickle=False).tolist())
         index._deleted = set(np.load(path / DELETED_FILE, allow_pickle=False).tolist())
         stored = len(index._ids) + len(index._deleted)

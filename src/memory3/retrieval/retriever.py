@@ -8,6 +8,7 @@ so a server can change the bank while it runs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -234,11 +235,16 @@ class StoreRetriever:
             raise ValueError("this memory bank is open read-only: open it writable to change documents")
         return self.writer
 
-    def add_documents(self, docs: Sequence[Document], replace: bool = True) -> dict[str, list[int]]:
-        """Chunk, write, store and index documents. An existing document with the same id is
-        replaced as a unit (readers see the old or the new version, never neither)."""
+    def add_documents(
+        self, docs: Sequence[Document | dict[str, Any]], replace: bool = True
+    ) -> list[dict[str, Any]]:
+        """Chunk, write, store and index documents (`Document`s, or dicts with `text` and
+        optionally `id`, `title`, `metadata`). An existing document with the same id is replaced
+        as a unit: readers see the old version or the new one, never neither.
+        Returns per document {"id", "reference_ids"}."""
         writer = self._require_writer()
-        out: dict[str, list[int]] = {}
+        docs = [d if isinstance(d, Document) else _document(d) for d in docs]
+        out: list[dict[str, Any]] = []
         refs = list(chunk_documents(docs, self.tokenizer, self.memory_config.reference_tokens))
         by_doc: dict[str, list[Reference]] = {}
         for r in refs:
@@ -259,12 +265,13 @@ class StoreRetriever:
                 if old:
                     self.index.remove(old)
                     self.cache.drop(old)
-                out[doc.doc_id] = ids
+                out.append({"id": doc.doc_id, "reference_ids": ids})
             self._save_index()
         return out
 
     def delete_documents(self, doc_ids: Sequence[str]) -> int:
-        """Delete documents; their references are never retrieved again. Returns references deleted."""
+        """Delete documents; their references are never retrieved again. Returns how many of
+        the documents existed."""
         self._require_writer()
         n = 0
         with self._lock:
@@ -273,7 +280,7 @@ class StoreRetriever:
                 if ids:
                     self.index.remove(ids)
                     self.cache.drop(ids)
-                n += len(ids)
+                    n += 1
             self._save_index()
         return n
 
@@ -300,8 +307,10 @@ class StoreRetriever:
         }
 
     def info(self) -> dict[str, Any]:
+        """Counts, sizes, fingerprints and cache figures (no file-system paths: servers show it)."""
+        info = {k: v for k, v in self.store.info().items() if k != "path"}
         return {
-            **self.store.info(),
+            **info,
             "cache": {
                 "size": len(self.cache),
                 "capacity": self.cache.capacity,
@@ -309,3 +318,11 @@ class StoreRetriever:
                 "misses": self.cache.misses,
             },
         }
+
+
+def _document(d: dict[str, Any]) -> Document:
+    text = d.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("a document needs a non-empty 'text'")
+    doc_id = d.get("id") or "doc:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return Document(str(doc_id), text, str(d.get("title") or ""), dict(d.get("metadata") or {}))

@@ -18,27 +18,39 @@ def _add_recipe(sub: Any, name: str, help_text: str, func: Any) -> None:
     p.add_argument("--config", required=True, help="training config JSON (see configs/train/)")
     p.add_argument("--out", required=True, help="run directory (checkpoint/, metrics.jsonl, the result)")
     p.add_argument("--no-resume", action="store_true", help="start over even if out/ has a checkpoint")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop (with a checkpoint) after this many steps; rerun to resume",
+    )
     p.set_defaults(func=func)
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
     from memory3.train.warmup import main_from_file
 
-    print(json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume))}))
+    print(
+        json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume, args.stop_after))})
+    )
     return 0
 
 
 def cmd_continual(args: argparse.Namespace) -> int:
     from memory3.train.continual import main_from_file
 
-    print(json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume))}))
+    print(
+        json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume, args.stop_after))})
+    )
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from memory3.train.sft import main_from_file
 
-    print(json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume))}))
+    print(
+        json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume, args.stop_after))})
+    )
     return 0
 
 
@@ -82,6 +94,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from memory3.train.adapters import adapter_from_run
+
+    command = f"memory3 train sft --config {args.config} --out {args.run}" if args.config else ""
+    out = adapter_from_run(args.run, args.out, command)
+    print(json.dumps({"adapter": str(out)}))
+    return 0
+
+
 def _load(name: str) -> Any:
     from pathlib import Path
 
@@ -109,6 +130,12 @@ def register(sub: Any) -> None:
     q.add_argument("--embedder", default="minilm")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_pair)
+
+    e = tsub.add_parser("export", help="write the adapter of an SFT run's last checkpoint (finished or not)")
+    e.add_argument("--run", required=True, help="the run directory of `memory3 train sft`")
+    e.add_argument("--out", required=True, help="adapter directory, e.g. src/memory3/assets/models/<name>")
+    e.add_argument("--config", default="", help="the config file the run was started with (recorded)")
+    e.set_defaults(func=cmd_export)
 
     r = tsub.add_parser("probe", help="quick held-out accuracy: memory / none / RAG, gold among 5")
     r.add_argument("--model", default="smollm2-135m-instruct", help="model, checkpoint or adapter directory")

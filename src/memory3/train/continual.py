@@ -243,8 +243,11 @@ def run_continual(
     resume: bool = True,
     stop_after: int | None = None,
     data: PairedDataset | None = None,
+    tokenizer: Any = None,
 ) -> Path:
-    """Train with memory; returns the run directory (checkpoint/, model/ or adapter/)."""
+    """Train with memory; returns the run directory (checkpoint/, model/ or adapter/).
+    `data`: a dataset in memory instead of `config.dataset`; `tokenizer`: the one whose ids the
+    data holds, for the reference prefix (default: the model's)."""
     out = Path(out)
     d = init_distributed()
     start_run(out, config, resume, d)
@@ -266,7 +269,7 @@ def run_continual(
             f"dataset paired with chunk/reference tokens {data.config.chunk_tokens}/{data.config.reference_tokens}, "
             f"memory config has {config.memory.chunk_tokens}/{config.memory.reference_tokens}: pair it again"
         )
-    prefix = reference_prefix_ids(tok, model.config.bos_token_id, config.memory)
+    prefix = reference_prefix_ids(tokenizer or tok, model.config.bos_token_id, config.memory)
     writer = MemoryWriter(model, prefix, config.memory)
     state = (load_training(out, model, opt) if resume else None) or TrainState()
     progress = Progress(out, config.loop, state, d)
@@ -316,7 +319,7 @@ def evaluate(
     with_memory: bool,
     n: int | None = None,
     batch_size: int = 8,
-    bf16: bool = True,
+    bf16: bool = False,
 ) -> float:
     """Mean next-token loss over the first `n` sequences of `data`, with or without memory."""
     was = model.training
@@ -334,5 +337,7 @@ def evaluate(
     return total / max(count, 1)
 
 
-def main_from_file(path: str | Path, out: str | Path, resume: bool = True) -> Path:
-    return run_continual(load_config(ContinualConfig, path), out, resume)
+def main_from_file(
+    path: str | Path, out: str | Path, resume: bool = True, stop_after: int | None = None
+) -> Path:
+    return run_continual(load_config(ContinualConfig, path), out, resume, stop_after)

@@ -12,6 +12,7 @@ next loss as one that was never interrupted (tests/test_train.py checks it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -48,10 +49,10 @@ METRICS_FILE = "metrics.jsonl"
 def load_base(name: str, overrides: dict[str, Any] | None = None, seed: int = 0) -> tuple[Memory3Model, Any]:
     """(model in fp32, tokenizer) from "preset:<name>" (random init, SmolLM2 tokenizer: training from
     scratch) or anything `checkpoint.load_pretrained` takes (the bundled model, a directory)."""
-    from memory3.checkpoint import load_bundled_tokenizer, load_pretrained
+    from memory3.checkpoint import load_pretrained
 
     if name.startswith("preset:"):
-        tok = load_bundled_tokenizer()
+        tok = _bundled_tokenizer()
         kw = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
         kw.update(overrides or {})
         config = ModelConfig.from_preset(name.removeprefix("preset:"), **kw)
@@ -61,6 +62,13 @@ def load_base(name: str, overrides: dict[str, Any] | None = None, seed: int = 0)
         raise ValueError(f"model_overrides {overrides} only apply to 'preset:<name>' models, not {name!r}")
     loaded = load_pretrained(name)
     return loaded.model, loaded.tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_tokenizer() -> Any:
+    from memory3.checkpoint import load_bundled_tokenizer
+
+    return load_bundled_tokenizer()
 
 
 def set_memory_layers(model: Memory3Model, layers: tuple[int, ...]) -> None:

@@ -259,7 +259,7 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
         writer = MemoryWriter(model, prefix, memory_config_for(config, stage))
         lr = wsd_lr(step, config.loop.steps, config.optim)
         set_lr(opt, lr)
-        step_loss, step_tokens, parts = 0.0, 0, {"mem": 0.0, "rag": 0.0, "text": 0.0}
+        step_tokens, parts = 0, {"mem": 0.0, "rag": 0.0, "text": 0.0}
         for micro in range(config.optim.grad_accum):
             rng = rng_for(config.loop.seed, step, micro, d.rank)
             group = data.group(rng)
@@ -294,7 +294,6 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
                     parts["text"] += text_loss.item() / config.optim.grad_accum
                     ntok += b.n_tokens
             (total / config.optim.grad_accum).backward()
-            step_loss += parts["mem"] if micro == config.optim.grad_accum - 1 else 0.0
             step_tokens += ntok
         # 4. the update
         average_gradients(params, d)
@@ -361,8 +360,10 @@ def loss_gap(
     return {k: round(v / config.val_groups, 4) for k, v in sums.items()}
 
 
-def main_from_file(path: str | Path, out: str | Path, resume: bool = True) -> Path:
-    return run_sft(load_config(SFTConfig, path), out, resume)
+def main_from_file(
+    path: str | Path, out: str | Path, resume: bool = True, stop_after: int | None = None
+) -> Path:
+    return run_sft(load_config(SFTConfig, path), out, resume, stop_after)
 
 
 __all__ = ["SFTConfig", "Stage", "run_sft", "save_config"]

@@ -131,5 +131,7 @@ def run_warmup(
     return out
 
 
-def main_from_file(path: str | Path, out: str | Path, resume: bool = True) -> Path:
-    return run_warmup(load_config(WarmupConfig, path), out, resume)
+def main_from_file(
+    path: str | Path, out: str | Path, resume: bool = True, stop_after: int | None = None
+) -> Path:
+    return run_warmup(load_config(WarmupConfig, path), out, resume, stop_after)
