@@ -122,7 +122,7 @@ def test_missing_path_names_it(tmp_path: Path) -> None:
 
 def test_bundled_wikipedia() -> None:
     docs = list(read_wikipedia(limit=3))
-    assert docs[0].doc_id == "wiki:20th-century classical music"
+    assert docs[0].doc_id == "wikipedia/20th-century classical music"
     assert all(d.text and d.meta["license"] == "CC BY-SA 4.0" and d.meta["topic"] for d in docs)
     stats = IngestStats()
     assert sum(1 for _ in read_documents(WIKIPEDIA, stats)) == 10_033 == stats.documents

@@ -317,7 +317,7 @@ def read_wikipedia(stats: IngestStats | None = None, *, limit: int | None = None
             "license": "CC BY-SA 4.0",
         }
         stats.documents += 1
-        yield Document(f"wiki:{title}", text, title, meta)
+        yield Document(f"wikipedia/{title}", text, title, meta)  # = memory3.data Article.doc_id
 
 
 def read_documents(
