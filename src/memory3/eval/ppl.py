@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memory3.config import MemoryConfig
+from memory3.memory import layout
 from memory3.memory.write import MemoryFormatError, memory_fingerprint, reference_prefix_ids
 from memory3.model import Memory3Model, MemoryInput
 from memory3.retrieval.base import Hit, Retriever
@@ -205,7 +206,7 @@ def chunk_memory_input(
     prefix then the text, right-padded to prefix_len + max(lens). Slots: C chunks × k memories ×
     S kept tokens per sequence; text token j of sequence b sees the valid slots of chunk j // 64.
     """
-    S, n = memory_config.kept_tokens, memory_config.chunk_tokens
+    n = memory_config.chunk_tokens
     B, C = len(hits), max(len(h) for h in hits)
     unique = sorted({h.ref_id for per_seq in hits for per_chunk in per_seq for h in per_chunk[:k]})
     T = prefix_len + max(lens)
@@ -215,27 +216,15 @@ def chunk_memory_input(
         )
     mem = retriever.memories(unique).to(device=device, dtype=dtype)
     row = {rid: i for i, rid in enumerate(unique)}
-    Lm, K, D = mem.k.shape[1], mem.k.shape[2], mem.k.shape[4]
-    index = torch.full((B, C, k), len(unique), dtype=torch.long)  # missing -> an all-zero row
+    index = torch.full((B, C, k), -1, dtype=torch.long)  # -1: no memory in that slot group
     for b, per_seq in enumerate(hits):
         for c, per_chunk in enumerate(per_seq):
             for j, h in enumerate(per_chunk[:k]):
                 index[b, c, j] = row[h.ref_id]
-    index = index.to(device)
-    zeros = torch.zeros((1, *mem.k.shape[1:]), device=device, dtype=dtype)
-    mk = torch.cat((mem.k, zeros))[index]  # (B, C, k, Lm, K, S, D)
-    mv = torch.cat((mem.v, zeros))[index]
-    slot_ok = torch.cat((mem.valid.to(device), torch.zeros(1, S, dtype=torch.bool, device=device)))[index]
-    N = C * k * S
-    mk = mk.permute(3, 0, 4, 1, 2, 5, 6).reshape(Lm, B, K, N, D)  # slot order: chunk, memory, token
-    mv = mv.permute(3, 0, 4, 1, 2, 5, 6).reshape(Lm, B, K, N, D)
-    slot_ok = slot_ok.reshape(B, N)
     chunk_of = torch.full((B, T), -1, dtype=torch.long)  # -1: prefix and padding read no memory
     for b, L in enumerate(lens):
         chunk_of[b, prefix_len : prefix_len + L] = torch.arange(L) // n
-    slot_chunk = torch.arange(C).repeat_interleave(k * S)  # (N,)
-    visible = (chunk_of[:, :, None] == slot_chunk[None, None, :]).to(device) & slot_ok[:, None, :]
-    return MemoryInput(mk, mv, visible)
+    return layout.chunked(mem, index, chunk_of)
 
 
 def _nll_layout(
