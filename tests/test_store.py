@@ -8,9 +8,9 @@ no model is needed.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import signal
-import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -87,7 +87,13 @@ def test_round_trip_exact(tmp_path: Path) -> None:
         assert store.get([2], dtype=torch.bfloat16).k.dtype == torch.bfloat16
         assert store.texts([5, 1]) == ["b text 0", "a text 0"]
         ref = store.refs([6])[0]
-        assert (ref.doc_id, ref.chunk, ref.title, ref.tokens, ref.n_tokens) == ("b", 1, "B", (1, 2, 3, 4, 5), 5)
+        assert (ref.doc_id, ref.chunk, ref.title, ref.tokens, ref.n_tokens) == (
+            "b",
+            1,
+            "B",
+            (1, 2, 3, 4, 5),
+            5,
+        )
         assert ref.built and not ref.deleted and ref.ref_id == 6
         assert store.live_ids().tolist() == list(range(1, 8))
         assert store.doc_ids() == ["a", "b"] and store.doc_refs("b").tolist() == [5, 6, 7]
@@ -99,7 +105,9 @@ def test_round_trip_exact(tmp_path: Path) -> None:
 
 
 def test_round_trip_with_faiss_codec(tmp_path: Path) -> None:
-    codec = train_codec(mem_for(list(range(300))), CodecConfig(factory="PQ4x4", train_vectors=3000), threads=1)
+    codec = train_codec(
+        mem_for(list(range(300))), CodecConfig(factory="PQ4x4", train_vectors=3000), threads=1
+    )
     mem = mem_for([11, 12, 13])
     with new_store(tmp_path / "bank", codec=codec) as store:
         ids = store.add(refs_for("a", 3), mem)
@@ -168,9 +176,11 @@ def test_fingerprint_mismatch_refused(tmp_path: Path) -> None:
         MemoryStore.open(tmp_path / "bank", expect_fingerprint="0123abcd")
     msg = str(e.value)
     assert "test" in msg and "0123abcd" in msg and "rebuild" in msg
-    with MemoryStore.open(tmp_path / "bank", readonly=False) as store:
-        with pytest.raises(FingerprintMismatchError, match="fingerprint other"):
-            store.add(refs_for("a", 1), mem_for([1], fingerprint="other"))
+    with (
+        MemoryStore.open(tmp_path / "bank", readonly=False) as store,
+        pytest.raises(FingerprintMismatchError, match="fingerprint other"),
+    ):
+        store.add(refs_for("a", 1), mem_for([1], fingerprint="other"))
 
 
 def test_corruption_detected(tmp_path: Path) -> None:
@@ -194,6 +204,7 @@ def test_corruption_detected(tmp_path: Path) -> None:
 
 
 # --- processes ------------------------------------------------------------------------------
+
 
 def _fill_pending(path: str) -> None:
     torch.set_num_threads(1)  # no OpenMP pool in a forked child
@@ -373,7 +384,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no memory store"):
         MemoryStore.open(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(StoreError, match="manifest.json missing"):
+    with pytest.raises(StoreError, match=r"manifest\.json missing"):
         MemoryStore.open(tmp_path / "empty")
     with pytest.raises(FileExistsError):
         MemoryStore.create(tmp_path / "file", none_codec(), "test")
@@ -381,7 +392,9 @@ def test_bad_inputs(tmp_path: Path) -> None:
         MemoryStore.create(tmp_path / "x", MemoryCodec(CodecConfig(factory="PQ4x4"), SHAPE), "test")
     model = ModelConfig.from_preset("tiny")  # 2 memory layers, 2 kv heads, head dim 16
     with pytest.raises(ValueError, match="does not fit model"):
-        MemoryStore.create(tmp_path / "x", none_codec(), "test", model_config=ModelConfig.from_preset("tiny-tied"))
+        MemoryStore.create(
+            tmp_path / "x", none_codec(), "test", model_config=ModelConfig.from_preset("tiny-tied")
+        )
     with pytest.raises(ValueError, match="keeps 8"):
         MemoryStore.create(tmp_path / "x", none_codec(), "test", model, MemoryConfig())
     store = MemoryStore.create(tmp_path / "ok", none_codec(), "test", model, MemoryConfig(kept_tokens=4))
@@ -396,9 +409,8 @@ def test_bad_inputs(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreError, match="closed"):
         store.live_ids()
-    with MemoryStore.open(tmp_path / "ok") as reader:
-        with pytest.raises(StoreError, match="read-only"):
-            reader.add(refs_for("a", 1), mem_for([1]))
+    with MemoryStore.open(tmp_path / "ok") as reader, pytest.raises(StoreError, match="read-only"):
+        reader.add(refs_for("a", 1), mem_for([1]))
     manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
     (tmp_path / "ok" / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(StoreError, match="version 99"):

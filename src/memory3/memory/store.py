@@ -178,7 +178,9 @@ def _chunks(seq: Sequence[int], n: int = _SQL_BATCH) -> Iterator[Sequence[int]]:
 
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -342,7 +344,7 @@ class MemoryStore:
             "memory": memory_d,
             "record_bytes": record_size,
             "records_per_shard": rps,
-            "counts": {"live": 0, "pending": 0, "deleted": 0},
+            "counts": {"live": 0, "pending": 0, "deleted": 0, "records": 0},
             "index": None,
             "extra": extra or {},
         }
@@ -367,7 +369,9 @@ class MemoryStore:
         return cls(path, manifest, codec, readonly=False)
 
     @classmethod
-    def open(cls, path: str | Path, expect_fingerprint: str | None = None, readonly: bool = True) -> MemoryStore:
+    def open(
+        cls, path: str | Path, expect_fingerprint: str | None = None, readonly: bool = True
+    ) -> MemoryStore:
         """Open a store. With `expect_fingerprint` (the reading model's memory fingerprint,
         `MemoryWriter.fingerprint`), refuse a store written by another model or memory config.
         `readonly=False` takes the writer lock and recovers from an interrupted write."""
@@ -436,6 +440,11 @@ class MemoryStore:
     def memory_fingerprint(self) -> str:
         return self.manifest["memory_fingerprint"]
 
+    @property
+    def index_dir(self) -> Path:
+        """Where the retrieval index lives (written by memory3.retrieval; see `set_index_info`)."""
+        return self.path / INDEX_DIR
+
     def _conn(self) -> sqlite3.Connection:
         if getattr(self, "_db", None) is None:
             raise StoreError(f"{self.path}: the store is closed")
@@ -463,9 +472,11 @@ class MemoryStore:
     # --- recovery ---------------------------------------------------------------------------
     def _tails(self) -> dict[int, int]:
         """Committed record count (max slot + 1) of every shard a row points to."""
-        rows = self._conn().execute(
-            "SELECT shard, MAX(slot) + 1 FROM refs WHERE shard IS NOT NULL GROUP BY shard"
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute("SELECT shard, MAX(slot) + 1 FROM refs WHERE shard IS NOT NULL GROUP BY shard")
+            .fetchall()
+        )
         return {int(s): int(n) for s, n in rows}
 
     def _recover(self) -> None:
@@ -535,7 +546,7 @@ class MemoryStore:
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                ids = [self._insert(r, built=True, place=p) for r, p in zip(refs, places)]
+                ids = [self._insert(r, built=True, place=p) for r, p in zip(refs, places, strict=True)]
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -556,7 +567,7 @@ class MemoryStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute("UPDATE refs SET deleted = 1 WHERE doc_id = ? AND deleted = 0", (doc_id,))
-                ids = [self._insert(r, built=True, place=p) for r, p in zip(refs, places)]
+                ids = [self._insert(r, built=True, place=p) for r, p in zip(refs, places, strict=True)]
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -599,7 +610,7 @@ class MemoryStore:
             try:
                 conn.executemany(
                     "UPDATE refs SET built = 1, shard = ?, slot = ? WHERE ref_id = ?",
-                    [(s, sl, i) for i, (s, sl) in zip(ref_ids, places)],
+                    [(s, sl, i) for i, (s, sl) in zip(ref_ids, places, strict=True)],
                 )
                 conn.execute("COMMIT")
             except BaseException:
@@ -633,7 +644,9 @@ class MemoryStore:
             try:
                 ids = [
                     int(r[0])
-                    for r in conn.execute("SELECT ref_id FROM refs WHERE doc_id = ? AND deleted = 0", (doc_id,))
+                    for r in conn.execute(
+                        "SELECT ref_id FROM refs WHERE doc_id = ? AND deleted = 0", (doc_id,)
+                    )
                 ]
                 conn.execute("UPDATE refs SET deleted = 1 WHERE doc_id = ? AND deleted = 0", (doc_id,))
                 conn.execute("COMMIT")
@@ -757,7 +770,9 @@ class MemoryStore:
             doc, chunk, text, title, tokens, n, built, deleted = rows[i]
             toks = None if tokens is None else tuple(np.frombuffer(tokens, dtype="<i4").tolist())
             out.append(
-                StoredRef(doc, chunk, text, title, toks, n, ref_id=i, built=bool(built), deleted=bool(deleted))
+                StoredRef(
+                    doc, chunk, text, title, toks, n, ref_id=i, built=bool(built), deleted=bool(deleted)
+                )
             )
         return out
 
@@ -806,10 +821,14 @@ class MemoryStore:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            live, pending, deleted, held = self._conn().execute(
-                "SELECT COALESCE(SUM(built = 1 AND deleted = 0), 0), COALESCE(SUM(built = 0 AND deleted = 0), 0), "
-                "COALESCE(SUM(deleted = 1), 0), COALESCE(SUM(shard IS NOT NULL), 0) FROM refs"
-            ).fetchone()
+            live, pending, deleted, held = (
+                self._conn()
+                .execute(
+                    "SELECT COALESCE(SUM(built = 1 AND deleted = 0), 0), COALESCE(SUM(built = 0 AND deleted = 0), 0), "
+                    "COALESCE(SUM(deleted = 1), 0), COALESCE(SUM(shard IS NOT NULL), 0) FROM refs"
+                )
+                .fetchone()
+            )
         return {"live": int(live), "pending": int(pending), "deleted": int(deleted), "records": int(held)}
 
     def __len__(self) -> int:
@@ -842,12 +861,16 @@ class MemoryStore:
                 read_manifest(self.path)
             except StoreError as e:
                 errors.append(str(e))
-            rows = self._conn().execute(
-                "SELECT ref_id, shard, slot FROM refs WHERE shard IS NOT NULL ORDER BY shard, slot"
-            ).fetchall()
-            bad_state = self._conn().execute(
-                "SELECT COUNT(*) FROM refs WHERE built = 1 AND shard IS NULL"
-            ).fetchone()[0]
+            rows = (
+                self._conn()
+                .execute("SELECT ref_id, shard, slot FROM refs WHERE shard IS NOT NULL ORDER BY shard, slot")
+                .fetchall()
+            )
+            bad_state = (
+                self._conn()
+                .execute("SELECT COUNT(*) FROM refs WHERE built = 1 AND shard IS NULL")
+                .fetchone()[0]
+            )
             if bad_state:
                 errors.append(f"{bad_state} built references point to no record")
             by_shard: dict[int, list[tuple[int, int]]] = {}
@@ -867,7 +890,7 @@ class MemoryStore:
                     batch = inside[b : b + 4096]
                     recs = self._shards.read(s, np.array([sl for _, sl in batch]))
                     crcs = recs[:, :HEADER_BYTES].copy().view("<u4")[:, 0]
-                    for (i, sl), rec, crc in zip(batch, recs, crcs):
+                    for (i, sl), rec, crc in zip(batch, recs, crcs, strict=True):
                         checked += 1
                         if zlib.crc32(rec[HEADER_BYTES:]) != crc:
                             errors.append(f"shard {p.name} record {sl} (ref {i}): checksum mismatch")
