@@ -15,6 +15,7 @@ is handled in the same single attention call.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +240,14 @@ class Memory3Model(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.memory_layers = tuple(config.memory_layers or ())
+        self._mem_index = {layer: j for j, layer in enumerate(self.memory_layers)}
+
+    def set_memory_layers(self, layers: tuple[int, ...]) -> None:
+        """Change which layers read memories (and which the writer captures), e.g. for a
+        training curriculum. Call `memory.write.reset_fingerprint` afterwards when memories
+        written before must be told apart from memories written after."""
+        self.config = dataclasses.replace(self.config, memory_layers=tuple(layers))  # validates
+        self.memory_layers = tuple(self.config.memory_layers or ())
         self._mem_index = {layer: j for j, layer in enumerate(self.memory_layers)}
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> Memory3Model:

@@ -72,14 +72,8 @@ def _bundled_tokenizer() -> Any:
 
 
 def set_memory_layers(model: Memory3Model, layers: tuple[int, ...]) -> None:
-    """Change which layers read (and the writer captures) memories, e.g. for a curriculum.
-    Memory3Model keeps them in three attributes set by its constructor."""
-    import dataclasses
-
-    config = dataclasses.replace(model.config, memory_layers=tuple(layers))  # validates
-    model.config = config
-    model.memory_layers = tuple(config.memory_layers or ())
-    model._mem_index = {layer: j for j, layer in enumerate(model.memory_layers)}
+    """Change which layers read (and the writer captures) memories, e.g. for a curriculum."""
+    model.set_memory_layers(layers)
 
 
 def prepare_trainable(model: Memory3Model, lora: LoRAConfig, seed: int) -> list[nn.Parameter]:
@@ -291,11 +285,16 @@ class Progress:
         self.t0 = time.perf_counter()
         self.tokens0 = state.tokens
         self.losses: list[float] = []
+        self.extra: dict[str, list[float]] = {}
 
     def update(
         self, state: TrainState, loss: float, lr: float, extra: dict[str, float] | None = None
     ) -> None:
+        """extra: more figures of this step (a key absent when not computed this step); each is
+        averaged over the steps of the logging interval that have it."""
         self.losses.append(loss)
+        for k, v in (extra or {}).items():
+            self.extra.setdefault(k, []).append(v)
         if self.bar is not None:
             dt = max(time.perf_counter() - self.t0, 1e-9)
             self.bar.set_postfix(
@@ -309,9 +308,9 @@ class Progress:
                 "lr": lr,
                 "tokens": state.tokens,
                 "seconds": round(state.seconds, 1),
-                **(extra or {}),
+                **{k: round(sum(v) / len(v), 4) for k, v in self.extra.items()},
             }
-            self.losses = []
+            self.losses, self.extra = [], {}
             log.info("%s", json.dumps(row))
             with open(self.out / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -303,7 +303,12 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
         state.step = step + 1
         state.tokens += int(all_mean(step_tokens, d) * d.world)
         state.seconds = seconds0 + time.perf_counter() - t_start
-        extra = {k: round(all_mean(v, d), 4) for k, v in parts.items()}
+        done = {
+            "mem": True,
+            "rag": do_rag and config.rag_per_step > 0,
+            "text": do_text and data.text is not None,
+        }
+        extra = {k: round(all_mean(v, d), 4) for k, v in parts.items() if done[k]}
         extra["kept"], extra["layers"] = stage.kept_tokens, len(layers)
         if config.loop.eval_every and state.step % config.loop.eval_every == 0 and d.main:
             extra.update(loss_gap(model, data, writer, prefix, config))
