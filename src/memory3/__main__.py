@@ -24,12 +24,17 @@ def _torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def add_model_args(p: argparse.ArgumentParser, dtype: str = "bfloat16") -> None:
+def add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
     p.add_argument(
         "--model", default="smollm2-135m-instruct", help="checkpoint directory or the bundled model name"
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default=dtype, choices=DTYPES)
+    p.add_argument(
+        "--dtype",
+        default=dtype,
+        choices=DTYPES,
+        help="bfloat16 halves memory; on some CPUs its prefill is slower",
+    )
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
