@@ -93,112 +93,138 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens")
     ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--part", choices=("all", "transformers", "memory"), default="all")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rounds, n_new = (2, 32) if args.quick else (3, 64)
     torch.manual_seed(0)
     results: dict = {"machine": machine(), "new_tokens": n_new, "rounds": rounds}
 
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        loaded = load_pretrained(dtype=dtype)
+    rows: list[dict] = []
+    if args.part in ("all", "transformers"):
+        for dtype in (torch.float32, torch.bfloat16):
+            loaded = load_pretrained(dtype=dtype)
+            model, tok = loaded.model, loaded.tokenizer
+            hf = hf_twin(model)
+            gen = Generator(model, tok, chat=True)
+            chat_ids = tok.apply_chat_template(
+                [{"role": "user", "content": PROMPT}], add_generation_prompt=True
+            )
+            if not isinstance(chat_ids, list):
+                chat_ids = chat_ids["input_ids"]
+            for batch in (1, 8):
+                ids = torch.tensor([chat_ids] * batch)
+
+                def ours(n: int, b: int = batch, g: Generator = gen) -> callable:
+                    cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
+                    return lambda: g.generate([PROMPT] * b, mode="none", config=cfg)
+
+                def theirs(n: int, x: torch.Tensor = ids, m=hf) -> callable:
+                    return lambda: m.generate(
+                        x,
+                        attention_mask=torch.ones_like(x),
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        do_sample=False,
+                    )
+
+                with torch.inference_mode():
+                    t = interleave(
+                        {"ours_n": ours(n_new), "hf_n": theirs(n_new), "ours_1": ours(1), "hf_1": theirs(1)},
+                        rounds,
+                    )
+                r_ours = decode_rate(batch, n_new, t["ours_n"], t["ours_1"])
+                r_hf = decode_rate(batch, n_new, t["hf_n"], t["hf_1"])
+                row = {
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "batch": batch,
+                    "memory3 tok/s": r_ours,
+                    "transformers tok/s": r_hf,
+                    "ratio": r_ours / r_hf,
+                }
+                print(json.dumps(row), file=sys.stderr)
+                rows.append(row)
+            del hf
+        results["decode_vs_transformers"] = rows
+
+    mem_rows: list[dict] = []
+    if args.part in ("all", "memory"):
+        # memory vs no memory, and writing throughput, in bf16 (the fast path on this CPU)
+        loaded = load_pretrained(dtype=torch.bfloat16)
         model, tok = loaded.model, loaded.tokenizer
-        hf = hf_twin(model)
-        gen = Generator(model, tok, chat=True)
-        chat_ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-        if not isinstance(chat_ids, list):
-            chat_ids = chat_ids["input_ids"]
+        mc = MemoryConfig()
+        gen = Generator(model, tok, memory_config=mc, chat=True)
+        writer = MemoryWriter(model, gen.prefix_ids, mc)
+        texts = wiki_texts(64)
+        refs = [tok(t, add_special_tokens=False).input_ids[:128] for t in texts]
+        refs = [r for r in refs if len(r) == 128][:48]
+        with torch.inference_mode():
+            writer.write(refs[:8], batch_size=8)  # warm up
+            t_write = [timed(lambda: writer.write(refs, batch_size=16)) for _ in range(rounds)]
+        results["write"] = {
+            "references": len(refs),
+            "tokens_per_reference": 128,
+            "references_per_s": len(refs) / statistics.median(t_write),
+        }
+        print(json.dumps(results["write"]), file=sys.stderr)
+
+        from memory3.retrieval.embed import get_embedder
+
+        retr = InMemoryRetriever(texts, writer, tok, get_embedder("minilm"))
+        gen.set_retriever(retr)
         for batch in (1, 8):
-            ids = torch.tensor([chat_ids] * batch)
-
-            def ours(n: int, b: int = batch, g: Generator = gen) -> callable:
-                cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
-                return lambda: g.generate([PROMPT] * b, mode="none", config=cfg)
-
-            def theirs(n: int, x: torch.Tensor = ids, m=hf) -> callable:
-                return lambda: m.generate(
-                    x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False
-                )
-
-            with torch.inference_mode():
-                t = interleave(
-                    {"ours_n": ours(n_new), "hf_n": theirs(n_new), "ours_1": ours(1), "hf_1": theirs(1)},
-                    rounds,
-                )
-            r_ours = decode_rate(batch, n_new, t["ours_n"], t["ours_1"])
-            r_hf = decode_rate(batch, n_new, t["hf_n"], t["hf_1"])
+            n = 128 if not args.quick else 72  # crosses the 64-token boundary: one re-retrieval
+            cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
+            timings: dict[str, list[float]] = {"memory": [], "none": []}
+            prompts = [PROMPT] * batch
+            for r in range(rounds + 1):
+                for mode in ("memory", "none"):
+                    gen.generate(prompts, mode=mode, config=cfg)
+                    if r > 0:
+                        timings[mode].append(batch * (n - 1) / gen.timing.decode_s)
+            m, nm = statistics.median(timings["memory"]), statistics.median(timings["none"])
             row = {
-                "dtype": str(dtype).removeprefix("torch."),
                 "batch": batch,
-                "memory3 tok/s": r_ours,
-                "transformers tok/s": r_hf,
-                "ratio": r_ours / r_hf,
+                "memory tok/s": m,
+                "no memory tok/s": nm,
+                "ratio": m / nm,
+                "memories per sequence": 5,
             }
             print(json.dumps(row), file=sys.stderr)
-            rows.append(row)
-        del hf
-    results["decode_vs_transformers"] = rows
+            mem_rows.append(row)
+        results["decode_memory_vs_none"] = mem_rows
 
-    # memory vs no memory, and writing throughput, in bf16 (the fast path on this CPU)
-    loaded = load_pretrained(dtype=torch.bfloat16)
-    model, tok = loaded.model, loaded.tokenizer
-    mc = MemoryConfig()
-    gen = Generator(model, tok, memory_config=mc, chat=True)
-    writer = MemoryWriter(model, gen.prefix_ids, mc)
-    texts = wiki_texts(64)
-    refs = [tok(t, add_special_tokens=False).input_ids[:128] for t in texts]
-    refs = [r for r in refs if len(r) == 128][:48]
-    with torch.inference_mode():
-        writer.write(refs[:8], batch_size=8)  # warm up
-        t_write = [timed(lambda: writer.write(refs, batch_size=16)) for _ in range(rounds)]
-    results["write"] = {
-        "references": len(refs),
-        "tokens_per_reference": 128,
-        "references_per_s": len(refs) / statistics.median(t_write),
-    }
-    print(json.dumps(results["write"]), file=sys.stderr)
-
-    from memory3.retrieval.embed import get_embedder
-
-    retr = InMemoryRetriever(texts, writer, tok, get_embedder("minilm"))
-    gen.set_retriever(retr)
-    mem_rows = []
-    for batch in (1, 8):
-        n = 128 if not args.quick else 72  # crosses the 64-token boundary: one re-retrieval
-        cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
-        timings: dict[str, list[float]] = {"memory": [], "none": []}
-        prompts = [PROMPT] * batch
-        for r in range(rounds + 1):
-            for mode in ("memory", "none"):
-                gen.generate(prompts, mode=mode, config=cfg)
-                if r > 0:
-                    timings[mode].append(batch * (n - 1) / gen.timing.decode_s)
-        m, nm = statistics.median(timings["memory"]), statistics.median(timings["none"])
-        row = {
-            "batch": batch,
-            "memory tok/s": m,
-            "no memory tok/s": nm,
-            "ratio": m / nm,
-            "memories per sequence": 5,
-        }
-        print(json.dumps(row), file=sys.stderr)
-        mem_rows.append(row)
-    results["decode_memory_vs_none"] = mem_rows
-
+    flags = (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads else "")
     print(json.dumps(results, indent=2))
-    body = (
-        "Decode speed of memory3 vs transformers `generate` (same weights, greedy, "
-        f"{n_new} new tokens, prefill excluded the same way for both; goal ratio ≥ 1.0):\n\n"
-        + table(rows)
-        + "\n\nDecode with 5 memories per sequence vs no memory (bf16, re-retrieval after 64 tokens included; "
-        "goal ratio ≥ 0.95, the paper reached 0.65):\n\n"
-        + table(mem_rows)
-        + f"\n\nMemory writing (bf16, 128-token references, batch 16): "
-        f"**{results['write']['references_per_s']:.1f} references/s**.\n"
-    )
-    cmd = "python benchmarks/bench_core.py" + (" --quick" if args.quick else "")
-    update_section(
-        args.out, "core", "Core: decode speed and memory writing (SmolLM2-135M)", cmd, body, results
-    )
+    if rows:
+        body = (
+            "Decode speed of memory3 vs transformers `generate` (same weights, greedy, "
+            f"{n_new} new tokens, prefill excluded the same way for both; goal ratio ≥ 1.0):\n\n"
+            + table(rows)
+        )
+        cmd = "python benchmarks/bench_core.py --part transformers" + flags
+        update_section(
+            args.out, "core", "Core: decode speed vs transformers (SmolLM2-135M)", cmd, body, results
+        )
+    if mem_rows:
+        body = (
+            "Decode with 5 memories per sequence vs no memory (bf16, the re-retrieval after 64 tokens "
+            "included; goal ratio ≥ 0.95, the paper reached 0.65):\n\n"
+            + table(mem_rows)
+            + f"\n\nMemory writing (bf16, 128-token references, batch 16): "
+            f"**{results['write']['references_per_s']:.1f} references/s**.\n"
+        )
+        cmd = "python benchmarks/bench_core.py --part memory" + flags
+        update_section(
+            args.out,
+            "core-memory",
+            "Core: decode with memory vs without, and writing (SmolLM2-135M)",
+            cmd,
+            body,
+            results,
+        )
     return 0
 
 
