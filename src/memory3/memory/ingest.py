@@ -489,8 +489,13 @@ def _chunk_batch(
         for b in cut_points(doc.text, offsets, max_tokens):
             spans.append((i, ids[a:b]))
             a = b
-    texts = tokenizer.batch_decode(
-        [s[1] for s in spans], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    # (batch_decode of no sequences gives one empty string: a text of control characters alone)
+    texts = (
+        tokenizer.batch_decode(
+            [s[1] for s in spans], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        if spans
+        else []
     )
     per_doc: list[list[tuple[list[int], str]]] = [[] for _ in docs]
     for (i, ids), text in zip(spans, texts, strict=True):
