@@ -182,7 +182,12 @@ def test_never_splits_a_character(tok) -> None:
     assert not any("\ufffd" in r.text for r in refs)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     text=st.text(
         alphabet=st.sampled_from(list("abc xyz.!?\n\t\"')é日🎉")) | st.characters(codec="utf-8"),
@@ -195,11 +200,15 @@ def test_chunking_property(tok, text: str, n: int) -> None:
     doc = Document("h", text)
     stats = IngestStats()
     refs = list(chunk_documents([doc], tok, n, stats=stats))
-    if tok.decode(tok.encode(text, add_special_tokens=False)) != text:
+    roundtrip = tok.decode(tok.encode(text, add_special_tokens=False))
+    if "".join(roundtrip.split()) != "".join(text.split()):
         assert stats.lossy == 1  # e.g. unassigned code points: the tokenizer itself loses them
         return
+    assert stats.lossy == 0  # at most whitespace-like control characters were dropped
+    if roundtrip != text:
+        return
     check_chunks(doc, refs, tok, n)
-    assert "".join(r.text for r in refs) == text and stats.lossy == 0
+    assert "".join(r.text for r in refs) == text
 
 
 def test_ingest_a_directory_end_to_end(tmp_path: Path, tok) -> None:
