@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from memory3.memory import layout
 from memory3.memory.write import Memories
 from memory3.model import MemoryInput
 
@@ -86,22 +87,8 @@ def chunked_memory(mem: Memories, slots: Tensor, batch: Batch, chunk_tokens: int
 
     slots: (B, C, J) long. k, v: (Lm, B, K, C·J·S, D); visible is block-diagonal over chunks.
     """
-    M, Lm, K, S, D = mem.k.shape
-    B, C, J = slots.shape
     T = batch.ids.shape[1]
-    device = mem.k.device
-    zero_k = torch.zeros((1, Lm, K, S, D), dtype=mem.k.dtype, device=device)
-    idx = torch.where(slots < 0, M, slots).to(device).reshape(-1)  # missing -> zero row
-    mk = torch.cat((mem.k, zero_k))[idx].view(B, C * J, Lm, K, S, D)
-    mv = torch.cat((mem.v, zero_k.to(mem.v.dtype)))[idx].view(B, C * J, Lm, K, S, D)
-    ok = torch.cat((mem.valid.to(device), torch.zeros(1, S, dtype=torch.bool, device=device)))[idx]
-    ok = ok.view(B, C * J * S) & (slots >= 0).to(device).repeat_interleave(S, dim=-1).view(B, C * J * S)
-    k = mk.permute(2, 0, 3, 1, 4, 5).reshape(Lm, B, K, C * J * S, D)
-    v = mv.permute(2, 0, 3, 1, 4, 5).reshape(Lm, B, K, C * J * S, D)
-    chunk = torch.full((B, T), -1, dtype=torch.long, device=device)
-    text_idx = torch.arange(T - batch.text_start, device=device)
-    chunk[:, batch.text_start :] = text_idx // chunk_tokens
-    chunk = torch.where(batch.valid.to(device), chunk, -1)
-    slot_chunk = torch.arange(C, device=device).repeat_interleave(J * S)  # (C·J·S,)
-    visible = (chunk[:, :, None] == slot_chunk[None, None, :]) & ok[:, None, :]
-    return MemoryInput(k, v, visible)
+    chunk = torch.full((T,), -1, dtype=torch.long, device=batch.valid.device)
+    chunk[batch.text_start :] = torch.arange(T - batch.text_start, device=chunk.device) // chunk_tokens
+    chunk = torch.where(batch.valid, chunk, -1)  # padding reads nothing
+    return layout.chunked(mem, slots, chunk)
