@@ -1,7 +1,7 @@
 """Load test of the HTTP server (issue "OpenAI-compatible server") on loopback.
 
-The bundled SmolLM2-135M-Instruct in bf16 serves an InMemoryRetriever over the first reference of
-~50 Wikipedia summaries. Closed-loop clients (1, 4, 8, 16 at a time, each sending its next
+The bundled SmolLM2-135M-Instruct (float32 by default) serves an InMemoryRetriever over the first
+reference of ~50 Wikipedia summaries. Closed-loop clients (1, 4, 8, 16 at a time, each sending its next
 request when the last one is answered) send a fixed number of chat completions
 (greedy, `max_tokens` new tokens), in memory mode and in RAG mode. Reported per level:
 requests/s, completion tokens/s, p50/p99 latency and errors (must be 0). Batching works when
@@ -135,13 +135,14 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--texts", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--out", default="BENCHMARKS.md")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
 
-    loaded = load_pretrained(dtype=torch.bfloat16)
+    loaded = load_pretrained(dtype=getattr(torch, args.dtype))
     model, tok = loaded.model, loaded.tokenizer
     mc = MemoryConfig()
     gen = Generator(model, tok, memory_config=mc)
@@ -164,7 +165,7 @@ def main() -> int:
     app = create_app(gen, {"wiki": retriever}, config, sched)
     results: dict = {
         "machine": machine(),
-        "model": "SmolLM2-135M-Instruct bf16",
+        "model": f"SmolLM2-135M-Instruct {args.dtype}",
         "references": len(refs),
         "max_tokens": args.max_tokens,
         "max_batch_size": args.max_batch_size,
@@ -221,7 +222,7 @@ def main() -> int:
         f"{alone['speedup b8/b1 tokens/s']:.2f}× tokens/s, the ceiling for the server's ratio"
     )
     body_md = (
-        f"SmolLM2-135M-Instruct (bf16, {torch.get_num_threads()} torch threads) behind `memory3 serve`'s "
+        f"SmolLM2-135M-Instruct ({args.dtype}, {torch.get_num_threads()} torch threads) behind `memory3 serve`'s "
         f"app on loopback; {len(refs)} Wikipedia references in RAM (MiniLM retrieval), "
         f"{mc.memories_per_chunk} per chunk; greedy chat completions of {args.max_tokens} new tokens; "
         f"closed-loop clients; scheduler batches of up to {args.max_batch_size}. "
@@ -235,6 +236,7 @@ def main() -> int:
         "python benchmarks/bench_serve.py"
         + (" --quick" if args.quick else "")
         + (f" --threads {args.threads}" if args.threads else "")
+        + f" --dtype {args.dtype}"
     )
     title = "Server: throughput and latency under load (SmolLM2-135M)"
     update_section(args.out, "serve", title, cmd, body_md, results)

@@ -119,7 +119,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--codec",
         default="default",
-        help="'default' (OPQ+PQ, 1/16 of bf16), 'none' (bf16), or a FAISS factory string",
+        help="'default' (per-layer residual + product quantizer, about 1/11 of bf16), 'none' (bf16), or a FAISS factory string",
     )
     p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf"))
     p.add_argument(
