@@ -139,7 +139,7 @@ def test_qa_and_kb_round_trip(tmp_path):
     items = [_item(0), _item(1, split="heldout", answers=["Vel", "Velmora"], meta={"k": [1, 2]})]
     save_qa(items, tmp_path / "a.jsonl")
     assert [asdict(x) for x in load_qa(tmp_path / "a.jsonl")] == [asdict(x) for x in items]
-    docs = [Document("x/doc", "Dresk", "The capital of Dresk is Vel."), Document("x/2", "Y", "Ÿ text")]
+    docs = [Document("x/doc", "The capital of Dresk is Vel.", "Dresk"), Document("x/2", "Ÿ text", "Y")]
     save_kb(docs, tmp_path / "a_kb.jsonl")
     assert load_kb(tmp_path / "a_kb.jsonl") == docs
     # without text: the reference comes back from the sibling KB
@@ -221,13 +221,13 @@ def test_fictional_is_deterministic_and_prefix_stable():
     )
     assert factbook.build_fictional(20, seed=0)[0] == docs[:20]
     assert factbook.build_fictional(40, seed=1)[0] != docs
-    assert {d.id.split("/")[1] for d in docs} == {"person", "town", "company"}
+    assert {d.doc_id.split("/")[1] for d in docs} == {"person", "town", "company"}
 
 
 def test_fictional_answers_are_in_their_reference_and_splits_follow_entities():
     docs, items = factbook.build_fictional(120)
     assert check_gold(items) == []
-    by_id = {d.id: d for d in docs}
+    by_id = {d.doc_id: d for d in docs}
     assert len(by_id) == len(docs) and len({d.title for d in docs}) == len(docs)  # names unique
     for it in items:
         assert it.reference == by_id[it.doc_id].text
@@ -267,7 +267,7 @@ def test_factbook_known_facts_and_clean_text(factbook_build):
         assert "&" not in d.text.replace(" & ", "") and "<" not in d.text and "\u00a0" not in d.text, d
         assert estimate_tokens(d.text) <= PASSAGE_TOKENS, d
     assert check_gold(items) == []
-    assert len({d.id for d in docs}) == len(docs) and len({i.id for i in items}) == len(items)
+    assert len({d.doc_id for d in docs}) == len(docs) and len({i.id for i in items}) == len(items)
     assert not any(i.entity in ("World", "European Union") for i in items)
 
 
@@ -276,7 +276,7 @@ def test_factbook_passages_are_self_contained(factbook_build):
     docs, _ = factbook_build
     names = {c.code: c.name for c in factbook.load_countries(["fr", "ae", "bf", "uv"])}
     for d in docs:
-        code = d.id.split("/")[1]
+        code = d.doc_id.split("/")[1]
         if code in names:
             # every sentence names its country, so each passage makes sense on its own
             subject = factbook.in_sentence(names[code]).removeprefix("the ")

@@ -126,6 +126,15 @@ def test_bundled_wikipedia() -> None:
     assert all(d.text and d.meta["license"] == "CC BY-SA 4.0" and d.meta["topic"] for d in docs)
     stats = IngestStats()
     assert sum(1 for _ in read_documents(WIKIPEDIA, stats)) == 10_033 == stats.documents
+    # "wikipedia" is the short name, unless a path of that name exists
+    assert next(iter(read_documents("wikipedia"))).doc_id == docs[0].doc_id
+
+
+def test_wikipedia_short_name_yields_to_a_real_path(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "wikipedia").mkdir()
+    (tmp_path / "wikipedia" / "a.txt").write_text("my own notes")
+    monkeypatch.chdir(tmp_path)
+    assert [d.text for d in read_documents("wikipedia")] == ["my own notes"]
 
 
 # ---- chunking -------------------------------------------------------------------------------------

@@ -529,7 +529,7 @@ def _country_documents(c: Country, max_tokens: int) -> tuple[list[Document], lis
     for p, idx in enumerate(packed):
         doc_id = f"{SOURCE}/{c.code}/{p}"
         text = " ".join(f.sentence for i in idx for f in groups[i] if f.sentence)
-        docs.append(Document(doc_id, c.name, text))
+        docs.append(Document(doc_id, text, c.name))
         for i in idx:
             for f in groups[i]:
                 items.append(
@@ -757,7 +757,7 @@ def build_fictional(n: int = 150, seed: int = 0) -> tuple[list[Document], list[Q
     docs, items = [], []
     for e in fictional_entities(n, seed):
         text = " ".join(f.sentence for f in e.facts if f.sentence)
-        docs.append(Document(e.id, e.name, text))
+        docs.append(Document(e.id, text, e.name))
         for f in e.facts:
             items.append(
                 QAItem(

@@ -31,6 +31,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from memory3.memory.ingest import Document
+
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "heldout"]
@@ -95,19 +97,6 @@ class QAItem:
         if self.meta:
             d["meta"] = self.meta
         return d
-
-
-@dataclass(frozen=True)
-class Document:
-    """One knowledge-base document. Factbook and fictional documents are single passages short
-    enough to be one reference each; Wikipedia documents are whole article summaries."""
-
-    id: str
-    title: str
-    text: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"id": self.id, "title": self.title, "text": self.text}
 
 
 _QA_REQUIRED = ("id", "question", "answers", "entity", "split", "source", "doc_id", "reference")
@@ -215,7 +204,7 @@ def _resolve(items: list[QAItem], path: Path, kb: Sequence[Document] | str | Pat
         return
     if kb is None:
         kb = path.with_name(f"{path.stem}_kb.jsonl")
-    docs = {d.id: d for d in (load_kb(kb) if isinstance(kb, (str, Path)) else kb)}
+    docs = {d.doc_id: d for d in (load_kb(kb) if isinstance(kb, (str, Path)) else kb)}
     for it in rest:
         if it.doc_id not in docs:
             raise QAFormatError(
@@ -260,7 +249,7 @@ def load_kb(path: str | Path) -> list[Document]:
                 f"{where}: duplicate document id {obj['id']!r} (first on line {seen[obj['id']]})"
             )
         seen[obj["id"]] = lineno
-        docs.append(Document(obj["id"], obj["title"], obj["text"]))
+        docs.append(Document(obj["id"], obj["text"], obj["title"]))
     return docs
 
 

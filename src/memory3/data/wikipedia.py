@@ -89,7 +89,7 @@ def iter_articles(split: Split | None = None) -> Iterator[Article]:
 
 def documents(split: Split | None = None) -> list[Document]:
     """The articles as knowledge-base documents (built at run time; never written to the repo)."""
-    return [Document(a.doc_id, a.title, a.text) for a in load_articles(split)]
+    return [Document(a.doc_id, a.text, a.title) for a in load_articles(split)]
 
 
 def text_stream(split: Split = "train") -> Iterator[str]:

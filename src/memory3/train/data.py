@@ -168,7 +168,7 @@ def fictional_training_entities(n: int, seed: int = 1) -> list[Entity]:
     banned = heldout_entities()
     items = [it for it in items if it.split == "train" and it.entity.casefold() not in banned]
     assert_train_only(items)
-    return _entities_from(items, {d.id: d for d in docs}, lambda it: it.doc_id.split("/")[1])
+    return _entities_from(items, {d.doc_id: d for d in docs}, lambda it: it.doc_id.split("/")[1])
 
 
 def factbook_training_entities() -> list[Entity]:
@@ -179,7 +179,7 @@ def factbook_training_entities() -> list[Entity]:
     docs, items = build_factbook()
     items = [it for it in items if it.split == "train"]
     assert_train_only(items)
-    return _entities_from(items, {d.id: d for d in docs}, lambda it: "country")
+    return _entities_from(items, {d.doc_id: d for d in docs}, lambda it: "country")
 
 
 @dataclass(frozen=True)

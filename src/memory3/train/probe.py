@@ -89,12 +89,12 @@ def probe(
     refs = []
     for i, d in enumerate(kb):
         ids = tokenizer(d.text, add_special_tokens=False).input_ids[: mem_cfg.reference_tokens]
-        refs.append(Reference(str(i), d.id, 0, tuple(ids), d.text, d.title))
+        refs.append(Reference(str(i), d.doc_id, 0, tuple(ids), d.text, d.title))
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
     with ctx, torch.no_grad():
         writer = MemoryWriter(model, prefix, mem_cfg)
         base = InMemoryRetriever(refs, writer, tokenizer, embedder)
-    row = {d.id: i for i, d in enumerate(kb)}
+    row = {d.doc_id: i for i, d in enumerate(kb)}
     retr = GoldAmongRetriever(base, {it.question.strip(): row[it.doc_id] for it in items})
     gen = Generator(model, tokenizer, retr, mem_cfg)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens)
