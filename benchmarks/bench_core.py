@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from memory3.checkpoint import load_pretrained
+from memory3.checkpoint import load_pretrained, to_hf_llama
 from memory3.config import GenerationConfig, MemoryConfig
 from memory3.eval.report import machine, table, update_section
 from memory3.generate import Generator
@@ -42,32 +42,6 @@ def wiki_texts(n: int) -> list[str]:
         if len(out) == n:
             break
     return out
-
-
-def hf_twin(model):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = model.config
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.n_layer,
-            num_attention_heads=c.n_head,
-            num_key_value_heads=c.n_kv_head,
-            head_dim=c.head_dim,
-            max_position_embeddings=c.max_seq_len,
-            rope_theta=c.rope_theta,
-            rms_norm_eps=c.rms_eps,
-            tie_word_embeddings=c.tie_embeddings,
-            bos_token_id=c.bos_token_id,
-            eos_token_id=c.eos_token_id,
-            pad_token_id=c.eos_token_id,
-        )
-    )
-    hf.load_state_dict(model.state_dict(), strict=False)
-    return hf.to(model.dtype).eval()
 
 
 def timed(fn) -> float:
@@ -118,7 +92,7 @@ def main() -> int:
         for dtype in (torch.float32, torch.bfloat16):
             loaded = load_pretrained(dtype=dtype)
             model, tok = loaded.model, loaded.tokenizer
-            hf = hf_twin(model)
+            hf = to_hf_llama(model)
             gen = Generator(model, tok, chat=True)
             chat_ids = tok.apply_chat_template(
                 [{"role": "user", "content": PROMPT}], add_generation_prompt=True

@@ -3,34 +3,16 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from conftest import tiny_model
+from memory3.checkpoint import to_hf_llama
 from memory3.config import ModelConfig
 from memory3.model import KVCache, Memory3Model
 
 
 def hf_twin(model: Memory3Model) -> LlamaForCausalLM:
-    c = model.config
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.n_layer,
-            num_attention_heads=c.n_head,
-            num_key_value_heads=c.n_kv_head,
-            head_dim=c.head_dim,
-            max_position_embeddings=c.max_seq_len,
-            rope_theta=c.rope_theta,
-            rms_norm_eps=c.rms_eps,
-            tie_word_embeddings=c.tie_embeddings,
-            attn_implementation="eager",
-        )
-    ).eval()
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all("rotary" in m for m in missing)
-    return hf
+    return to_hf_llama(model, attn_implementation="eager")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-tied"])

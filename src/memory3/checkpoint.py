@@ -184,6 +184,41 @@ def model_from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -
     return model.eval()
 
 
+def to_hf_llama(model: Memory3Model, attn_implementation: str | None = None) -> Any:
+    """The same weights as a transformers `LlamaForCausalLM` (no memory): for comparisons, for
+    `save_pretrained`, and for tools that take a Hugging Face model. Same device and dtype."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.n_layer,
+            num_attention_heads=c.n_head,
+            num_key_value_heads=c.n_kv_head,
+            head_dim=c.head_dim,
+            max_position_embeddings=c.max_seq_len,
+            rope_theta=c.rope_theta,
+            rms_norm_eps=c.rms_eps,
+            tie_word_embeddings=c.tie_embeddings,
+            bos_token_id=c.bos_token_id,
+            eos_token_id=c.eos_token_id,
+            pad_token_id=c.eos_token_id,
+            **extra,
+        )
+    )
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    missing = [m for m in missing if "rotary" not in m and not (c.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}"
+        )
+    return hf.to(device=model.device, dtype=model.dtype).eval()
+
+
 def load_hf_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Loaded:
