@@ -80,10 +80,12 @@ def main() -> int:
     ap.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the memory part"
     )
+    ap.add_argument("--rounds", type=int, default=0, help="measured rounds (0: 5, or 2 with --quick)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds, n_new = (2, 32) if args.quick else (5, 64)
+    rounds = args.rounds or rounds
     torch.manual_seed(0)
     results: dict = {"machine": machine(), "new_tokens": n_new, "rounds": rounds}
 
@@ -184,7 +186,11 @@ def main() -> int:
             mem_rows.append(row)
         results["decode_memory_vs_none"] = mem_rows
 
-    flags = (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads else "")
+    flags = (
+        (" --quick" if args.quick else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --rounds {args.rounds}" if args.rounds else "")
+    )
     print(json.dumps(results, indent=2))
     if rows:
         body = (

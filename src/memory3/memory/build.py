@@ -67,7 +67,7 @@ class BuildSummary:
     path: str
     references: int
     written: int  # memories written by this run
-    skipped: dict[str, int]
+    ingest: dict[str, int]  # documents read, references made, inputs skipped and why
     bytes: int
     seconds: float
     references_per_s: float

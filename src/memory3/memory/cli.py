@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from typing import Any
@@ -39,7 +40,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     stats = IngestStats()
     docs = read_documents(args.source, stats)
     if args.limit:
-        docs = (d for i, d in enumerate(docs) if i < args.limit)
+        docs = itertools.islice(docs, args.limit)  # stops reading there (the counts say so too)
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         summary = build_distributed(list(docs), args.out, loaded.model, loaded.tokenizer, mem_cfg, config)
         if summary is not None:
@@ -94,7 +95,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         {
             "documents": len(added),
             "references": sum(len(a["reference_ids"]) for a in added),
-            "skipped": stats.as_dict(),
+            "ingest": stats.as_dict(),
         }
     )
     retr.store.close()
