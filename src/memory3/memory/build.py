@@ -167,7 +167,9 @@ def build(
 
 
 def _fill(store: MemoryStore, writer: MemoryWriter, config: BuildConfig, progress: bool) -> int:
-    pending = store.pending_ids().tolist()
+    # Shortest first: a batch pads to its longest reference, and a document's last chunk is short.
+    # The order is a function of the pending set, so a resumed build continues the same sequence.
+    pending = store.pending_ids(by_length=True).tolist()
     bar = tqdm(total=len(pending), desc="write memories", disable=not progress, unit="ref")
     written = 0
     for s in range(0, len(pending), config.batch_size):

@@ -785,18 +785,19 @@ class MemoryStore:
             raise KeyError(f"{self.path}: unknown ref ids {missing[:10]}")
         return [rows[i][0] for i in ref_ids]
 
-    def _ids(self, where: str, args: tuple[Any, ...] = ()) -> np.ndarray:
+    def _ids(self, where: str, args: tuple[Any, ...] = (), order: str = "ref_id") -> np.ndarray:
         with self._lock:
-            rows = self._conn().execute(f"SELECT ref_id FROM refs WHERE {where} ORDER BY ref_id", args)
+            rows = self._conn().execute(f"SELECT ref_id FROM refs WHERE {where} ORDER BY {order}", args)
             return np.array([r[0] for r in rows], dtype=np.int64)
 
     def live_ids(self) -> np.ndarray:
         """Ids of built, not deleted references: what retrieval may return."""
         return self._ids("built = 1 AND deleted = 0")
 
-    def pending_ids(self) -> np.ndarray:
-        """Ids registered by `add_pending` and not filled yet (nor deleted)."""
-        return self._ids("built = 0 AND deleted = 0")
+    def pending_ids(self, by_length: bool = False) -> np.ndarray:
+        """Ids registered by `add_pending` and not filled yet (nor deleted); `by_length`: shortest
+        first (ties by id), so that batches of neighbours pad little."""
+        return self._ids("built = 0 AND deleted = 0", order="n_tokens, ref_id" if by_length else "ref_id")
 
     def doc_ids(self) -> list[str]:
         """Distinct documents with live or pending references."""
