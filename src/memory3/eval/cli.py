@@ -43,6 +43,12 @@ QUICK = {
 _LOADED: dict[tuple[str, str, str], Any] = {}  # models loaded by this process (bench all reuses them)
 
 
+def _store_size(path: str) -> int | str:
+    from memory3.memory.store import read_manifest
+
+    return (read_manifest(path).get("extra") or {}).get("references", "?")
+
+
 def _csv(kind: type) -> Any:
     def parse(s: str) -> tuple[Any, ...]:
         try:
@@ -297,8 +303,8 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     gen = Generator(model, tok, None, mem_cfg, chat=False)
     results = bench_speed(gen, prompts, factory, config, progress=not args.no_progress)
     results["kb"] = (
-        f"memory bank `{args.store}` (warm: its RAM cache on; cold: cache_size=0, every memory read and "
-        "decoded from disk)"
+        f"memory bank of {_store_size(args.store)} references given as `--store` (warm: its RAM cache "
+        "on; cold: cache_size=0, every memory read and decoded from disk)"
         if args.store
         else f"{len(kb_articles)} held-out Wikipedia summaries written to memory in RAM"
     )
@@ -365,9 +371,14 @@ def cmd_bench_all(args: argparse.Namespace) -> int:
         if args.store:
             runs["speed"] += ["--store", args.store]
         for name in args.only or list(runs):
-            sub = parser.parse_args([*runs[name], *common, "--out", str(results_dir / f"{name}.json")])
+            out = results_dir / f"{name}.json"
+            sub = parser.parse_args([*runs[name], *common, "--out", str(out)])
             log.info("bench all: %s", " ".join(runs[name]))
             sub.func(sub)
+            # each result says how to make it again: sections may come from different runs
+            saved = json.loads(out.read_text())
+            saved["reproduce"] = f"{cmd} --only {name}"
+            out.write_text(json.dumps(saved, indent=1, ensure_ascii=False) + "\n")
     loaded: dict[str, Any] = {}
     for name in SECTIONS:
         path = results_dir / f"{name}.json"
@@ -412,7 +423,7 @@ def render(
                 s: {"summary": v["summary"], "meta": v["meta"], "config": v["config"]}
                 for s, v in res["sets"].items()
             }
-        update_section(report, key, title, command, body, compact)
+        update_section(report, key, title, res.get("reproduce", command), body, compact)
 
 
 def _pct(x: float | None) -> str:
