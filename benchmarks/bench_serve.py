@@ -219,7 +219,7 @@ def main() -> int:
     ]
     speed.append(
         f"- the model alone (`Generator.generate`, memory mode, batch 8 vs batch 1, same prompts): "
-        f"{alone['speedup b8/b1 tokens/s']:.2f}× tokens/s, the ceiling for the server's ratio"
+        f"{alone['speedup b8/b1 tokens/s']:.2f}× tokens/s, for comparison (measured before the load test, not beside it)"
     )
     body_md = (
         f"SmolLM2-135M-Instruct ({args.dtype}, {torch.get_num_threads()} torch threads) behind `memory3 serve`'s "
