@@ -132,6 +132,17 @@ def test_pending_then_fill(tmp_path: Path) -> None:
         assert store.counts() == {"live": 2, "pending": 3, "deleted": 0, "records": 2}
 
 
+def test_pending_ids_by_length(tmp_path: Path) -> None:
+    """A build writes shortest first (batches pad little); ties keep id order."""
+    lengths = [5, 2, 9, 2, 7]
+    refs = [RefMeta("d", c, f"t{c}", tokens=tuple(range(n))) for c, n in enumerate(lengths)]
+    with new_store(tmp_path / "bank") as store:
+        ids = store.add_pending(refs)
+        assert store.pending_ids(by_length=True).tolist() == [ids[1], ids[3], ids[0], ids[4], ids[2]]
+        store.fill([ids[1]], mem_for([1]))
+        assert store.pending_ids(by_length=True).tolist() == [ids[3], ids[0], ids[4], ids[2]]
+
+
 def test_delete_and_compact(tmp_path: Path) -> None:
     path = tmp_path / "bank"
     with new_store(path, rps=2) as store:
