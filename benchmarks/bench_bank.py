@@ -228,27 +228,25 @@ def main() -> int:
                 ]
             )
             retr = StoreRetriever(store, index, embedder, cache_size=4096)
+
+            def query(
+                qi: int, cold: bool, retr=retr, index=index, queries=queries
+            ) -> tuple[float, np.ndarray]:
+                """Seconds for search + load + decode + layout of one query's 5 memories, and its hits."""
+                if cold:
+                    retr.cache = type(retr.cache)(4096)
+                    drop_page_cache(shards)
+                t0 = time.perf_counter()
+                _, hit = index.search(queries[qi : qi + 1], 5)
+                layout.gather(retr.memories(live[hit[0] % n_store].tolist()), torch.arange(5)[None])
+                return time.perf_counter() - t0, hit[0]
+
             for mode in ("cold", "warm"):
-                times, found = [], []
-                for qi in range(n_queries):
-                    if mode == "cold":
-                        retr.cache = type(retr.cache)(4096)
-                        drop_page_cache(shards)
-                    q = queries[qi : qi + 1]
-                    t0 = time.perf_counter()
-                    _, hit = index.search(q, 5)
-                    got = retr.memories(live[hit[0] % n_store].tolist())
-                    layout.gather(got, torch.arange(5)[None])
-                    times.append(time.perf_counter() - t0)
-                    found.append(hit[0])
+                runs = [query(qi, mode == "cold") for qi in range(n_queries)]
+                found = [h for _, h in runs]
                 if mode == "warm":  # the same queries again, now all cached
-                    times = []
-                    for qi in range(n_queries):
-                        t0 = time.perf_counter()
-                        _, hit = index.search(queries[qi : qi + 1], 5)
-                        got = retr.memories(live[hit[0] % n_store].tolist())
-                        layout.gather(got, torch.arange(5)[None])
-                        times.append(time.perf_counter() - t0)
+                    runs = [query(qi, False) for qi in range(n_queries)]
+                times = [t for t, _ in runs]
                 row = {
                     "references": size,
                     "index": index.kind,

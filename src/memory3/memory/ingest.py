@@ -53,12 +53,10 @@ class Document:
     title: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A knowledge-base JSONL line: {"id", "title", "text"} (and "metadata" when there is any)."""
-        d: dict[str, Any] = {"id": self.doc_id, "title": self.title, "text": self.text}
-        if self.meta:
-            d["metadata"] = self.meta
-        return d
+    def to_dict(self) -> dict[str, str]:
+        """A knowledge-base JSONL line as `memory3.data.qa.load_kb` reads it: exactly id, title,
+        text (`meta` is not part of that format)."""
+        return {"id": self.doc_id, "title": self.title, "text": self.text}
 
 
 @dataclass(frozen=True)
