@@ -3,6 +3,7 @@ kill -9, document changes, cold start, cache, fingerprints, torchrun."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -79,6 +80,49 @@ def test_build_then_retrieve_and_generate(tmp_path, model, tok) -> None:
     # leak filter: a query that contains the reference drops it and the next hit takes the slot
     leaky = retr.search([DOCS[3].text], 2, leak_texts=[DOCS[3].text], leak_threshold=2 / 3)[0]
     assert "dresk" not in [h.doc_id for h in leaky] and len(leaky) == 2
+
+
+def test_embedding_beside_the_writer_gives_the_same_bank(tmp_path, model, tok) -> None:
+    for mode in ("on", "off"):
+        build(
+            DOCS,
+            tmp_path / mode,
+            model,
+            tok,
+            MEM,
+            dataclasses.replace(CFG, overlap_embedding=mode),
+            progress=False,
+        )
+    assert _snapshot(tmp_path / "on") == _snapshot(tmp_path / "off")
+    queries = [d.text[:40] for d in DOCS]
+    hits = {
+        mode: [
+            [(h.ref_id, round(h.score, 6)) for h in q]
+            for q in StoreRetriever.open(tmp_path / mode, model, tok).search(queries, 3)
+        ]
+        for mode in ("on", "off")
+    }
+    assert hits["on"] == hits["off"]
+
+
+def test_embedder_failing_beside_the_writer_loses_no_memory(tmp_path, model, tok) -> None:
+    bad = dataclasses.replace(CFG, overlap_embedding="on", embedder="hashing-x")
+    with pytest.raises(ValueError, match="hashing-<dim>"):
+        build(DOCS, tmp_path / "bank", model, tok, MEM, bad, progress=False)
+    with MemoryStore.open(tmp_path / "bank") as s:
+        assert s.counts()["pending"] == 0 and s.counts()["records"] > 0  # every memory was written
+    summary = build(
+        DOCS,
+        tmp_path / "bank",
+        model,
+        tok,
+        MEM,
+        dataclasses.replace(CFG, overlap_embedding="on"),
+        progress=False,
+    )
+    assert summary.resumed and summary.written == 0
+    build(DOCS, tmp_path / "ref", model, tok, MEM, CFG, progress=False)
+    assert _snapshot(tmp_path / "bank") == _snapshot(tmp_path / "ref")
 
 
 def test_other_model_is_refused_with_both_fingerprints(tmp_path, model, tok) -> None:

@@ -442,7 +442,7 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path: Pa
 
 
 def test_adapter_saved_and_loaded_merged_gives_the_trained_model(tmp_path: Path) -> None:
-    from memory3.checkpoint import save_checkpoint
+    from memory3.checkpoint import load_pretrained, save_checkpoint
     from memory3.train.adapters import load_trained, save_adapter
     from memory3.train.loop import set_memory_layers
     from memory3.train.sft import SFTConfig
@@ -465,5 +465,10 @@ def test_adapter_saved_and_loaded_merged_gives_the_trained_model(tmp_path: Path)
     assert loaded.meta["command"].startswith("memory3 train sft")
     torch.testing.assert_close(loaded.model(x), want, atol=1e-5, rtol=1e-5)
     assert loaded.model._memory3_fingerprint != getattr(base, "_memory3_fingerprint", None)
+    assert loaded.memory_config == cfg.memory  # what it was trained with, for every command
+    # load_pretrained (behind every --model) takes an adapter directory as well
+    again = load_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(again.model(x), want, atol=1e-5, rtol=1e-5)
+    assert again.model._memory3_fingerprint == loaded.model._memory3_fingerprint
     with pytest.raises(FileNotFoundError, match="no trained adapter"):
         load_trained(tmp_path / "nowhere")

@@ -25,8 +25,12 @@ def _torch_dtype(name: str) -> Any:
 
 
 def add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    from memory3.shipped import default_model
+
     p.add_argument(
-        "--model", default="smollm2-135m-instruct", help="checkpoint directory or the bundled model name"
+        "--model",
+        default=default_model(),
+        help="a shipped model name, an adapter or checkpoint directory (default: %(default)s)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument(

@@ -23,15 +23,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from memory3.config import ModelConfig, fingerprint
+from memory3.config import MemoryConfig, ModelConfig, fingerprint
 from memory3.model import Memory3Model
+from memory3.shipped import BUNDLED, shipped_models
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "memory3.json"
 WEIGHTS_FILE = "model.safetensors"
-BUNDLED = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -45,6 +45,13 @@ class Loaded:
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
     path: Path
     meta: dict[str, Any]
+
+    @property
+    def memory_config(self) -> MemoryConfig:
+        """How this model writes and reads memories: what it was trained with (a trained adapter
+        saves it), else the paper's defaults."""
+        saved = self.meta.get("memory_config")
+        return MemoryConfig.from_dict(saved) if saved else MemoryConfig()
 
 
 def home() -> Path:
@@ -273,8 +280,14 @@ def convert_gguf(gguf: str | Path, out: str | Path, preset: str | None = None) -
 def load_pretrained(
     name_or_path: str | Path = BUNDLED, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Loaded:
-    """`smollm2-135m-instruct` (the bundled model, converted once and cached), a memory3
-    checkpoint directory, or a Hugging Face Llama-family directory."""
+    """`smollm2-135m-instruct` (the bundled model, converted once and cached), a shipped trained
+    model such as `smollm2-135m-instruct-memory3` (the bundled model with an adapter trained to read
+    memory), a trained adapter directory, a memory3 checkpoint directory, or a Hugging Face
+    Llama-family directory."""
+    from memory3.train import adapters
+
+    if adapters.is_adapter(name_or_path):
+        return adapters.load_trained(name_or_path, device, dtype)
     if str(name_or_path) == BUNDLED:
         path = home() / "checkpoints" / BUNDLED
         if not (path / META_FILE).exists():
@@ -283,7 +296,8 @@ def load_pretrained(
     path = Path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(
-            f"model {str(name_or_path)!r} not found: give a checkpoint directory or {BUNDLED!r}"
+            f"model {str(name_or_path)!r} not found: give a checkpoint or adapter directory, "
+            f"{BUNDLED!r}, or a shipped model {shipped_models()}"
         )
     return load_checkpoint(path, device, dtype)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from memory3.config import GenerationConfig, MemoryConfig
+from memory3.config import GenerationConfig
 from memory3.data.qa import QAItem, answer_contained, load_qa, shipped_path
 from memory3.generate import MODES, Generator
 from memory3.memory.ingest import Document, chunk_documents
@@ -49,7 +49,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"loaded in {time.perf_counter() - t0:.1f}s"
     )
 
-    cfg = MemoryConfig()
+    cfg = loaded.memory_config
     items, docs = _questions(args.articles, max(3, args.articles // 2))
     refs = list(chunk_documents(docs, tok, cfg.reference_tokens))
     writer = MemoryWriter(model, reference_prefix_ids(tok, model.config.bos_token_id, cfg), cfg)

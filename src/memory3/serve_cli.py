@@ -94,7 +94,6 @@ def parse_named(spec: str) -> tuple[str, str]:
 def open_stores(loaded: Any, stores: list[str], kbs: list[str], embedder: str) -> tuple[dict[str, Any], Any]:
     """Open every --store and --kb once, at start-up: {name: retriever} and their shared memory
     config. Paths come from the command line only; requests name stores from this dict."""
-    from memory3.config import MemoryConfig
 
     out: dict[str, Any] = {}
     mem_cfg = None
@@ -113,7 +112,7 @@ def open_stores(loaded: Any, stores: list[str], kbs: list[str], embedder: str) -
                 f"store {name!r} was written with another memory config ({cfg}) than the first ({mem_cfg}); serve them separately"
             )
         out[name], mem_cfg = retriever, cfg
-    return out, mem_cfg or MemoryConfig()
+    return out, mem_cfg or loaded.memory_config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

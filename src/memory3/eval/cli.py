@@ -141,9 +141,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
         items = select_items(load_qa(path), args.split, args.limit)
         retriever, kb_desc = store, f"memory bank {args.store}"
         if store is None:
-            from memory3.config import MemoryConfig
-
-            mem_cfg = MemoryConfig()
+            mem_cfg = loaded.memory_config
             if needs_retrieval:
                 docs = kb_documents(path, items, args.kb)
                 kb_desc = f"{args.kb}: {len(docs)} documents written to memory in RAM"
@@ -185,7 +183,6 @@ def _ppl_texts(source: str, limit: int | None) -> list[Any]:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from memory3.config import MemoryConfig
     from memory3.eval.ppl import PPLConfig, perplexity, tokenize_texts
     from memory3.memory.ingest import Document
     from memory3.retrieval.embed import get_embedder
@@ -206,7 +203,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     texts = [t for t, _ in kept]
     if not texts:
         raise ValueError(f"{args.texts}: no text has at least --min-tokens {config.min_tokens} tokens")
-    retriever, mem_cfg, kb_desc = None, MemoryConfig(), "none"
+    retriever, mem_cfg, kb_desc = None, loaded.memory_config, "none"
     if "memory" in args.modes:
         if args.store is not None or args.kb is not None:
             retriever, mem_cfg = open_retriever(loaded, store=args.store, kb=args.kb, embedder=args.embedder)
@@ -263,7 +260,6 @@ def _open_store(path: str, loaded: Any, cache: str) -> Any:
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     import torch
 
-    from memory3.config import MemoryConfig
     from memory3.data.wikipedia import load_articles
     from memory3.eval.qa import build_retriever
     from memory3.eval.speed import SpeedConfig, bench_speed, make_prompts
@@ -289,7 +285,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     prompts = make_prompts(
         tok, [a.text for a in prompt_articles], max(config.batch_sizes), config.prompt_tokens
     )
-    mem_cfg = MemoryConfig()
+    mem_cfg = loaded.memory_config
     warm = None
     if args.store is None and any(m != "none" for m in config.modes):
         docs = [Document(a.doc_id, a.text, a.title) for a in kb_articles]
@@ -317,12 +313,12 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_storage(args: argparse.Namespace) -> int:
-    from memory3.config import MemoryConfig, ModelConfig
+    from memory3.config import ModelConfig
     from memory3.data.wikipedia import load_articles
     from memory3.eval.storage import storage_rows, text_sample
 
     loaded = _load(args)
-    mem_cfg = MemoryConfig()
+    mem_cfg = loaded.memory_config
     texts = [a.text for a in load_articles("heldout")[: args.texts]]
     sample = text_sample(texts, loaded.tokenizer, mem_cfg.reference_tokens)
     rows: list[dict[str, Any]] = []

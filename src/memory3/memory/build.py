@@ -6,6 +6,10 @@
     4. write memories for pending references, batch by batch           (memory.write; skipped in cold start)
     5. embed every reference and build the FAISS index                 (retrieval.embed / index)
 
+Steps 4 and 5 overlap when there is hardware to spare (`BuildConfig.overlap_embedding`): the
+embedder runs in a second thread while the writer fills memories, so on a machine with a free core
+(or with the writer on an accelerator) the embedding costs no wall time.
+
 Every step is idempotent: a build killed at any moment (kill -9) and run again with the same
 arguments picks up where it stopped and ends with the same store. Embeddings are saved per batch
 under `embeddings.partial/` so that they are not computed twice either.
@@ -23,11 +27,12 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,7 +61,16 @@ class BuildConfig:
     batch_size: int = 16  # references per forward pass of the writer
     codec_train_references: int = 512  # sampled uniformly to train the codec
     cold: bool = False  # register and index only; memories are written when first retrieved
+    # Embed in a second thread while memories are written: "auto" does so when the writer leaves
+    # a CPU core free (torch threads < cores) or runs on an accelerator; "on" / "off" force it.
+    overlap_embedding: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.overlap_embedding not in ("auto", "on", "off"):
+            raise ValueError(
+                f"overlap_embedding must be 'auto', 'on' or 'off', got {self.overlap_embedding!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,7 +165,14 @@ def build(
     try:
         if store.counts()["records"] == 0 and len(store.pending_ids()) == 0 and len(store.live_ids()) == 0:
             store.add_pending([RefMeta(r.doc_id, r.index, r.text, r.title, r.token_ids) for r in refs])
-        written = 0 if config.cold else _fill(store, writer, config, progress)
+        embedding = None
+        if index and not config.cold and _overlap(config, model):
+            embedding = _EmbedInBackground(store, config, progress)
+        try:
+            written = 0 if config.cold else _fill(store, writer, config, progress)
+        finally:
+            if embedding is not None:
+                embedding.join()  # re-raises an embedder error; its finished batches stay on disk
         if index:
             _index(store, config, progress)
         size = sum(p.stat().st_size for p in (out / "shards").glob("*.bin"))
@@ -184,27 +205,89 @@ def _fill(store: MemoryStore, writer: MemoryWriter, config: BuildConfig, progres
     return written
 
 
+EMBED_BATCH = 256  # references per saved file of embeddings.partial/
+
+
+def _overlap(config: BuildConfig, model: Memory3Model) -> bool:
+    if config.overlap_embedding != "auto":
+        return config.overlap_embedding == "on"
+    on_accelerator = next(model.parameters()).device.type != "cpu"
+    return on_accelerator or torch.get_num_threads() < (os.cpu_count() or 1)
+
+
+def _index_ids(store: MemoryStore) -> np.ndarray:
+    """The references the index holds once the build is done: every registered one (pending
+    references become live as they are written), in id order."""
+    return np.sort(np.concatenate((store.live_ids(), store.pending_ids())))
+
+
+def _embed_batches(
+    part_dir: Path, ids: np.ndarray, texts: Any, embedder: Any, progress: bool, desc: str = "embed"
+) -> None:
+    """Embed `ids` in batches of EMBED_BATCH, one .npy per batch, skipping batches already saved.
+    `texts(chunk_ids)` returns their texts."""
+    part_dir.mkdir(parents=True, exist_ok=True)
+    for s in tqdm(range(0, len(ids), EMBED_BATCH), desc=desc, disable=not progress, unit="batch"):
+        f = part_dir / f"{s:09d}.npy"
+        if f.exists():
+            continue
+        chunk = ids[s : s + EMBED_BATCH]
+        vec = embedder.embed(texts(chunk.tolist())).astype(np.float32)
+        tmp = part_dir / f".{s:09d}.tmp.npy"
+        np.save(tmp, vec)
+        os.replace(tmp, f)
+
+
+class _EmbedInBackground:
+    """Embeds every reference of a build in a thread while the main thread writes memories.
+    Texts are read from the store here, up front: the SQLite connection stays with the main thread."""
+
+    def __init__(self, store: MemoryStore, config: BuildConfig, progress: bool) -> None:
+        self.error: BaseException | None = None
+        part_dir = store.path / PARTIAL
+        ids = _index_ids(store)
+        done = {int(f.stem) for f in part_dir.glob("*.npy")} if part_dir.exists() else set()
+        todo = [s for s in range(0, len(ids), EMBED_BATCH) if s not in done]
+        text_of = dict(zip(*_ids_and_texts(store, ids, todo), strict=True))
+
+        def run() -> None:
+            try:
+                embedder = get_embedder(config.embedder)
+                _embed_batches(
+                    part_dir,
+                    ids,
+                    lambda chunk: [text_of[i] for i in chunk],
+                    embedder,
+                    progress,
+                    "embed (beside)",
+                )
+            except BaseException as e:  # handed to the main thread by join()
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="memory3-embed", daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _ids_and_texts(store: MemoryStore, ids: np.ndarray, starts: list[int]) -> tuple[list[int], list[str]]:
+    wanted = [int(i) for s in starts for i in ids[s : s + EMBED_BATCH]]
+    return wanted, store.texts(wanted)
+
+
 def _index(store: MemoryStore, config: BuildConfig, progress: bool) -> None:
     """Embed every reference (resumable: one .npy per batch) and build the retrieval index."""
     index_dir = store.path / INDEX_SUBDIR
     if (index_dir / "index.json").exists() and store.manifest.get("index"):
         return
     part_dir = store.path / PARTIAL
-    part_dir.mkdir(parents=True, exist_ok=True)
+    ids = _index_ids(store)
     embedder = get_embedder(config.embedder)
-    ids = np.concatenate((store.live_ids(), store.pending_ids())) if config.cold else store.live_ids()
-    ids = np.sort(ids)
-    batch = 256
-    for s in tqdm(range(0, len(ids), batch), desc="embed", disable=not progress, unit="batch"):
-        f = part_dir / f"{s:09d}.npy"
-        if f.exists():
-            continue
-        chunk = ids[s : s + batch]
-        vec = embedder.embed(store.texts(chunk.tolist())).astype(np.float32)
-        tmp = part_dir / f".{s:09d}.tmp.npy"
-        np.save(tmp, vec)
-        os.replace(tmp, f)
-    vectors = np.concatenate([np.load(part_dir / f"{s:09d}.npy") for s in range(0, len(ids), batch)])
+    _embed_batches(part_dir, ids, store.texts, embedder, progress)
+    vectors = np.concatenate([np.load(part_dir / f"{s:09d}.npy") for s in range(0, len(ids), EMBED_BATCH)])
     vindex = VectorIndex.build(vectors, ids, config.index)
     vindex.save(index_dir)
     store.set_index_info({**vindex.describe(), "embedder": embedder.spec()})

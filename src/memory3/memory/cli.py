@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -23,7 +24,6 @@ def _codec_config(args: argparse.Namespace) -> Any:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from memory3.__main__ import load_model
-    from memory3.config import MemoryConfig
     from memory3.memory.build import BuildConfig, build, build_distributed
     from memory3.memory.ingest import IngestStats, read_documents
     from memory3.retrieval.index import IndexConfig
@@ -35,8 +35,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         embedder=args.embedder,
         batch_size=args.batch_size,
         cold=args.cold,
+        overlap_embedding=args.overlap_embedding,
     )
-    mem_cfg = MemoryConfig(kept_tokens=args.kept_tokens)
+    mem_cfg = loaded.memory_config
+    if args.kept_tokens is not None:
+        mem_cfg = dataclasses.replace(mem_cfg, kept_tokens=args.kept_tokens)
     stats = IngestStats()
     docs = read_documents(args.source, stats)
     if args.limit:
@@ -129,9 +132,21 @@ def register(sub: Any) -> None:
         help="'minilm' (bundled), 'bge-m3', or a sentence-transformers name/path",
     )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--kept-tokens", type=int, default=8, help="tokens kept per memory head (§3.3)")
+    p.add_argument(
+        "--kept-tokens",
+        type=int,
+        default=None,
+        help="tokens kept per memory head (§3.3); default: what the model was trained with, else 8",
+    )
     p.add_argument("--cold", action="store_true", help="cold start: write memories when first retrieved")
     p.add_argument("--limit", type=int, default=0, help="only the first N documents")
+    p.add_argument(
+        "--overlap-embedding",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="embed references in a second thread while memories are written "
+        "(auto: when the writer leaves a core free or runs on an accelerator)",
+    )
     p.set_defaults(func=cmd_build)
 
     store = sub.add_parser("store", help="inspect and change a memory bank").add_subparsers(

@@ -25,13 +25,13 @@ def open_retriever(
         retriever = StoreRetriever.open(store, loaded.model, loaded.tokenizer)
         return retriever, retriever.memory_config
     if kb is None:
-        return None, MemoryConfig()
+        return None, loaded.memory_config
     from memory3.memory.ingest import IngestStats, chunk_documents, read_documents
     from memory3.memory.write import MemoryWriter, reference_prefix_ids
     from memory3.retrieval.embed import get_embedder
     from memory3.retrieval.inmemory import InMemoryRetriever
 
-    cfg = MemoryConfig()
+    cfg = loaded.memory_config
     stats = IngestStats()
     refs = list(
         chunk_documents(read_documents(kb, stats), loaded.tokenizer, cfg.reference_tokens, stats=stats)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memory3.config import MemoryConfig, fingerprint
+from memory3.shipped import ADAPTER_META, models_dir, shipped_models
+from memory3.shipped import TRAINED as DEFAULT_MODEL
 from memory3.train.config import LoRAConfig, from_dict, to_dict
 from memory3.train.lora import apply_lora, load_lora_state, lora_state, merge_lora
 
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FORMAT = 1
 ADAPTER_FILE = "adapter.safetensors"
-ADAPTER_META = "adapter.json"
-DEFAULT_MODEL = "smollm2-135m-instruct-memory3"
 
 
 def save_adapter(model: Any, out: str | Path, config: Any, info: dict[str, Any], command: str = "") -> Path:
@@ -86,20 +85,16 @@ def init_from_adapter(model: Any, name: str | Path) -> None:
     log.info("LoRA initialised from %s", path)
 
 
-def shipped_models_dir() -> Path:
-    return Path(str(resources.files("memory3") / "assets" / "models"))
-
-
-def shipped_models() -> list[str]:
-    root = shipped_models_dir()
-    return sorted(p.name for p in root.iterdir() if (p / ADAPTER_META).exists()) if root.exists() else []
+def is_adapter(name: str | Path) -> bool:
+    """A shipped model's name or a directory holding a trained adapter."""
+    return (Path(name) / ADAPTER_META).exists() or (models_dir() / str(name) / ADAPTER_META).exists()
 
 
 def adapter_dir(name: str | Path) -> Path:
     path = Path(name)
     if (path / ADAPTER_META).exists():
         return path
-    shipped = shipped_models_dir() / str(name)
+    shipped = models_dir() / str(name)
     if (shipped / ADAPTER_META).exists():
         return shipped
     raise FileNotFoundError(

@@ -104,14 +104,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _load(name: str) -> Any:
-    from pathlib import Path
-
     from memory3.checkpoint import load_pretrained
-    from memory3.train.adapters import ADAPTER_META, load_trained, shipped_models
 
-    if name in shipped_models() or (Path(name) / ADAPTER_META).exists():
-        return load_trained(name)
-    return load_pretrained(name)
+    return load_pretrained(name)  # a shipped model or adapter directory too
 
 
 def register(sub: Any) -> None:
