@@ -4,7 +4,9 @@
    of the memory layers alone: the same batches, the same padded shapes, only the linear layers a
    writer must run (every projection of the memory layers but the last, whose q/k/v suffice).
    Reported for the writer alone, for writing + encoding + storing, and for the whole build
-   (reading, chunking, embedding and indexing included); the codec is trained once beforehand,
+   (reading, chunking, embedding and indexing included), once with the embedder after the writer
+   on the same thread and once with the embedder in a second thread beside it (the build's
+   default when a core is free, as with --threads 1 here); the codec is trained once beforehand,
    as a large build amortises it, and its training time is reported on its own.
 2. The default codec: bytes per memory against bf16, reconstruction error of keys and values,
    and the error of a memory layer's attention output when decoded memories replace exact ones.
@@ -22,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -150,7 +153,8 @@ def main() -> int:
     n = len(refs)
     # Rounds of (bound, writer, build without index, whole build) side by side, so that a change
     # in machine load hits all four alike; speeds are medians, shares the median per-round ratio.
-    t: dict[str, list[float]] = {"bound": [], "writer": [], "fill": [], "build": []}
+    t: dict[str, list[float]] = {"bound": [], "writer": [], "fill": [], "build": [], "beside": []}
+    serial, beside = (dataclasses.replace(bc, overlap_embedding=o) for o in ("off", "on"))
     for _ in range(rounds):
         t["bound"].append(matmul_bound_seconds(model, shapes(refs, bc.batch_size, len(prefix)), repeats=1))
         with torch.inference_mode():
@@ -161,13 +165,17 @@ def main() -> int:
             s = build(docs, Path(tmp) / "a", model, tok, mc, bc, progress=False, codec=codec, index=False)
             t["fill"].append(s.seconds)
             t["build"].append(
-                build(docs, Path(tmp) / "b", model, tok, mc, bc, progress=False, codec=codec).seconds
+                build(docs, Path(tmp) / "b", model, tok, mc, serial, progress=False, codec=codec).seconds
+            )
+            t["beside"].append(
+                build(docs, Path(tmp) / "c", model, tok, mc, beside, progress=False, codec=codec).seconds
             )
     what = {
         "bound": "matmul bound (memory layers' linear layers only)",
         "writer": "writer (forward to the last memory layer + top-8)",
         "fill": "write + encode + store (build without index)",
-        "build": "whole build (+ read, chunk, embed, index)",
+        "build": "whole build (+ read, chunk, embed, index), embedder after the writer",
+        "beside": "whole build, embedder in a second thread beside the writer (default)",
     }
     build_rows = [
         {

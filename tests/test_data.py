@@ -192,6 +192,14 @@ def test_duplicate_ids_and_missing_documents_are_refused(tmp_path):
     _write(tmp_path / "kb.jsonl", [{"id": "a", "title": "t", "text": "x"}, {"id": "b", "title": "t"}])
     with pytest.raises(QAFormatError, match=r"kb\.jsonl:2: .*exactly id, title, text"):
         load_kb(tmp_path / "kb.jsonl")
+    _write(
+        tmp_path / "kb.jsonl", [{"id": "a", "title": "", "text": "x"}, {"id": "", "title": "t", "text": "y"}]
+    )
+    with pytest.raises(QAFormatError, match=r"kb\.jsonl:2: id and text must be non-empty"):
+        load_kb(tmp_path / "kb.jsonl")
+    untitled = Document("u", "text without a title")
+    _write(tmp_path / "kb.jsonl", [untitled.to_dict()])
+    assert load_kb(tmp_path / "kb.jsonl") == [untitled]  # what to_dict writes, load_kb reads
     with pytest.raises(FileNotFoundError):
         load_qa(tmp_path / "nope.jsonl")
 

@@ -233,7 +233,8 @@ def save_qa(items: Iterable[QAItem], path: str | Path, with_text: bool = True) -
 
 
 def load_kb(path: str | Path) -> list[Document]:
-    """Read a knowledge-base JSONL (`id`, `title`, `text` per line); errors name the line."""
+    """Read a knowledge-base JSONL (`id`, `title`, `text` per line, the title may be empty, as
+    `Document.to_dict` writes it for an untitled document); errors name the line."""
     path = Path(path)
     docs: list[Document] = []
     seen: dict[str, int] = {}
@@ -242,8 +243,12 @@ def load_kb(path: str | Path) -> list[Document]:
         if not isinstance(obj, dict) or set(obj) != {"id", "title", "text"}:
             got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
             raise QAFormatError(f"{where}: a KB line is an object with exactly id, title, text; got {got}")
-        if not all(isinstance(obj[k], str) and obj[k] for k in ("id", "title", "text")):
-            raise QAFormatError(f"{where}: id, title and text must be non-empty strings")
+        if not (
+            all(isinstance(obj[k], str) and obj[k] for k in ("id", "text")) and isinstance(obj["title"], str)
+        ):
+            raise QAFormatError(
+                f"{where}: id and text must be non-empty strings, title a string (may be empty)"
+            )
         if obj["id"] in seen:
             raise QAFormatError(
                 f"{where}: duplicate document id {obj['id']!r} (first on line {seen[obj['id']]})"
