@@ -125,6 +125,28 @@ def test_embedder_failing_beside_the_writer_loses_no_memory(tmp_path, model, tok
     assert _snapshot(tmp_path / "bank") == _snapshot(tmp_path / "ref")
 
 
+def test_writer_failing_beside_the_embedder_raises_its_own_error_and_resumes(
+    tmp_path, model, tok, monkeypatch
+) -> None:
+    real_fill, calls = MemoryStore.fill, []
+
+    def fill_then_fail(self, ids, mem):
+        if calls:
+            raise OSError("No space left on device")
+        calls.append(ids)
+        return real_fill(self, ids, mem)
+
+    monkeypatch.setattr(MemoryStore, "fill", fill_then_fail)
+    beside = dataclasses.replace(CFG, overlap_embedding="on")
+    with pytest.raises(OSError, match="No space left"):
+        build(DOCS, tmp_path / "bank", model, tok, MEM, beside, progress=False)
+    monkeypatch.undo()
+    summary = build(DOCS, tmp_path / "bank", model, tok, MEM, beside, progress=False)
+    assert summary.resumed and summary.written == summary.references - len(calls[0])
+    build(DOCS, tmp_path / "ref", model, tok, MEM, CFG, progress=False)
+    assert _snapshot(tmp_path / "bank") == _snapshot(tmp_path / "ref")
+
+
 def test_other_model_is_refused_with_both_fingerprints(tmp_path, model, tok) -> None:
     build(DOCS[:2], tmp_path / "bank", model, tok, MEM, CFG, progress=False)
     other = tiny_model(seed=22, vocab_size=len(tok))

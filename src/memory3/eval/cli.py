@@ -346,8 +346,11 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
 
 def cmd_bench_all(args: argparse.Namespace) -> int:
     results_dir = Path(args.results_dir)
+    from memory3.shipped import default_model
+
     cmd = (
         "memory3 bench all"
+        + (f" --model {args.model}" if str(args.model) != default_model() else "")
         + (" --quick" if args.quick else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --store {args.store}" if args.store else "")

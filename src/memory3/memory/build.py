@@ -170,9 +170,13 @@ def build(
             embedding = _EmbedInBackground(store, config, progress)
         try:
             written = 0 if config.cold else _fill(store, writer, config, progress)
-        finally:
-            if embedding is not None:
-                embedding.join()  # re-raises an embedder error; its finished batches stay on disk
+        except BaseException:
+            if embedding is not None:  # stop after the batch at hand; what is saved stays saved
+                embedding.stop.set()
+                embedding.join(reraise=False)
+            raise
+        if embedding is not None:
+            embedding.join()  # re-raises an embedder error; its finished batches stay on disk
         if index:
             _index(store, config, progress)
         size = sum(p.stat().st_size for p in (out / "shards").glob("*.bin"))
@@ -222,12 +226,20 @@ def _index_ids(store: MemoryStore) -> np.ndarray:
 
 
 def _embed_batches(
-    part_dir: Path, ids: np.ndarray, texts: Any, embedder: Any, progress: bool, desc: str = "embed"
+    part_dir: Path,
+    ids: np.ndarray,
+    texts: Any,
+    embedder: Any,
+    progress: bool,
+    desc: str = "embed",
+    stop: threading.Event | None = None,
 ) -> None:
     """Embed `ids` in batches of EMBED_BATCH, one .npy per batch, skipping batches already saved.
-    `texts(chunk_ids)` returns their texts."""
+    `texts(chunk_ids)` returns their texts; `stop`, once set, ends the loop before the next batch."""
     part_dir.mkdir(parents=True, exist_ok=True)
     for s in tqdm(range(0, len(ids), EMBED_BATCH), desc=desc, disable=not progress, unit="batch"):
+        if stop is not None and stop.is_set():
+            return
         f = part_dir / f"{s:09d}.npy"
         if f.exists():
             continue
@@ -244,6 +256,7 @@ class _EmbedInBackground:
 
     def __init__(self, store: MemoryStore, config: BuildConfig, progress: bool) -> None:
         self.error: BaseException | None = None
+        self.stop = threading.Event()
         part_dir = store.path / PARTIAL
         ids = _index_ids(store)
         done = {int(f.stem) for f in part_dir.glob("*.npy")} if part_dir.exists() else set()
@@ -260,6 +273,7 @@ class _EmbedInBackground:
                     embedder,
                     progress,
                     "embed (beside)",
+                    self.stop,
                 )
             except BaseException as e:  # handed to the main thread by join()
                 self.error = e
@@ -267,9 +281,9 @@ class _EmbedInBackground:
         self.thread = threading.Thread(target=run, name="memory3-embed", daemon=True)
         self.thread.start()
 
-    def join(self) -> None:
+    def join(self, reraise: bool = True) -> None:
         self.thread.join()
-        if self.error is not None:
+        if self.error is not None and reraise:
             raise self.error
 
 
