@@ -357,7 +357,7 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
         lora=LoRAConfig(rank=2),
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
         loop=LoopConfig(steps=2, log_every=1, eval_every=2, bf16=False),
-        stages=(Stage(0.5, 0, "all"), Stage(1.0, 8, "half")),
+        stages=(Stage(0.5, 0, "all"), Stage(1.0, 16, "half")),
         fictional_entities=40,
         factbook_fraction=0.0,
         questions_per_group=3,
@@ -368,10 +368,11 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
     )
     run = run_sft(cfg, tmp_path / "run")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["layers"] for r in rows] == [4, 2] and [r["kept"] for r in rows] == [0, 8]
+    assert [r["layers"] for r in rows] == [4, 2] and [r["kept"] for r in rows] == [0, 16]
     assert "val_gold" in rows[-1] and "val_irrelevant" in rows[-1]
     meta = json.loads((run / "adapter" / ADAPTER_META).read_text())
     assert meta["memory_layers"] == [0, 1] and meta["lora"]["rank"] == 2
+    assert meta["memory"]["kept_tokens"] == 16  # the last stage's: how the trained model reads
     from safetensors.torch import load_file
 
     from memory3.train.adapters import adapter_from_run

@@ -46,13 +46,22 @@ def save_adapter(model: Any, out: str | Path, config: Any, info: dict[str, Any],
         "base": config.model,
         "lora": to_dict(config.lora),
         "memory_layers": list(model.memory_layers),
-        "memory": to_dict(getattr(config, "memory", MemoryConfig())),
+        "memory": to_dict(_final_memory_config(config)),
         "train": info,
         "train_config": to_dict(config),
         "command": command,
     }
     (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _final_memory_config(config: Any) -> MemoryConfig:
+    """How the trained model reads: the memory config of a curriculum's last stage, else the run's."""
+    if getattr(config, "stages", None):
+        from memory3.train.sft import memory_config_for
+
+        return memory_config_for(config, config.stages[-1])
+    return getattr(config, "memory", MemoryConfig())
 
 
 def adapter_from_run(run: str | Path, out: str | Path, command: str = "") -> Path:
