@@ -18,7 +18,7 @@
    records; at 1M the index ids map onto them (records are fixed-size, read at id × size, so the
    read cost does not depend on the count). Embedding the query text is reported apart.
 
-    .venv/bin/python benchmarks/bench_bank.py [--quick] [--threads 1]
+    .venv/bin/python benchmarks/bench_bank.py [--quick] [--threads 1] [--parts build,latency]
 """
 
 from __future__ import annotations
@@ -124,7 +124,20 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (0 = default)")
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--json", default="benchmarks/results/bank.json")
+    ap.add_argument(
+        "--parts",
+        default="build,latency",
+        help="what to measure: build, latency (the codec report always runs); the parts left out "
+        "are carried over from --json",
+    )
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"build", "latency"}:
+        raise SystemExit(f"--parts {args.parts}: choose from build, latency")
+    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+    carried = sorted({"build", "latency"} - parts)
+    if any(p not in previous for p in carried):
+        raise SystemExit(f"--parts {args.parts}: {args.json} has no {carried} to carry over; run them too")
     if args.threads:
         torch.set_num_threads(args.threads)
         import faiss
@@ -154,6 +167,8 @@ def main() -> int:
     # Rounds of (bound, writer, build without index, whole build) side by side, so that a change
     # in machine load hits all four alike; speeds are medians, shares the median per-round ratio.
     t: dict[str, list[float]] = {"bound": [], "writer": [], "fill": [], "build": [], "beside": []}
+    if "build" not in parts:
+        rounds = 0  # carried over below
     serial, beside = (dataclasses.replace(bc, overlap_embedding=o) for o in ("off", "on"))
     for _ in range(rounds):
         t["bound"].append(matmul_bound_seconds(model, shapes(refs, bc.batch_size, len(prefix)), repeats=1))
@@ -184,8 +199,13 @@ def main() -> int:
             "of bound": statistics.median(b / x for b, x in zip(t["bound"], ts, strict=True)),
         }
         for key, ts in t.items()
+        if ts
     ]
-    results["build"] = {"references": n, "rounds": rounds, "codec_train_s": t_codec, "rows": build_rows}
+    results["build"] = (
+        {"references": n, "rounds": rounds, "codec_train_s": t_codec, "rows": build_rows}
+        if "build" in parts
+        else previous["build"]
+    )
     print(json.dumps(results["build"]), file=sys.stderr)
 
     # ---- 2. codec bytes and fidelity (memories of real references)
@@ -195,6 +215,47 @@ def main() -> int:
     print(json.dumps(results["codec"]), file=sys.stderr)
 
     # ---- 3. retrieval + load + decode latency
+    if "latency" in parts:
+        latency(args, results, model, writer, mc, mem, codec, n_queries, big)
+    else:
+        for key in ("latency", "query_embedding_ms_p50", "store_fill_s"):
+            results[key] = previous.get(key)
+        results["latency_queries"] = previous.get("latency_queries", n_queries)  # same flags, same count
+    results["carried_over"] = carried
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+    b, c = results["build"], results["codec"]
+    body = (
+        f"Build throughput, {b['references']} Wikipedia references (128-token chunks, fp32, "
+        f"{args.threads} thread(s), {b['rounds']} interleaved rounds); the bound is the time of the memory "
+        f"layers' matmuls alone on the same batches (goal: build ≥ 70% of it). Codec training on these "
+        f"memories took {b['codec_train_s']:.1f} s.\n\n"
+        + table(b["rows"])
+        + f"\n\nDefault codec `{c['codec']}`: **{c['bytes_per_memory']:,} B per memory** vs "
+        f"{c['bf16_bytes_per_memory']:,} B in bf16 ({c['compression']:.1f}× smaller); relative error "
+        f"keys {c['k_rel_error']:.3f}, values {c['v_rel_error']:.3f}; memory-layer attention output "
+        f"{c['attn_rel_error']:.3f} (reading another chunk's memories instead: "
+        f"{c['attn_rel_error_other_memories']:.3f}).\n\n"
+        "Retrieval + load + decode of 5 memories (query vector → ids → records from disk or cache → "
+        "checksummed, decoded, laid out for the model). Synthetic clustered vectors; "
+        f"{results['latency_queries']} queries. Embedding the query text with all-MiniLM-L6-v2 adds "
+        f"{results['query_embedding_ms_p50']:.1f} ms (p50). Goal: p50 < 5 ms at 1M with the "
+        "approximate index.\n\n" + table(results["latency"])
+    )
+    if carried:
+        body += f"\n\n({', '.join(carried)} carried over from the previous run of this benchmark.)"
+    flags = (" --quick" if args.quick else "") + f" --threads {args.threads}"
+    update_section(
+        args.out, "bank", "Memory bank: build, codec, retrieval latency (SmolLM2-135M)",
+        "python benchmarks/bench_bank.py" + flags, body, results,
+    )  # fmt: skip
+    return 0
+
+
+def latency(args, results, model, writer, mc, mem, codec, n_queries: int, big: int) -> None:
+    """Part 3: retrieval + load + decode of 5 memories at 10k and `big` references."""
     n_store = 10_000
     dim = 384
     embedder = get_embedder("minilm")
@@ -271,34 +332,7 @@ def main() -> int:
             del index, vecs
         store.close()
     results["latency"] = lat_rows
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
-
-    c = results["codec"]
-    body = (
-        f"Build throughput, {n} Wikipedia references (128-token chunks, fp32, {args.threads} thread(s), "
-        f"{rounds} interleaved rounds); the bound is the time of the memory layers' matmuls alone on "
-        f"the same batches (goal: build ≥ 70% of it). Codec training on these memories took "
-        f"{t_codec:.1f} s.\n\n"
-        + table(build_rows)
-        + f"\n\nDefault codec `{c['codec']}`: **{c['bytes_per_memory']:,} B per memory** vs "
-        f"{c['bf16_bytes_per_memory']:,} B in bf16 ({c['compression']:.1f}× smaller); relative error "
-        f"keys {c['k_rel_error']:.3f}, values {c['v_rel_error']:.3f}; memory-layer attention output "
-        f"{c['attn_rel_error']:.3f} (reading another chunk's memories instead: "
-        f"{c['attn_rel_error_other_memories']:.3f}).\n\n"
-        "Retrieval + load + decode of 5 memories (query vector → ids → records from disk or cache → "
-        "checksummed, decoded, laid out for the model). Synthetic clustered vectors; "
-        f"{n_queries} queries. Embedding the query text with all-MiniLM-L6-v2 adds "
-        f"{results['query_embedding_ms_p50']:.1f} ms (p50). Goal: p50 < 5 ms at 1M with the "
-        "approximate index.\n\n" + table(lat_rows)
-    )
-    flags = (" --quick" if args.quick else "") + f" --threads {args.threads}"
-    update_section(
-        args.out, "bank", "Memory bank: build, codec, retrieval latency (SmolLM2-135M)",
-        "python benchmarks/bench_bank.py" + flags, body, results,
-    )  # fmt: skip
-    return 0
+    results["latency_queries"] = n_queries
 
 
 if __name__ == "__main__":
