@@ -112,6 +112,11 @@ def test_qa_accuracy_equals_hand_computation_from_generated_texts(setup) -> None
         assert [r.texts[mode] for r in report.items] == texts[mode]
     assert summary["modes"]["none"]["contained"] >= 1 / 3  # the test is not vacuous
     assert summary["modes"]["memory"]["exact_match"] >= 1 / 3
+    known = [i for i, (t, a) in enumerate(zip(texts["none"], answers, strict=True)) if answer_contained(t, a)]
+    for mode in ("memory", "rag"):
+        kept = sum(answer_contained(texts[mode][i], answers[i]) for i in known) / len(known)
+        assert summary["modes"][mode]["keeps_known"] == pytest.approx(kept)
+    assert summary["modes"]["none"]["keeps_known"] is None
 
 
 class ControlledRetriever:

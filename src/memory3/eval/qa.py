@@ -115,6 +115,11 @@ class QAReport:
                 "contained_when_missed": _mean([it.contained[mode] for it in misses])
                 if self.retrieval
                 else None,
+                # of the questions answered right without memory, the share this mode keeps right:
+                # what the model knew must survive reading memories (or the references' text)
+                "keeps_known": _mean([it.contained[mode] for it in self.items if it.contained.get("none")])
+                if "none" in self.config.modes and mode != "none"
+                else None,
                 "wall_s": t.wall_s,
                 "decode_tokens_per_s": t.generated_tokens / t.decode_s if t.decode_s else None,
             }
