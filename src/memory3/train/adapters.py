@@ -96,7 +96,9 @@ def init_from_adapter(model: Any, name: str | Path) -> None:
 
 def is_adapter(name: str | Path) -> bool:
     """A shipped model's name or a directory holding a trained adapter."""
-    return (Path(name).expanduser() / ADAPTER_META).exists() or (models_dir() / str(name) / ADAPTER_META).exists()
+    return (Path(name).expanduser() / ADAPTER_META).exists() or (
+        models_dir() / str(name) / ADAPTER_META
+    ).exists()
 
 
 def adapter_dir(name: str | Path) -> Path:

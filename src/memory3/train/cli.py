@@ -97,7 +97,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from memory3.train.adapters import adapter_from_run
 
-    command = f"memory3 train sft --config {args.config} --out {args.run}" if args.config else ""
+    command = args.command or (
+        f"memory3 train sft --config {args.config} --out {args.run}" if args.config else ""
+    )
     out = adapter_from_run(args.run, args.out, command)
     print(json.dumps({"adapter": str(out)}))
     return 0
@@ -130,6 +132,9 @@ def register(sub: Any) -> None:
     e.add_argument("--run", required=True, help="the run directory of `memory3 train sft`")
     e.add_argument("--out", required=True, help="adapter directory, e.g. src/memory3/assets/models/<name>")
     e.add_argument("--config", default="", help="the config file the run was started with (recorded)")
+    e.add_argument(
+        "--command", default="", help="the commands that made the run, recorded as given (overrides --config)"
+    )
     e.set_defaults(func=cmd_export)
 
     r = tsub.add_parser("probe", help="quick held-out accuracy: memory / none / RAG, gold among 5")
