@@ -473,3 +473,47 @@ def test_adapter_saved_and_loaded_merged_gives_the_trained_model(tmp_path: Path)
     assert again.model._memory3_fingerprint == loaded.model._memory3_fingerprint
     with pytest.raises(FileNotFoundError, match="no trained adapter"):
         load_trained(tmp_path / "nowhere")
+
+
+# --- the shipped model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_shipped_model_reads_facts_only_its_memory_holds() -> None:
+    """The default model is SmolLM2 with the shipped adapter; it answers held-out fictional
+    questions from explicit memory, and cannot without it."""
+    from memory3.checkpoint import load_pretrained
+    from memory3.config import GenerationConfig
+    from memory3.data.qa import answer_contained, load_kb, shipped_path
+    from memory3.generate import Generator
+    from memory3.memory.ingest import chunk_documents
+    from memory3.memory.write import MemoryWriter
+    from memory3.retrieval.embed import get_embedder
+    from memory3.retrieval.inmemory import InMemoryRetriever
+    from memory3.shipped import TRAINED, default_model
+
+    assert default_model() == TRAINED
+    torch.set_num_threads(1)
+    loaded = load_pretrained(TRAINED)
+    cfg = loaded.memory_config
+    assert loaded.model.memory_layers == tuple(range(20)) and cfg.kept_tokens == 32
+    kb = load_kb(shipped_path("fictional_kb.jsonl"))
+    docs = [d for d in kb if d.title in ("Brokirton", "Midrienza")] + kb[:6]
+    assert len({d.title for d in docs} & {"Brokirton", "Midrienza"}) == 2
+    gen = Generator(loaded.model, loaded.tokenizer, memory_config=cfg)
+    refs = list(chunk_documents(docs, loaded.tokenizer, cfg.reference_tokens))
+    gen.set_retriever(
+        InMemoryRetriever(
+            refs, MemoryWriter(loaded.model, gen.prefix_ids, cfg), loaded.tokenizer, get_embedder()
+        )
+    )
+    qa = [
+        ("On which lake does the town of Brokirton lie?", "Steimach"),
+        ("How many inhabitants does the town of Brokirton have?", "79,974"),
+        ("In which year was the town of Midrienza founded?", "1539"),
+    ]
+    right = {}
+    for mode in ("memory", "none"):
+        outs = gen.generate([q for q, _ in qa], mode=mode, config=GenerationConfig(max_new_tokens=24))
+        right[mode] = sum(answer_contained(o.text, [a]) for o, (_, a) in zip(outs, qa, strict=True))
+    assert right["memory"] >= 2 and right["none"] == 0, right
