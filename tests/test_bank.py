@@ -141,6 +141,8 @@ def test_writer_failing_beside_the_embedder_raises_its_own_error_and_resumes(
     with pytest.raises(OSError, match="No space left"):
         build(DOCS, tmp_path / "bank", model, tok, MEM, beside, progress=False)
     monkeypatch.undo()
+    (tmp_path / "bank" / "embeddings.partial").mkdir(exist_ok=True)
+    (tmp_path / "bank" / "embeddings.partial" / ".000000000.tmp.npy").write_bytes(b"half")  # as after a kill
     summary = build(DOCS, tmp_path / "bank", model, tok, MEM, beside, progress=False)
     assert summary.resumed and summary.written == summary.references - len(calls[0])
     build(DOCS, tmp_path / "ref", model, tok, MEM, CFG, progress=False)

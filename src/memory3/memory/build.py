@@ -259,7 +259,8 @@ class _EmbedInBackground:
         self.stop = threading.Event()
         part_dir = store.path / PARTIAL
         ids = _index_ids(store)
-        done = {int(f.stem) for f in part_dir.glob("*.npy")} if part_dir.exists() else set()
+        # saved batches are NNNNNNNNN.npy; a .NNNNNNNNN.tmp.npy left by a kill is not one
+        done = {int(f.stem) for f in part_dir.glob("[0-9]*.npy")} if part_dir.exists() else set()
         todo = [s for s in range(0, len(ids), EMBED_BATCH) if s not in done]
         text_of = dict(zip(*_ids_and_texts(store, ids, todo), strict=True))
 
