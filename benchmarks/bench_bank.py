@@ -245,7 +245,11 @@ def main() -> int:
         "approximate index.\n\n" + table(results["latency"])
     )
     if carried:
-        body += f"\n\n({', '.join(carried)} carried over from the previous run of this benchmark.)"
+        was = (previous.get("codec") or {}).get("codec", "?")
+        body += (
+            f"\n\n({', '.join(carried)} carried over from the previous run of this benchmark, whose "
+            f"codec was {was}.)"
+        )
     flags = (" --quick" if args.quick else "") + f" --threads {args.threads}"
     update_section(
         args.out, "bank", "Memory bank: build, codec, retrieval latency (SmolLM2-135M)",
