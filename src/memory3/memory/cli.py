@@ -123,7 +123,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--codec",
         default="default",
-        help="'default' (4-bit scalar quantizer per layer, 1/4 of bf16), 'none' (bf16), or a FAISS factory "
+        help="'default' (8-bit scalar quantizer per layer, 1/2 of bf16), 'none' (bf16), or a FAISS factory "
         "string, e.g. 'Residual2x10,PQ8' (1/11 of bf16, at a cost in answers: see BENCHMARKS.md)",
     )
     p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf"))

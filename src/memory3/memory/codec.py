@@ -50,18 +50,17 @@ class CodecError(ValueError):
 
 
 def default_factory(head_dim: int) -> str:
-    """The default quantizer: 4-bit scalar quantization of every dimension, with each dimension's
-    range trained per memory layer (FAISS "SQ4"): 32 bytes per 64-d vector, 4× smaller than bf16.
+    """The default quantizer: 8-bit scalar quantization of every dimension, with each dimension's
+    range trained per memory layer (FAISS "SQ8"): 64 bytes per 64-d vector, 2× smaller than bf16.
 
     Chosen by what it costs in answers, measured with the shipped reader (SmolLM2-135M, memory in
-    20 layers, 32 kept tokens; `benchmarks/bench_codec_qa.py`, 80 held-out fictional questions):
-    bf16 57.5%, SQ8 57.5% (2×), SQ4 58.8% (4×), while the paper-style vector quantizer
-    Residual2x10,PQ8 (11 bytes per vector, 11× smaller; attention-output error 0.33 against 0.003
-    for bf16) answered 42.5%, and 26.5% against 53.9% on 102 Factbook questions. Vector quantizers
-    stay one `--codec` away (any `faiss.index_factory` string with standalone codes) for banks where
-    bytes matter more than a model's reading.
+    20 layers, 32 kept tokens; `benchmarks/bench_codec_qa.py`, held-out questions, memory mode):
+    on 80 invented-fact questions bf16 57.5%, SQ8 57.5%, SQ4 58.8%, Residual2x10,PQ8 42.5%; on 102
+    Factbook questions bf16 53.9%, SQ4 43.1%, Residual2x10,PQ8 26.5%. The paper-style vector
+    quantizer (11 bytes per vector, 11× smaller) and SQ4 (4×) stay one `--codec` away for banks
+    where bytes matter more than a small model's reading.
     """
-    return "SQ4"
+    return "SQ8"
 
 
 @dataclass(frozen=True)
