@@ -313,7 +313,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_storage(args: argparse.Namespace) -> int:
-    from memory3.config import ModelConfig
+    from memory3.config import MemoryConfig, ModelConfig
     from memory3.data.wikipedia import load_articles
     from memory3.eval.storage import storage_rows, text_sample
 
@@ -323,11 +323,17 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
     sample = text_sample(texts, loaded.tokenizer, mem_cfg.reference_tokens)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
-    models = [loaded.model.config] + [ModelConfig.from_preset(p) for p in args.presets]
-    for mc in models:
+    # the loaded model as it reads (a trained adapter's memory config); presets as the paper sets them
+    models = [(loaded.model.config, mem_cfg)] + [
+        (ModelConfig.from_preset(p), MemoryConfig()) for p in args.presets
+    ]
+    for mc, cfg in models:
         for c in args.codecs:
             try:
-                rows += storage_rows(mc, mem_cfg, [c], sample)
+                rows += [
+                    {**r, "kept_tokens": cfg.kept_tokens, "memory_layers": mc.n_memory_layers}
+                    for r in storage_rows(mc, cfg, [c], sample)
+                ]
             except ValueError as e:
                 skipped.append(f"{mc.name}/{c}: {e}")
     results = {
@@ -543,6 +549,9 @@ def _md_storage(res: dict[str, Any]) -> str:
     rows = [
         {
             "model": r["model"],
+            "memory layers × kept tokens": f"{r['memory_layers']} × {r['kept_tokens']}"
+            if "kept_tokens" in r
+            else "–",
             "codec": f"`{r['codec']}`",
             "bytes/vector": f"{r['bytes_per_vector']:.0f}",
             "KiB/memory": f"{r['kib_per_memory']:.1f}",
@@ -557,7 +566,8 @@ def _md_storage(res: dict[str, Any]) -> str:
     mc = res["memory_config"]
     skipped = "".join(f"\n- skipped {x}" for x in res.get("skipped", []))
     return (
-        f"One memory = memory layers × 2 (K, V) × kv heads × {mc['kept_tokens']} kept tokens × head dim. Full KV: "
+        "One memory = memory layers × 2 (K, V) × kv heads × kept tokens × head dim (the first model as "
+        f"loaded, {mc['kept_tokens']} kept tokens; presets as the paper sets them, 8). Full KV: "
         f"every layer and kv head for all {mc['reference_tokens']} tokens of a reference, bf16 (MHA: counting the "
         "query heads, as the paper's 160× does). Text: UTF-8 of a full reference, from "
         f"{s['references']} held-out Wikipedia references ({s['utf8_bytes_per_token']:.2f} bytes/token, SmolLM2 "
