@@ -222,6 +222,13 @@ def main() -> int:
             results[key] = previous.get(key)
         results["latency_queries"] = previous.get("latency_queries", n_queries)  # same flags, same count
     results["carried_over"] = carried
+    # each part keeps the machine, date and codec it was measured with
+    here = {**machine(), "codec": results["codec"]["codec"]}
+    legacy = {**previous.get("machine", {}), "codec": (previous.get("codec") or {}).get("codec", "?")}
+    results["measured"] = {
+        p: here if p not in carried else previous.get("measured", {}).get(p, legacy)
+        for p in ("build", "codec", "latency")
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
@@ -244,11 +251,11 @@ def main() -> int:
         f"{results['query_embedding_ms_p50']:.1f} ms (p50). Goal: p50 < 5 ms at 1M with the "
         "approximate index.\n\n" + table(results["latency"])
     )
-    if carried:
-        was = (previous.get("codec") or {}).get("codec", "?")
+    for part in carried:
+        m = results["measured"][part]
         body += (
-            f"\n\n({', '.join(carried)} carried over from the previous run of this benchmark, whose "
-            f"codec was {was}.)"
+            f"\n\n({part} carried over from an earlier run of this benchmark: {m.get('date', '?')}, "
+            f"codec {m['codec']}.)"
         )
     flags = (" --quick" if args.quick else "") + f" --threads {args.threads} --parts {args.parts}"
     update_section(

@@ -72,6 +72,7 @@ def main() -> int:
         items = select_items(load_qa(path), "heldout", args.limit)
         docs = kb_documents(path, items, "set")
         accs: dict[str, float] = {}
+        ok: dict[str, list[bool]] = {}  # per question, for the paired count below
         with tempfile.TemporaryDirectory() as tmp:
             for codec_name, codec in CODECS.items():
                 bank = Path(tmp) / codec_name.split()[0].replace(",", "_")
@@ -88,8 +89,8 @@ def main() -> int:
                     "bytes_per_memory": summary.bytes / max(summary.references, 1),
                     "eval_s": time.perf_counter() - t0,
                     "answers": [it.texts["memory"] for it in report.items],
-                    "_ok": [it.contained["memory"] for it in report.items],
                 }
+                ok[codec_name] = [it.contained["memory"] for it in report.items]
                 rows.append(
                     {
                         "set": name,
@@ -103,7 +104,6 @@ def main() -> int:
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 retr.store.close()
         # paired: the same questions, so count the answers each codec turned wrong and right
-        ok = {c: detail[f"{name}/{c}"].pop("_ok") for c in CODECS}
         for row in rows[-len(CODECS) :]:
             c = row["codec"]
             row["drop (points)"] = 100 * (accs[BASELINE] - accs[c])

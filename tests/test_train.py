@@ -231,6 +231,29 @@ def test_training_data_never_holds_a_heldout_entity() -> None:
         fictional_training_entities(10, seed=0)
 
 
+def test_wikipedia_training_groups_are_train_split_cloze_on_one_topic() -> None:
+    from memory3.data.qa import load_qa, shipped_path, split_of
+    from memory3.train.data import make_group, rng_for, wikipedia_training_entities
+    from memory3.train.sft import SFTConfig
+
+    ents = wikipedia_training_entities()
+    asked = {
+        it.entity for it in load_qa(shipped_path("wikipedia.jsonl"), resolve=False) if it.split == "heldout"
+    }
+    assert len(ents) > 1000 and all(split_of(e.name) == "train" for e in ents)
+    assert asked and not asked & {e.name for e in ents}
+    for e in ents[:50]:
+        (f,) = e.facts
+        assert f.question.startswith("Fill in the blank: ") and "____" in f.question
+        assert f.answer in e.reference and f.answer not in f.question
+    g = make_group(ents, rng_for(0, 1), 5, 24)
+    chosen = [e for e in ents if e.reference in g.references]
+    assert len(g.references) == 5 and len(g.questions) == 5
+    assert len({e.kind for e in chosen}) == 1  # hard distractors: the same topic
+    with pytest.raises(ValueError, match="together ≤ 1"):
+        SFTConfig(factbook_fraction=0.6, wikipedia_fraction=0.5)
+
+
 # --- recipes: exact resume -------------------------------------------------------------------------------
 
 

@@ -262,7 +262,8 @@ class _EmbedInBackground:
         # saved batches are NNNNNNNNN.npy; a .NNNNNNNNN.tmp.npy left by a kill is not one
         done = {int(f.stem) for f in part_dir.glob("[0-9]*.npy")} if part_dir.exists() else set()
         todo = [s for s in range(0, len(ids), EMBED_BATCH) if s not in done]
-        text_of = dict(zip(*_ids_and_texts(store, ids, todo), strict=True))
+        wanted = [int(i) for s in todo for i in ids[s : s + EMBED_BATCH]]
+        text_of = dict(zip(wanted, store.texts(wanted), strict=True))
 
         def run() -> None:
             try:
@@ -286,11 +287,6 @@ class _EmbedInBackground:
         self.thread.join()
         if self.error is not None and reraise:
             raise self.error
-
-
-def _ids_and_texts(store: MemoryStore, ids: np.ndarray, starts: list[int]) -> tuple[list[int], list[str]]:
-    wanted = [int(i) for s in starts for i in ids[s : s + EMBED_BATCH]]
-    return wanted, store.texts(wanted)
 
 
 def _index(store: MemoryStore, config: BuildConfig, progress: bool) -> None:

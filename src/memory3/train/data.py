@@ -182,6 +182,25 @@ def factbook_training_entities() -> list[Entity]:
     return _entities_from(items, {d.doc_id: d for d in docs}, lambda it: "country")
 
 
+def wikipedia_training_entities() -> list[Entity]:
+    """Fill-in-the-blank questions on train-split Wikipedia articles (one per article that has a
+    good blank, as the shipped evaluation set asks them), each with its article's leading passage
+    as the reference. The kind is the article's topic, so a group's distractors share it."""
+    from memory3.data.wikipedia import build_wikipedia_qa
+
+    items = [it for it in build_wikipedia_qa(split="train") if split_of(it.entity) == "train"]
+    assert_train_only(items)
+    return [
+        Entity(
+            it.entity,
+            f"wikipedia/{it.meta.get('topic', '')}",
+            it.reference or "",
+            (Fact(it.question or "", it.answers[0]),),
+        )
+        for it in items
+    ]
+
+
 @dataclass(frozen=True)
 class Group:
     """References read together as the memories of every question in the group; each question's

@@ -41,6 +41,7 @@ from memory3.train.data import (
     rng_for,
     sequence_at,
     tokenize_corpus,
+    wikipedia_training_entities,
 )
 from memory3.train.layout import shared_memory, text_batch
 from memory3.train.loop import (
@@ -91,6 +92,7 @@ class SFTConfig:
     fictional_entities: int = 4000  # generated with fictional_seed; train split only
     fictional_seed: int = 1
     factbook_fraction: float = 0.25  # share of groups drawn from Factbook train countries
+    wikipedia_fraction: float = 0.0  # share of groups of fill-in-the-blank questions on train articles
     questions_per_group: int = 24
     rag_per_step: int = 1
     rag_weight: float = 0.5
@@ -106,6 +108,14 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if not self.stages or abs(self.stages[-1].until - 1.0) > 1e-9:
             raise ValueError(f"the last stage must end at until=1.0, got stages {self.stages}")
+        if (
+            not 0.0 <= self.factbook_fraction + self.wikipedia_fraction <= 1.0
+            or min(self.factbook_fraction, self.wikipedia_fraction) < 0
+        ):
+            raise ValueError(
+                "factbook_fraction and wikipedia_fraction are shares of the groups: each ≥ 0 and "
+                f"together ≤ 1, got {self.factbook_fraction} and {self.wikipedia_fraction}"
+            )
         if self.questions_per_group < 1:
             raise ValueError(f"questions_per_group must be ≥ 1, got {self.questions_per_group}")
 
@@ -146,6 +156,14 @@ class SFTData:
         self.val_pool = fict[:n_val]  # never trained on: the gold/irrelevant loss gap is measured on them
         self.fictional = fict[n_val:]
         self.factbook: list[Entity] = factbook_training_entities() if config.factbook_fraction > 0 else []
+        self.wikipedia: list[Entity] = []
+        if config.wikipedia_fraction > 0:  # only questions whose prompt fits one chunk, as SFT reads one
+            n = config.memory.chunk_tokens
+            self.wikipedia = [
+                e
+                for e in wikipedia_training_entities()
+                if all(len(self.prompt_ids(f.question)) <= n for f in e.facts)
+            ]
         self.text = None
         if config.text_per_step:
             texts = corpus_texts(config.text_corpus, "train")
@@ -154,15 +172,22 @@ class SFTData:
                 texts, tokenizer, tokenizer.eos_token_id, cache_dir / f"tokens-{name}.npy"
             )
         log.info(
-            "SFT data: %d fictional, %d factbook entities; %d kept aside for validation",
+            "SFT data: %d fictional, %d factbook, %d wikipedia entities; %d kept aside for validation",
             len(self.fictional),
             len(self.factbook),
+            len(self.wikipedia),
             len(self.val_pool),
         )
 
     def group(self, rng: Any) -> Group:
         c = self.config
-        pool = self.factbook if self.factbook and rng.random() < c.factbook_fraction else self.fictional
+        r = rng.random()
+        if self.factbook and r < c.factbook_fraction:
+            pool = self.factbook
+        elif self.wikipedia and r < c.factbook_fraction + c.wikipedia_fraction:
+            pool = self.wikipedia
+        else:
+            pool = self.fictional
         return make_group(pool, rng, c.memory.memories_per_chunk, c.questions_per_group)
 
     def prompt_ids(self, question: str) -> list[int]:
