@@ -3,8 +3,10 @@
 
 One step, read top to bottom in `run_sft`:
   1. draw a group: 5 entities of one kind (hard distractors, as retrieval gives) and up to 24 of
-     their questions; encode the 5 references with the model being trained (writer up to the last
-     memory layer, top-8 tokens per head chosen without gradient, gradients through the kept K/V);
+     their questions (invented entities, Factbook countries, or fill-in-the-blank questions on
+     Wikipedia articles of one topic); encode the 5 references with the model being trained
+     (writer up to the last memory layer, top-8 tokens per head chosen without gradient,
+     gradients through the kept K/V);
   2. every question reads the same 5 memories, laid out as at inference (prefix at 0..p-1, prompt
      from p+128), answer-only loss;
   3. a RAG sample (the same references as text in the prompt) and a general-text sequence without
@@ -108,9 +110,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if not self.stages or abs(self.stages[-1].until - 1.0) > 1e-9:
             raise ValueError(f"the last stage must end at until=1.0, got stages {self.stages}")
-        if (
-            not 0.0 <= self.factbook_fraction + self.wikipedia_fraction <= 1.0
-            or min(self.factbook_fraction, self.wikipedia_fraction) < 0
+        if min(self.factbook_fraction, self.wikipedia_fraction) < 0 or (
+            self.factbook_fraction + self.wikipedia_fraction > 1
         ):
             raise ValueError(
                 "factbook_fraction and wikipedia_fraction are shares of the groups: each ≥ 0 and "
