@@ -304,6 +304,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         if args.store
         else f"{len(kb_articles)} held-out Wikipedia summaries written to memory in RAM"
     )
+    results["memory"] = {"layers": len(model.memory_layers), "kept_tokens": mem_cfg.kept_tokens}
     results.update(_context(args))
     _emit("speed", results, args, {"ratios": results["ratios"], "skipped": results["skipped"]})
     return 0
@@ -531,8 +532,15 @@ def _md_speed(res: dict[str, Any]) -> str:
         else "one dropped warm-up round"
     )
     skipped = "".join(f"\n- skipped `{k}` cache: {v}" for k, v in res.get("skipped", {}).items())
+    m = res.get("memory")
+    reads = (
+        f" It reads memory in {m['layers']} layers, {m['kept_tokens']} tokens per head per reference: "
+        f"{c['k'] * m['kept_tokens']} memory keys per layer beside the context."
+        if m
+        else ""
+    )
     return (
-        f"Model `{res['model']}` ({res['dtype']}, torch threads: {res.get('threads', '?')}), {c['prompt_tokens']} prompt tokens "
+        f"Model `{res['model']}` ({res['dtype']}, torch threads: {res.get('threads', '?')}).{reads} {c['prompt_tokens']} prompt tokens "
         f"+ {c['new_tokens']} generated (EOS ignored), {c['k']} references per retrieval, {c['runs']} measured runs "
         f"after {warm}, median (min–max). Memory retrieves once per 64-token prompt chunk and again after every 64 generated tokens that more tokens follow (3 times per sequence for 128 + 128). Throughput = batch × generated / total wall time (Table 21: prefill "
         f"and every retrieval included); TTFT includes retrieval, memory loading and prefill. Knowledge base: "
