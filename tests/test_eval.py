@@ -473,3 +473,28 @@ def test_bench_all_render_only_rewrites_report_sections_and_figures(tmp_path) ->
     assert "](fig/throughput.png)" in text
     assert main(argv) == 0 and report.read_text() == text  # idempotent: sections are replaced, not appended
     assert (tmp_path / "fig" / "accuracy_vs_speed.png").exists()
+
+
+def test_bench_speed_kept_tokens_refuses_a_store_written_with_its_own(tmp_path, capsys) -> None:
+    from memory3.__main__ import main
+
+    argv = ["bench", "speed", "--kept-tokens", "8", "--store", str(tmp_path / "bank")]
+    assert main(argv) == 2  # refused before any model is loaded
+    err = capsys.readouterr().err
+    assert "--kept-tokens 8 with --store" in err and "memory3 build" in err
+
+
+def test_bench_speed_kept_tokens_sets_the_memory_slots_read(tmp_path, tok) -> None:
+    from memory3.__main__ import main
+    from memory3.checkpoint import save_checkpoint
+
+    model = tiny_model(seed=5, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
+    out = tmp_path / "speed.json"
+    argv = ["bench", "speed", "--model", str(ckpt), "--dtype", "float32", "--embedder", "hashing-64"]
+    argv += ["--batch-sizes", "1", "--prompt-tokens", "16", "--new-tokens", "4", "--runs", "1"]
+    argv += ["--modes", "none,memory", "--caches", "warm", "--kb-articles", "4", "--no-progress"]
+    assert main([*argv, "--kept-tokens", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["memory"]["kept_tokens"] == 4
+    assert {r["mode"] for r in res["rows"]} == {"none", "memory"}

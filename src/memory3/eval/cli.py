@@ -15,6 +15,7 @@ figures (`--figures DIR`). One command regenerates everything published:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -277,6 +278,12 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         caches=args.caches,
         warmup=args.warmup,
     )
+    if args.kept_tokens is not None and args.store is not None:
+        raise ValueError(
+            f"--kept-tokens {args.kept_tokens} with --store: a memory bank's memories were written with "
+            "its own kept tokens; drop --store (an in-RAM knowledge base is written with --kept-tokens) "
+            "or build another bank with `memory3 build … --kept-tokens N`"
+        )
     torch.manual_seed(0)
     loaded = _load(args)
     model, tok = loaded.model, loaded.tokenizer
@@ -286,6 +293,8 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         tok, [a.text for a in prompt_articles], max(config.batch_sizes), config.prompt_tokens
     )
     mem_cfg = loaded.memory_config
+    if args.kept_tokens is not None:  # what reading fewer or more tokens costs, on the same model
+        mem_cfg = dataclasses.replace(mem_cfg, kept_tokens=args.kept_tokens)
     warm = None
     if args.store is None and any(m != "none" for m in config.modes):
         docs = [Document(a.doc_id, a.text, a.title) for a in kb_articles]
@@ -688,6 +697,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--caches", type=_csv(str), default=("warm", "cold"), help="cold needs --store")
     p.add_argument(
         "--kb-articles", type=int, default=200, help="Wikipedia summaries to retrieve from (no --store)"
+    )
+    p.add_argument(
+        "--kept-tokens",
+        type=int,
+        default=None,
+        help="tokens kept per head (default: the model's own); measures the speed of another setting "
+        "on the same model, with the in-RAM knowledge base (not with --store)",
     )
     p.set_defaults(func=cmd_bench_speed)
 
