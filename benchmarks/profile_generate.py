@@ -34,7 +34,7 @@ def sdpa(batch: int, keys: list[int], rounds: int = 200) -> None:
             for _ in range(rounds):
                 F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
             ms = (time.perf_counter() - t0) / rounds * 1e3
-            print(f"sdpa batch {batch} keys {S:5d} {str(dt):15s} {ms:7.3f} ms")
+            print(f"sdpa batch {batch} keys {S:5d} {dt!s:15s} {ms:7.3f} ms")
 
 
 def generate(args: argparse.Namespace) -> None:
