@@ -182,7 +182,7 @@ class SFTData:
 
     def group(self, rng: Any) -> Group:
         c = self.config
-        r = rng.random()
+        r = rng.random() if (self.factbook or self.wikipedia) else 1.0  # draws as before without them
         if self.factbook and r < c.factbook_fraction:
             pool = self.factbook
         elif self.wikipedia and r < c.factbook_fraction + c.wikipedia_fraction:
