@@ -224,15 +224,11 @@ def main() -> int:
     results["carried_over"] = carried
     # each part keeps the machine, date and codec it was measured with
     here = {**machine(), "codec": results["codec"]["codec"]}
-    legacy = {**previous.get("machine", {}), "codec": (previous.get("codec") or {}).get("codec", "?")}
-    unknown = {"date": "?", "codec": "? (carried over before parts recorded their own)"}
-
-    def earlier(part: str) -> dict:
-        if part in previous.get("measured", {}):
-            return previous["measured"][part]
-        return unknown if part in previous.get("carried_over", []) else legacy
-
-    results["measured"] = {p: earlier(p) if p in carried else here for p in ("build", "codec", "latency")}
+    unknown = {"date": "?", "codec": "? (from a run that did not record it)"}
+    results["measured"] = {
+        p: previous.get("measured", {}).get(p, unknown) if p in carried else here
+        for p in ("build", "codec", "latency")
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -65,7 +65,7 @@ def main() -> int:
     loaded = load_pretrained(args.model)
     model, tok, mem_cfg = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
     qa_cfg = QAEvalConfig(modes=("memory",), batch_size=args.batch_size)
-    CODECS = codecs_from(args.codecs)
+    codecs = codecs_from(args.codecs)
     rows, detail = [], {}
     for name in args.sets.split(","):
         path = resolve_set(name)
@@ -74,7 +74,7 @@ def main() -> int:
         accs: dict[str, float] = {}
         ok: dict[str, list[bool]] = {}  # per question, for the paired count below
         with tempfile.TemporaryDirectory() as tmp:
-            for codec_name, codec in CODECS.items():
+            for codec_name, codec in codecs.items():
                 bank = Path(tmp) / codec_name.split()[0].replace(",", "_")
                 cfg = BuildConfig(codec=codec, index=IndexConfig(kind="flat"))
                 summary = build(docs, bank, model, tok, mem_cfg, cfg, progress=False)
@@ -104,7 +104,7 @@ def main() -> int:
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 retr.store.close()
         # paired: the same questions, so count the answers each codec turned wrong and right
-        for row in rows[-len(CODECS) :]:
+        for row in rows[-len(codecs) :]:
             c = row["codec"]
             row["drop (points)"] = 100 * (accs[BASELINE] - accs[c])
             row["lost"] = sum(b and not a for a, b in zip(ok[c], ok[BASELINE], strict=True))
@@ -112,7 +112,7 @@ def main() -> int:
     n = {r["set"]: r["questions"] for r in rows}
     total = sum(n.values())
     overall = {
-        c: sum(r["memory accuracy"] * r["questions"] for r in rows if r["codec"] == c) / total for c in CODECS
+        c: sum(r["memory accuracy"] * r["questions"] for r in rows if r["codec"] == c) / total for c in codecs
     }
     results = {
         "machine": machine(),
@@ -121,7 +121,7 @@ def main() -> int:
         "threads": args.threads,
         "rows": rows,
         "overall": overall,
-        "drop_points": {c: 100 * (overall[BASELINE] - overall[c]) for c in CODECS},
+        "drop_points": {c: 100 * (overall[BASELINE] - overall[c]) for c in codecs},
         "detail": detail,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def main() -> int:
         f"Goal: at most 1 point lower with the default codec.\n\n"
         + table(rows)
         + f"\n\nOverall ({total} questions), points lost to each codec against bf16: "
-        + ", ".join(f"`{c}` **{results['drop_points'][c]:+.1f}**" for c in CODECS if c != BASELINE)
+        + ", ".join(f"`{c}` **{results['drop_points'][c]:+.1f}**" for c in codecs if c != BASELINE)
         + "."
     )
     flags = f" --threads {args.threads} --sets {args.sets} --codecs {args.codecs}" + (
