@@ -498,3 +498,21 @@ def test_bench_speed_kept_tokens_sets_the_memory_slots_read(tmp_path, tok) -> No
     res = json.loads(out.read_text())
     assert res["memory"]["kept_tokens"] == 4
     assert {r["mode"] for r in res["rows"]} == {"none", "memory"}
+
+
+def test_eval_qa_kept_tokens_writes_the_kb_with_them_and_records_it(tmp_path, tok, capsys) -> None:
+    from memory3.__main__ import main
+    from memory3.checkpoint import save_checkpoint
+
+    argv = ["eval", "qa", "--kept-tokens", "4", "--store", str(tmp_path / "bank")]
+    assert main(argv) == 2  # refused before any model is loaded
+    assert "--kept-tokens 4 with --store" in capsys.readouterr().err
+    model = tiny_model(seed=5, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
+    out = tmp_path / "qa.json"
+    argv = ["eval", "qa", "--model", str(ckpt), "--dtype", "float32", "--embedder", "hashing-64"]
+    argv += ["--set", "fictional", "--limit", "2", "--modes", "memory", "--max-new-tokens", "2"]
+    assert main([*argv, "--kept-tokens", "4", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["memory"] == {"layers": len(model.memory_layers), "kept_tokens": 4}
+    assert res["sets"]["fictional"]["summary"]["n"] == 2

@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import tiny_model
-from memory3.config import MemoryConfig
+from memory3.config import SELECTIONS, MemoryConfig
 from memory3.memory.write import Memories, MemoryWriter
 from memory3.model import KVCache, MemoryInput
 
@@ -55,6 +55,49 @@ def test_sparsification_matches_plain_loop() -> None:
                 want = sorted(sorted(range(len(r)), key=lambda j: -s[j])[:4])
                 got = (mem.positions[m, lp, kh] - len(PREFIX)).tolist()
                 assert got == want, (m, lp, kh)
+
+
+def loop_rule_scores(model, ref: list[int], layer_pos: int, kv_head: int, rule: str) -> list[float]:
+    """Plain-loop score of each reference token under the alternative selection rules."""
+    ids = torch.tensor([PREFIX + ref])
+    cap = model.capture_memory_layers(ids, torch.arange(ids.shape[1])[None])[layer_pos]
+    H, K, D = model.config.n_head, model.config.n_kv_head, model.config.head_dim
+    p, n = len(PREFIX), len(ref)
+    toks = range(p, p + n)
+    if rule == "key-norm":
+        return [-float(cap.k_pre[0, kv_head, j].norm()) for j in toks]
+    received = [0.0] * n
+    for h in range(kv_head * (H // K), (kv_head + 1) * (H // K)):
+        for i in toks:
+            e = [math.exp(float(cap.q[0, h, i] @ cap.k_pre[0, kv_head, j]) / math.sqrt(D)) for j in toks]
+            for j in range(n):
+                received[j] += e[j] / sum(e)
+    if rule == "value-attention":
+        return [w * float(cap.v[0, kv_head, p + j].norm()) for j, w in enumerate(received)]
+    return received
+
+
+@pytest.mark.parametrize("rule", ["attention-mean", "value-attention", "key-norm"])
+def test_alternative_selections_match_plain_loop(rule: str) -> None:
+    model = tiny_model()
+    writer = MemoryWriter(model, PREFIX, MemoryConfig(reference_tokens=16, kept_tokens=4, selection=rule))
+    rs = refs(3, 9, 16, seed=1)
+    with torch.no_grad():
+        mem = writer.write(rs, batch_size=2)  # batched, different lengths
+        for m, r in enumerate(rs):
+            for lp in range(model.config.n_memory_layers):
+                for kh in range(model.config.n_kv_head):
+                    s = loop_rule_scores(model, r, lp, kh, rule)
+                    want = sorted(sorted(range(len(r)), key=lambda j: -s[j])[:4])
+                    assert (mem.positions[m, lp, kh] - len(PREFIX)).tolist() == want, (m, lp, kh)
+
+
+def test_selection_rule_is_part_of_the_memory_fingerprint() -> None:
+    model = tiny_model()
+    fps = {MemoryWriter(model, PREFIX, MemoryConfig(selection=r)).fingerprint for r in SELECTIONS}
+    assert len(fps) == len(SELECTIONS)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        MemoryConfig(selection="loudest")
 
 
 def test_kept_tokens_are_real_reference_tokens_with_post_rope_kv() -> None:

@@ -179,6 +179,9 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+SELECTIONS = ("attention", "attention-mean", "value-attention", "key-norm", "random", "all")
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     """How memories are written and read (SPEC §2–3)."""
@@ -186,8 +189,11 @@ class MemoryConfig:
     prefix: str = "Reference:"  # §3.1 the reference prefix, after the BOS token
     reference_tokens: int = 128  # a reference is at most this many tokens
     kept_tokens: int = 8  # §3.3 token sparsification: tokens kept per memory layer and kv head
-    # "attention" is the paper's rule; "random" and "all" exist for measurement and controls.
-    selection: Literal["attention", "random", "all"] = "attention"
+    # "attention" is the paper's rule; the other scores are measured alternatives (memory.write);
+    # "random" and "all" exist for measurement and controls.
+    selection: Literal["attention", "attention-mean", "value-attention", "key-norm", "random", "all"] = (
+        "attention"
+    )
     chunk_tokens: int = 64  # §3.1 each chunk of this many tokens retrieves its own memories
     memories_per_chunk: int = 5
     seed: int = 0  # only used by selection="random"
@@ -198,8 +204,8 @@ class MemoryConfig:
                 "reference_tokens, chunk_tokens and memories_per_chunk must be positive, got "
                 f"{self.reference_tokens}, {self.chunk_tokens}, {self.memories_per_chunk}"
             )
-        if self.selection not in ("attention", "random", "all"):
-            raise ValueError(f"selection must be 'attention', 'random' or 'all', got {self.selection!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.selection == "all":
             object.__setattr__(self, "kept_tokens", self.reference_tokens)
         if not 0 < self.kept_tokens <= self.reference_tokens:

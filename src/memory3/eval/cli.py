@@ -105,6 +105,23 @@ def _context(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _check_kept_tokens(args: argparse.Namespace) -> None:
+    if args.kept_tokens is not None and args.store is not None:
+        raise ValueError(
+            f"--kept-tokens {args.kept_tokens} with --store: a memory bank's memories were written with "
+            "its own kept tokens; drop --store (an in-RAM knowledge base is written with --kept-tokens) "
+            "or build another bank with `memory3 build … --kept-tokens N`"
+        )
+
+
+def _memory_config(args: argparse.Namespace, loaded: Any) -> Any:
+    """The model's own memory config, or another number of kept tokens per head (`--kept-tokens`):
+    what reading fewer or more tokens costs, on the same model."""
+    if args.kept_tokens is None:
+        return loaded.memory_config
+    return dataclasses.replace(loaded.memory_config, kept_tokens=args.kept_tokens)
+
+
 # --- eval qa ----------------------------------------------------------------------------------------
 
 
@@ -129,6 +146,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         leak_threshold=None if args.no_leak_filter else args.leak_threshold,
     )
+    _check_kept_tokens(args)
     loaded = _load(args)
     needs_retrieval = any(m != "none" for m in config.modes)
     store = None
@@ -142,7 +160,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
         items = select_items(load_qa(path), args.split, args.limit)
         retriever, kb_desc = store, f"memory bank {args.store}"
         if store is None:
-            mem_cfg = loaded.memory_config
+            mem_cfg = _memory_config(args, loaded)
             if needs_retrieval:
                 docs = kb_documents(path, items, args.kb)
                 kb_desc = f"{args.kb}: {len(docs)} documents written to memory in RAM"
@@ -161,6 +179,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
             "embedder": args.embedder,
         }
         results["sets"][Path(str(name)).stem] = report.to_dict()
+    results["memory"] = {"layers": len(loaded.model.memory_layers), "kept_tokens": mem_cfg.kept_tokens}
     summary = {k: v["summary"] for k, v in results["sets"].items()}
     _emit("qa", results, args, summary)
     return 0
@@ -278,12 +297,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         caches=args.caches,
         warmup=args.warmup,
     )
-    if args.kept_tokens is not None and args.store is not None:
-        raise ValueError(
-            f"--kept-tokens {args.kept_tokens} with --store: a memory bank's memories were written with "
-            "its own kept tokens; drop --store (an in-RAM knowledge base is written with --kept-tokens) "
-            "or build another bank with `memory3 build … --kept-tokens N`"
-        )
+    _check_kept_tokens(args)
     torch.manual_seed(0)
     loaded = _load(args)
     model, tok = loaded.model, loaded.tokenizer
@@ -292,9 +306,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     prompts = make_prompts(
         tok, [a.text for a in prompt_articles], max(config.batch_sizes), config.prompt_tokens
     )
-    mem_cfg = loaded.memory_config
-    if args.kept_tokens is not None:  # what reading fewer or more tokens costs, on the same model
-        mem_cfg = dataclasses.replace(mem_cfg, kept_tokens=args.kept_tokens)
+    mem_cfg = _memory_config(args, loaded)
     warm = None
     if args.store is None and any(m != "none" for m in config.modes):
         docs = [Document(a.doc_id, a.text, a.title) for a in kb_articles]
@@ -619,6 +631,16 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--references", type=int, default=5, help="references per retrieval")
 
 
+def _kept_tokens_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--kept-tokens",
+        type=int,
+        default=None,
+        help=f"tokens kept per head (default: the model's own); measures the {what} of another setting "
+        "on the same model, with an in-RAM knowledge base (not with --store)",
+    )
+
+
 def _leak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--leak-threshold", type=float, default=2 / 3, help="§4.4 drop references overlapping more"
@@ -652,6 +674,7 @@ def register(subparsers: Any) -> None:
         help="knowledge base without --store: 'set' (gold references of the whole set + its _kb.jsonl), "
         "'gold' (gold references only) or a file/directory of documents",
     )
+    _kept_tokens_arg(p, "accuracy")
     p.set_defaults(func=_with_sets(cmd_eval_qa))
 
     p = ev.add_parser("ppl", help="perplexity of held-out text with and without memory")
@@ -698,13 +721,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--kb-articles", type=int, default=200, help="Wikipedia summaries to retrieve from (no --store)"
     )
-    p.add_argument(
-        "--kept-tokens",
-        type=int,
-        default=None,
-        help="tokens kept per head (default: the model's own); measures the speed of another setting "
-        "on the same model, with the in-RAM knowledge base (not with --store)",
-    )
+    _kept_tokens_arg(p, "speed")
     p.set_defaults(func=cmd_bench_speed)
 
     p = be.add_parser("storage", help="bytes per memory for each codec vs full KV cache vs text")

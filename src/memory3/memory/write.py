@@ -122,6 +122,16 @@ def reference_prefix_ids(tokenizer: Any, bos_token_id: int, config: MemoryConfig
     return [bos_token_id, *tokenizer(config.prefix, add_special_tokens=False).input_ids]
 
 
+def _grouped_logits(cap: Captured, valid: Tensor) -> Tensor:
+    """Pre-RoPE q·k/√d within the reference, no causal mask, query heads grouped by kv head:
+    (B, K, G, Ti, Tj), -inf for keys outside `valid`; invalid queries are left for the caller."""
+    B, H, T, D = cap.q.shape
+    K = cap.k_pre.shape[1]
+    q = cap.q.float().view(B, K, H // K, T, D)
+    logits = torch.einsum("bkgid,bkjd->bkgij", q, cap.k_pre.float()) / D**0.5
+    return logits.masked_fill(~valid[:, None, None, None, :], float("-inf"))
+
+
 def attention_scores(cap: Captured, valid: Tensor) -> Tensor:
     """§3.3 importance of each reference token for each kv head, as log Σ_i Σ_h exp(q_i·k_j/√d).
 
@@ -129,14 +139,41 @@ def attention_scores(cap: Captured, valid: Tensor) -> Tensor:
     (prefix and padding excluded); summed over the query heads that share the kv head.
     cap.q (B, H, T, D), cap.k_pre (B, K, T, D), valid (B, T) -> (B, K, T), -inf where not valid.
     """
-    B, H, T, D = cap.q.shape
-    K = cap.k_pre.shape[1]
-    q = cap.q.float().view(B, K, H // K, T, D)  # query heads grouped by kv head
-    k = cap.k_pre.float()
-    logits = torch.einsum("bkgid,bkjd->bkgij", q, k) / D**0.5  # (B, K, G, Ti, Tj)
+    logits = _grouped_logits(cap, valid)
     logits = logits.masked_fill(~valid[:, None, None, :, None], float("-inf"))  # queries
     w = torch.logsumexp(logits.flatten(2, 3), dim=2)  # log-sum-exp over (heads in group, queries)
     return w.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def attention_mean_scores(cap: Captured, valid: Tensor) -> Tensor:
+    """Attention each token receives once every query's weights are normalised:
+    Σ_i Σ_h softmax_j(q_i·k_j/√d), same queries, keys and masks as `attention_scores`. Unlike
+    the paper's raw sum of exponentials, one query with large logits cannot decide alone."""
+    p = torch.softmax(_grouped_logits(cap, valid), dim=-1)
+    p = p.masked_fill(~valid[:, None, None, :, None], 0.0)  # drop invalid queries
+    w = p.sum(dim=(2, 3))
+    return w.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def value_attention_scores(cap: Captured, valid: Tensor) -> Tensor:
+    """`attention_mean_scores` × ‖v_j‖: what a token adds to the attention outputs, not only how
+    much it is looked at (a token that draws attention but carries a small value adds little)."""
+    w = attention_mean_scores(cap, valid)
+    return w * cap.v.float().norm(dim=-1)
+
+
+def key_norm_scores(cap: Captured, valid: Tensor) -> Tensor:
+    """-‖k_j‖ (pre-RoPE): keys of small norm tend to draw attention; needs no queries."""
+    w = -cap.k_pre.float().norm(dim=-1)
+    return w.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+SCORES = {
+    "attention": attention_scores,
+    "attention-mean": attention_mean_scores,
+    "value-attention": value_attention_scores,
+    "key-norm": key_norm_scores,
+}
 
 
 class MemoryWriter:
@@ -204,8 +241,8 @@ class MemoryWriter:
         B, K, T, _ = cap.k.shape
         S = min(cfg.kept_tokens, T)
         with torch.no_grad():  # §3.5 the choice itself is not differentiated
-            if cfg.selection == "attention":
-                score = attention_scores(cap, valid)
+            if cfg.selection in SCORES:
+                score = SCORES[cfg.selection](cap, valid)
             elif cfg.selection == "random":
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + layer)
                 score = torch.rand(B, K, T, generator=g).to(valid.device)

@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Any
 
+from memory3.config import SELECTIONS
+
 
 def _add_recipe(sub: Any, name: str, help_text: str, func: Any) -> None:
     p = sub.add_parser(name, help=help_text)
@@ -141,7 +143,12 @@ def register(sub: Any) -> None:
     r.add_argument("--model", default="smollm2-135m-instruct", help="model, checkpoint or adapter directory")
     r.add_argument("--n", type=int, default=40, help="held-out questions")
     r.add_argument("--kept", type=int, nargs="+", default=[8], help="tokens kept per head (0 = all)")
-    r.add_argument("--selection", default="attention", choices=("attention", "random"))
+    r.add_argument(
+        "--selection",
+        default="attention",
+        choices=[s for s in SELECTIONS if s != "all"],
+        help="which tokens a memory keeps (kept 0 keeps all)",
+    )
     r.add_argument("--source", default="fictional", choices=("fictional", "factbook"))
     r.add_argument(
         "--threads", type=int, default=0, help="torch threads (1 is fastest on a busy 2-core machine)"
