@@ -243,9 +243,11 @@ class MemoryWriter:
         with torch.no_grad():  # §3.5 the choice itself is not differentiated
             if cfg.selection in SCORES:
                 score = SCORES[cfg.selection](cap, valid)
-            elif cfg.selection == "random":
+            elif cfg.selection == "random":  # a fixed random order of positions per layer and head,
+                # so that a reference's memory does not depend on the batch it was written in
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + layer)
-                score = torch.rand(B, K, T, generator=g).to(valid.device)
+                order = torch.rand(K, self.prefix_len + cfg.reference_tokens, generator=g)
+                score = order[:, :T].to(valid.device).expand(B, K, T)
                 score = score.masked_fill(~valid[:, None, :], float("-inf"))
             else:  # all: keep every reference token in order
                 score = torch.where(valid, -torch.arange(T, device=valid.device).float(), float("-inf"))
