@@ -21,6 +21,7 @@ from memory3.memory.codec import (
     codec_report,
     default_factory,
     sample_vectors,
+    straight_through,
     train_codec,
 )
 from memory3.memory.write import Memories, MemoryFormatError
@@ -228,6 +229,19 @@ def test_codec_report(pq: MemoryCodec) -> None:
     assert rep["compression"] == pytest.approx(pq.raw_bytes / pq.record_bytes)
     assert 0 < rep["k_rel_error"] < 1 and 0 < rep["v_rel_error"] < 1 and 0 < rep["attn_rel_error"] < 1
     assert len(rep["attn_rel_error_per_layer"]) == SHAPE.layers
+
+
+def test_straight_through_reads_decoded_memories_and_passes_gradients(pq: MemoryCodec) -> None:
+    mem = random_memories(6, seed=3)
+    k, v = mem.k.clone().requires_grad_(), mem.v.clone().requires_grad_()
+    out = straight_through(Memories(k, v, mem.positions, mem.fingerprint), pq)
+    dec = pq.decode(pq.encode(mem), mem.fingerprint)
+    torch.testing.assert_close(out.k.detach(), dec.k)  # the forward reads the decoded memories
+    torch.testing.assert_close(out.v.detach(), dec.v)
+    assert not torch.equal(out.k.detach(), mem.k)
+    w = torch.randn_like(k)
+    ((out.k * w).sum() + out.v.sum()).backward()
+    assert torch.equal(k.grad, w) and torch.equal(v.grad, torch.ones_like(v))  # identity backward
 
 
 def test_default_factory_fits_head_dims() -> None:

@@ -503,6 +503,17 @@ def train_codec(
     return codec.train(k, v)
 
 
+def straight_through(mem: Memories, codec: MemoryCodec) -> Memories:
+    """The memories as a bank built with `codec` returns them, for training with the codec in the
+    loop: the forward pass reads the decoded keys and values, and gradients reach the exact ones
+    unchanged (straight-through estimator), so the writer and the reader learn to live with the
+    quantization error."""
+    dec = codec.decode(codec.encode(mem), mem.fingerprint).to(device=mem.k.device, dtype=mem.k.dtype)
+    k = mem.k + (dec.k - mem.k).detach()
+    v = mem.v + (dec.v - mem.v).detach()
+    return Memories(k, v, mem.positions, mem.fingerprint)
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ/√D) v over memory slots. q (G, Q, D), k/v (G, N, D), valid (G, N) -> (G, Q, D)."""
     logits = torch.einsum("gqd,gnd->gqn", q, k) / k.shape[-1] ** 0.5

@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,11 +191,20 @@ class TrainState:
     seconds: float = 0.0  # wall time spent training (all sessions)
 
 
-def save_training(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: TrainState) -> Path:
-    """Trainable tensors + optimizer state + RNG + counters, written atomically to out/checkpoint."""
+def save_training(
+    out: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    state: TrainState,
+    extra: Callable[[Path], Any] | None = None,
+) -> Path:
+    """Trainable tensors + optimizer state + RNG + counters, written atomically to out/checkpoint.
+    `extra(directory)` writes a recipe's own state (e.g. the codec trained in the loop) inside it."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=CKPT_DIR + ".", dir=out))
     try:
+        if extra is not None:
+            extra(tmp)
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         sd = opt.state_dict()
         tensors = {

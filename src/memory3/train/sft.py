@@ -31,6 +31,7 @@ import torch
 
 from memory3.config import MemoryConfig
 from memory3.generate import rag_prompt
+from memory3.memory.codec import CodecConfig, MemoryCodec, straight_through, train_codec
 from memory3.memory.write import MemoryWriter, reference_prefix_ids
 from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, load_config, save_config
 from memory3.train.data import (
@@ -47,6 +48,7 @@ from memory3.train.data import (
 )
 from memory3.train.layout import shared_memory, text_batch
 from memory3.train.loop import (
+    CKPT_DIR,
     Progress,
     TrainState,
     all_mean,
@@ -106,6 +108,13 @@ class SFTConfig:
     init_adapter: str = ""  # start the LoRA from this adapter (a shipped name or a directory)
     val_groups: int = 4  # loss gap gold vs irrelevant memories on train-split entities kept aside
     probe_questions: int = 40  # held-out probe at the end (0 = skip)
+    # The memory codec in the loop: memories are read as a bank with this codec would return them
+    # (straight-through gradients), so that the model learns to read quantized memories. The codec
+    # is trained on `codec_references` references written by the model being trained, again every
+    # `codec_refresh_every` steps (its memories drift as it trains) and whenever a stage changes.
+    codec: CodecConfig | None = None
+    codec_references: int = 200
+    codec_refresh_every: int = 50
 
     def __post_init__(self) -> None:
         if not self.stages or abs(self.stages[-1].until - 1.0) > 1e-9:
@@ -119,6 +128,11 @@ class SFTConfig:
             )
         if self.questions_per_group < 1:
             raise ValueError(f"questions_per_group must be ≥ 1, got {self.questions_per_group}")
+        if self.codec is not None and (self.codec_references < 1 or self.codec_refresh_every < 1):
+            raise ValueError(
+                "codec_references and codec_refresh_every must be ≥ 1 with a codec in the loop, got "
+                f"{self.codec_references} and {self.codec_refresh_every}"
+            )
 
 
 def stage_at(config: SFTConfig, step: int) -> Stage:
@@ -229,9 +243,10 @@ def sft_losses(
     prefix: list[int],
     memory: bool = True,
     swap_refs: tuple[str, ...] | None = None,
+    codec: MemoryCodec | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Answer loss of the group's questions reading the group's memories (or `swap_refs`' memories,
-    or none). Returns (mean loss, answer tokens)."""
+    or none), quantized by `codec` when given. Returns (mean loss, answer tokens)."""
     cfg = data.config
     seqs, starts = data.qa_seqs(group.questions)
     pad = data.tok.pad_token_id if data.tok.pad_token_id is not None else 0
@@ -240,6 +255,8 @@ def sft_losses(
         return batch_loss(model, b)
     refs = swap_refs or group.references
     mem = writer.write([data.reference_ids(r) for r in refs])
+    if codec is not None:
+        mem = straight_through(mem, codec)
     b = text_batch(seqs, starts, prefix, cfg.memory.reference_tokens, pad)
     longest = max(starts)
     if longest > cfg.memory.chunk_tokens:
@@ -275,6 +292,7 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
     progress = Progress(out, config.loop, state, d)
     last_save, t_start, seconds0 = time.perf_counter(), time.perf_counter(), state.seconds
     n_layer = model.config.n_layer
+    codec = _load_codec(out) if config.codec is not None and state.step else None
 
     end = config.loop.steps if stop_after is None else min(config.loop.steps, state.step + stop_after)
     for step in range(state.step, end):
@@ -283,6 +301,8 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
         if layers != model.memory_layers:
             set_memory_layers(model, layers)
         writer = MemoryWriter(model, prefix, memory_config_for(config, stage))
+        if config.codec is not None and _codec_due(codec, step, config, writer):
+            codec = fit_codec(model, data, writer, config, step)
         lr = wsd_lr(step, config.loop.steps, config.optim)
         set_lr(opt, lr)
         step_tokens, parts = 0, {"mem": 0.0, "rag": 0.0, "text": 0.0}
@@ -291,7 +311,7 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
             group = data.group(rng)
             with autocast(config.loop.bf16, model.device):
                 # 1-2. the questions read the group's memories; answer-only loss
-                loss, _ = sft_losses(model, data, group, writer, prefix)
+                loss, _ = sft_losses(model, data, group, writer, prefix, codec=codec)
                 parts["mem"] += loss.item() / config.optim.grad_accum
                 total = loss
                 ntok = sum(len(s) for s in data.qa_seqs(group.questions)[0])
@@ -337,16 +357,16 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
         extra = {k: round(all_mean(v, d), 4) for k, v in parts.items() if done[k]}
         extra["kept"], extra["layers"] = stage.kept_tokens, len(layers)
         if config.loop.eval_every and state.step % config.loop.eval_every == 0 and d.main:
-            extra.update(loss_gap(model, data, writer, prefix, config))
+            extra.update(loss_gap(model, data, writer, prefix, config, codec))
         progress.update(state, all_mean(parts["mem"], d), lr, extra)
         if checkpoint_due(state.step, config.loop, last_save):
             if d.main:
-                save_training(out, model, opt, state)
+                save_training(out, model, opt, state, _codec_saver(codec))
             last_save = time.perf_counter()
     progress.close()
     if state.step < config.loop.steps:  # a time-boxed session: resume later
         if d.main:
-            save_training(out, model, opt, state)
+            save_training(out, model, opt, state, _codec_saver(codec))
         return out
     if d.main:
         export(model, tok, config, out, state)
@@ -367,7 +387,12 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
 
 @torch.no_grad()
 def loss_gap(
-    model: Any, data: SFTData, writer: MemoryWriter, prefix: list[int], config: SFTConfig
+    model: Any,
+    data: SFTData,
+    writer: MemoryWriter,
+    prefix: list[int],
+    config: SFTConfig,
+    codec: MemoryCodec | None = None,
 ) -> dict[str, float]:
     """Answer loss on validation entities with the gold memories, with 5 irrelevant memories,
     and with none: reading works when gold < irrelevant ≈ none."""
@@ -382,13 +407,57 @@ def loss_gap(
             )
             other = make_group(data.val_pool, rng_for("val-other", g), config.memory.memories_per_chunk, 1)
             irrelevant = tuple(r for r in other.references if r not in group.references) or other.references
-            sums["val_gold"] += sft_losses(model, data, group, writer, prefix)[0].item()
-            sums["val_irrelevant"] += sft_losses(model, data, group, writer, prefix, swap_refs=irrelevant)[
-                0
-            ].item()
+            sums["val_gold"] += sft_losses(model, data, group, writer, prefix, codec=codec)[0].item()
+            sums["val_irrelevant"] += sft_losses(
+                model, data, group, writer, prefix, swap_refs=irrelevant, codec=codec
+            )[0].item()
             sums["val_none"] += sft_losses(model, data, group, writer, prefix, memory=False)[0].item()
     model.train(was)
     return {k: round(v / config.val_groups, 4) for k, v in sums.items()}
+
+
+# --- the codec in the loop ------------------------------------------------------------------------
+
+CODEC_DIR = "codec"
+
+
+def _codec_due(codec: MemoryCodec | None, step: int, config: SFTConfig, writer: MemoryWriter) -> bool:
+    """Train the codec at the first step, every `codec_refresh_every` steps, and when a stage
+    changes the shape of the memories."""
+    if codec is None or step % config.codec_refresh_every == 0:
+        return True
+    m = writer.model.config
+    want = (len(writer.model.memory_layers), m.n_kv_head, writer.config.kept_tokens, m.head_dim)
+    return codec.shape.dims != want
+
+
+@torch.no_grad()
+def fit_codec(model: Any, data: SFTData, writer: MemoryWriter, config: SFTConfig, step: int) -> MemoryCodec:
+    """A codec trained on the memories of `codec_references` training references, written by the
+    model as it is at `step` (in eval mode, as a bank build writes them)."""
+    assert config.codec is not None
+    rng = rng_for(config.loop.seed, "codec", step)  # its own draws: the training batches are unchanged
+    refs: list[str] = []
+    while len(refs) < config.codec_references:
+        refs.extend(data.group(rng).references)
+    was = model.training
+    model.eval()
+    with autocast(config.loop.bf16, model.device):
+        mem = writer.write([data.reference_ids(r) for r in refs[: config.codec_references]])
+    model.train(was)
+    codec = train_codec(mem, config.codec)
+    log.info("step %d: codec %s trained on %d references", step, codec, config.codec_references)
+    return codec
+
+
+def _codec_saver(codec: MemoryCodec | None) -> Any:
+    return None if codec is None else (lambda ckpt: codec.save(ckpt / CODEC_DIR))
+
+
+def _load_codec(out: Path) -> MemoryCodec | None:
+    """The codec saved with the checkpoint being resumed (None: train a new one)."""
+    path = out / CKPT_DIR / CODEC_DIR
+    return MemoryCodec.load(path) if path.exists() else None
 
 
 def main_from_file(
