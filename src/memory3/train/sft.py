@@ -15,7 +15,9 @@ One step, read top to bottom in `run_sft`:
   4. AdamW step with warmup-stable-decay, clipping, accumulation; checkpoint; resume exactly.
 
 Memory layers and kept tokens can follow a curriculum of stages (`stages`), e.g. from full
-memory at all layers, which the untrained model already reads, to the paper's setting.
+memory at all layers, which the untrained model already reads, to the paper's setting. With a
+`codec`, the memories of step 1 pass through the memory bank's quantizer (straight-through
+gradients), so that the model learns to read memories compressed as a bank stores them.
 """
 
 from __future__ import annotations
