@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -255,40 +256,6 @@ def test_wikipedia_training_groups_are_train_split_cloze_on_one_topic() -> None:
         SFTConfig(factbook_fraction=0.6, wikipedia_fraction=0.5)
 
 
-def test_sft_with_the_codec_in_the_loop_reads_quantized_memories_and_resumes_exactly(tmp_path: Path) -> None:
-    from memory3.memory.codec import CodecConfig, MemoryCodec
-    from memory3.train.sft import SFTConfig, Stage, run_sft
-
-    (tmp_path / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 50)
-    cfg = SFTConfig(
-        model="preset:tiny",
-        lora=LoRAConfig(rank=2),
-        optim=OptimConfig(lr=1e-3, warmup_steps=1),
-        loop=LoopConfig(steps=4, log_every=1, checkpoint_every=100, bf16=False),
-        stages=(Stage(1.0, 8, "half"),),
-        fictional_entities=40,
-        factbook_fraction=0.0,
-        questions_per_group=3,
-        text_corpus=str(tmp_path / "corpus.txt"),
-        text_seq_len=32,
-        val_groups=1,
-        probe_questions=0,
-        codec=CodecConfig(factory="SQ4", train_vectors=2000),
-        codec_references=10,
-        codec_refresh_every=2,
-    )
-    run_sft(cfg, tmp_path / "straight")
-    run_sft(cfg, tmp_path / "split", stop_after=3)  # interrupted between two codec refreshes
-    codec = MemoryCodec.load(tmp_path / "split" / "checkpoint" / "codec")  # saved with the checkpoint
-    assert codec.config.factory == "SQ4" and codec.shape.dims[2] == 8
-    run_sft(cfg, tmp_path / "split")
-    assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")
-    exact = run_sft(dataclasses.replace(cfg, codec=None), tmp_path / "exact", stop_after=1)
-    assert _losses(exact)[0] != _losses(tmp_path / "straight")[0]  # the codec is in the forward pass
-    with pytest.raises(ValueError, match="codec_refresh_every"):
-        dataclasses.replace(cfg, codec_refresh_every=0)
-
-
 # --- recipes: exact resume -------------------------------------------------------------------------------
 
 
@@ -405,17 +372,15 @@ def test_continual_trains_with_memory_and_saves(tmp_path: Path, tok) -> None:
 # --- SFT: one short run ------------------------------------------------------------------------------------
 
 
-def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
-    from memory3.train.adapters import ADAPTER_META
-    from memory3.train.sft import SFTConfig, Stage, run_sft
+def _tiny_sft_config(tmp_path: Path, **overrides: Any) -> Any:
+    """A seconds-long SFT run on the tiny preset, invented entities only, a small text corpus."""
+    from memory3.train.sft import SFTConfig
 
     (tmp_path / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 50)
-    cfg = SFTConfig(
+    base = SFTConfig(
         model="preset:tiny",
         lora=LoRAConfig(rank=2),
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
-        loop=LoopConfig(steps=2, log_every=1, eval_every=2, bf16=False),
-        stages=(Stage(0.5, 0, "all"), Stage(1.0, 16, "half")),
         fictional_entities=40,
         factbook_fraction=0.0,
         questions_per_group=3,
@@ -423,6 +388,18 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
         text_seq_len=32,
         val_groups=1,
         probe_questions=0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
+    from memory3.train.adapters import ADAPTER_META
+    from memory3.train.sft import Stage, run_sft
+
+    cfg = _tiny_sft_config(
+        tmp_path,
+        loop=LoopConfig(steps=2, log_every=1, eval_every=2, bf16=False),
+        stages=(Stage(0.5, 0, "all"), Stage(1.0, 16, "half")),
     )
     run = run_sft(cfg, tmp_path / "run")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -447,6 +424,30 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
     assert [r["init_adapter"] for r in second["lineage"]] == ["", str(again)]
     assert second["train_total"]["tokens"] == first["train"]["tokens"] + second["train"]["tokens"]
     assert second["train_total"]["runs"] == 2
+
+
+def test_sft_with_the_codec_in_the_loop_reads_quantized_memories_and_resumes_exactly(tmp_path: Path) -> None:
+    from memory3.memory.codec import CodecConfig, MemoryCodec
+    from memory3.train.sft import Stage, run_sft
+
+    cfg = _tiny_sft_config(
+        tmp_path,
+        loop=LoopConfig(steps=4, log_every=1, checkpoint_every=100, bf16=False),
+        stages=(Stage(1.0, 8, "half"),),
+        codec=CodecConfig(factory="SQ4", train_vectors=2000),
+        codec_references=10,
+        codec_refresh_every=2,
+    )
+    run_sft(cfg, tmp_path / "straight")
+    run_sft(cfg, tmp_path / "split", stop_after=3)  # interrupted between two codec refreshes
+    codec = MemoryCodec.load(tmp_path / "split" / "checkpoint" / "codec")  # saved with the checkpoint
+    assert codec.config.factory == "SQ4" and codec.shape.dims[2] == 8
+    run_sft(cfg, tmp_path / "split")
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")
+    exact = run_sft(dataclasses.replace(cfg, codec=None), tmp_path / "exact", stop_after=1)
+    assert _losses(exact)[0] != _losses(tmp_path / "straight")[0]  # the codec is in the forward pass
+    with pytest.raises(ValueError, match="codec_refresh_every"):
+        dataclasses.replace(cfg, codec_refresh_every=0)
 
 
 # --- data parallel ------------------------------------------------------------------------------------------
