@@ -26,7 +26,12 @@ RUNS = [
     (
         "sft-smollm2-reader-20-k32-wiki",
         "C: continuation of B at 32 tokens, 24 questions per group, Wikipedia fill-in-the-blank in the mix",
-        "C = shipped (32 tokens)",
+        "C (32 tokens)",
+    ),
+    (
+        "sft-smollm2-reader-20-k32-mix",
+        "D: continuation of C at 32 tokens, 35% Factbook and 35% Wikipedia groups",
+        "D = shipped (32 tokens)",
     ),
 ]
 

@@ -482,6 +482,8 @@ def test_bench_speed_kept_tokens_refuses_a_store_written_with_its_own(tmp_path, 
     assert main(argv) == 2  # refused before any model is loaded
     err = capsys.readouterr().err
     assert "--kept-tokens 8 with --store" in err and "memory3 build" in err
+    assert main(["bench", "speed", "--selection", "random", "--store", str(tmp_path / "bank")]) == 2
+    assert "--selection random with --store" in capsys.readouterr().err
 
 
 def test_bench_speed_kept_tokens_sets_the_memory_slots_read(tmp_path, tok) -> None:
@@ -514,5 +516,5 @@ def test_eval_qa_kept_tokens_writes_the_kb_with_them_and_records_it(tmp_path, to
     argv += ["--set", "fictional", "--limit", "2", "--modes", "memory", "--max-new-tokens", "2"]
     assert main([*argv, "--kept-tokens", "4", "--no-progress", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["memory"] == {"layers": len(model.memory_layers), "kept_tokens": 4}
+    assert res["memory"] == {"layers": len(model.memory_layers), "kept_tokens": 4, "selection": "attention"}
     assert res["sets"]["fictional"]["summary"]["n"] == 2

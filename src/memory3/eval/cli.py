@@ -106,20 +106,24 @@ def _context(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_kept_tokens(args: argparse.Namespace) -> None:
-    if args.kept_tokens is not None and args.store is not None:
-        raise ValueError(
-            f"--kept-tokens {args.kept_tokens} with --store: a memory bank's memories were written with "
-            "its own kept tokens; drop --store (an in-RAM knowledge base is written with --kept-tokens) "
-            "or build another bank with `memory3 build … --kept-tokens N`"
-        )
+    for flag, value in (("--kept-tokens", args.kept_tokens), ("--selection", args.selection)):
+        if value is not None and args.store is not None:
+            raise ValueError(
+                f"{flag} {value} with --store: a memory bank's memories were written with its own "
+                f"kept tokens and selection; drop --store (an in-RAM knowledge base is written with "
+                f"{flag}) or build another bank with `memory3 build … {flag} …`"
+            )
 
 
 def _memory_config(args: argparse.Namespace, loaded: Any) -> Any:
-    """The model's own memory config, or another number of kept tokens per head (`--kept-tokens`):
-    what reading fewer or more tokens costs, on the same model."""
-    if args.kept_tokens is None:
-        return loaded.memory_config
-    return dataclasses.replace(loaded.memory_config, kept_tokens=args.kept_tokens)
+    """The model's own memory config, or another number of kept tokens per head (`--kept-tokens`)
+    or selection rule (`--selection`): what they cost, on the same model."""
+    cfg = loaded.memory_config
+    if args.kept_tokens is not None:
+        cfg = dataclasses.replace(cfg, kept_tokens=args.kept_tokens)
+    if args.selection is not None:
+        cfg = dataclasses.replace(cfg, selection=args.selection)
+    return cfg
 
 
 # --- eval qa ----------------------------------------------------------------------------------------
@@ -179,7 +183,11 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
             "embedder": args.embedder,
         }
         results["sets"][Path(str(name)).stem] = report.to_dict()
-    results["memory"] = {"layers": len(loaded.model.memory_layers), "kept_tokens": mem_cfg.kept_tokens}
+    results["memory"] = {
+        "layers": len(loaded.model.memory_layers),
+        "kept_tokens": mem_cfg.kept_tokens,
+        "selection": mem_cfg.selection,
+    }
     summary = {k: v["summary"] for k, v in results["sets"].items()}
     _emit("qa", results, args, summary)
     return 0
@@ -325,7 +333,11 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         if args.store
         else f"{len(kb_articles)} held-out Wikipedia summaries written to memory in RAM"
     )
-    results["memory"] = {"layers": len(model.memory_layers), "kept_tokens": mem_cfg.kept_tokens}
+    results["memory"] = {
+        "layers": len(model.memory_layers),
+        "kept_tokens": mem_cfg.kept_tokens,
+        "selection": mem_cfg.selection,
+    }
     results.update(_context(args))
     _emit("speed", results, args, {"ratios": results["ratios"], "skipped": results["skipped"]})
     return 0
@@ -632,12 +644,20 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _kept_tokens_arg(p: argparse.ArgumentParser, what: str) -> None:
+    from memory3.config import SELECTIONS
+
     p.add_argument(
         "--kept-tokens",
         type=int,
         default=None,
         help=f"tokens kept per head (default: the model's own); measures the {what} of another setting "
         "on the same model, with an in-RAM knowledge base (not with --store)",
+    )
+    p.add_argument(
+        "--selection",
+        default=None,
+        choices=SELECTIONS,
+        help="which tokens a memory keeps (default: the model's own rule); as --kept-tokens",
     )
 
 
