@@ -115,8 +115,9 @@ def main() -> int:
     cols = ["source", "kept", "rule", "answer tokens kept", "heads keeping any"]
     cols += [] if args.no_accuracy else ["memory accuracy"]
     body = (
-        f"Model `{args.model}` (trained with `{base.selection}` selection at {base.kept_tokens} kept "
-        f"tokens in {len(model.memory_layers)} layers). Up to {args.n} held-out questions per source; "
+        f"Model `{args.model}` (its own memory config: `{base.selection}` selection, {base.kept_tokens} "
+        f"kept tokens, {len(model.memory_layers)} memory layers). Up to {args.n} held-out questions per "
+        "source; "
         "the gold reference is among the 5 memories. *Answer tokens kept*: share of the answer's "
         "tokens a memory keeps, averaged over layers and kv heads; *heads keeping any*: share of "
         "(layer, head) pairs that keep at least one of them.\n\n" + table(rows, cols)
