@@ -158,8 +158,8 @@ def attention_mean_scores(cap: Captured, valid: Tensor) -> Tensor:
 def value_attention_scores(cap: Captured, valid: Tensor) -> Tensor:
     """`attention_mean_scores` × ‖v_j‖: what a token adds to the attention outputs, not only how
     much it is looked at (a token that draws attention but carries a small value adds little)."""
-    w = attention_mean_scores(cap, valid)
-    return w * cap.v.float().norm(dim=-1)
+    w = attention_mean_scores(cap, valid) * cap.v.float().norm(dim=-1)
+    return w.masked_fill(~valid[:, None, :], float("-inf"))  # -inf × 0 would be NaN
 
 
 def key_norm_scores(cap: Captured, valid: Tensor) -> Tensor:
