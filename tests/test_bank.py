@@ -308,3 +308,18 @@ def test_server_over_a_real_bank_sees_document_changes(tmp_path, model, tok) -> 
         assert httpx.delete(s.url + "/v1/documents/ostrel", timeout=60).status_code == 200
         assert "ostrel" not in docs_read()
     retr.store.close()
+
+
+def test_build_cli_writes_memories_with_the_given_kept_tokens_and_selection(tmp_path, model, tok) -> None:
+    from memory3.__main__ import main
+
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in DOCS[:3]))
+    argv = ["build", str(corpus), "--out", str(tmp_path / "bank"), "--model", str(ckpt), "--dtype", "float32"]
+    argv += ["--codec", "none", "--embedder", "hashing-64", "--index", "flat", "--kept-tokens", "4"]
+    assert main([*argv, "--selection", "value-attention"]) == 0
+    with MemoryStore.open(tmp_path / "bank") as s:
+        assert s.manifest["memory"]["selection"] == "value-attention"
+        assert s.manifest["memory"]["kept_tokens"] == 4
+        assert s.verify().ok

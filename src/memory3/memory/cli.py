@@ -9,6 +9,8 @@ import json
 import os
 from typing import Any
 
+from memory3.config import SELECTIONS
+
 
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
@@ -40,6 +42,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     mem_cfg = loaded.memory_config
     if args.kept_tokens is not None:
         mem_cfg = dataclasses.replace(mem_cfg, kept_tokens=args.kept_tokens)
+    if args.selection is not None:
+        mem_cfg = dataclasses.replace(mem_cfg, selection=args.selection)
     stats = IngestStats()
     docs = read_documents(args.source, stats)
     if args.limit:
@@ -138,6 +142,12 @@ def register(sub: Any) -> None:
         type=int,
         default=None,
         help="tokens kept per memory head (§3.3); default: what the model was trained with, else 8",
+    )
+    p.add_argument(
+        "--selection",
+        default=None,
+        choices=SELECTIONS,
+        help="which tokens a memory keeps (§3.3); default: the model's own rule, else the paper's",
     )
     p.add_argument("--cold", action="store_true", help="cold start: write memories when first retrieved")
     p.add_argument("--limit", type=int, default=0, help="only the first N documents")
