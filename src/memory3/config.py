@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -179,7 +180,8 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-SELECTIONS = ("attention", "attention-mean", "value-attention", "key-norm", "random", "all")
+Selection = Literal["attention", "attention-mean", "value-attention", "key-norm", "random", "all"]
+SELECTIONS: tuple[str, ...] = typing.get_args(Selection)
 
 
 @dataclass(frozen=True)
@@ -191,9 +193,7 @@ class MemoryConfig:
     kept_tokens: int = 8  # §3.3 token sparsification: tokens kept per memory layer and kv head
     # "attention" is the paper's rule; the other scores are measured alternatives (memory.write);
     # "random" and "all" exist for measurement and controls.
-    selection: Literal["attention", "attention-mean", "value-attention", "key-norm", "random", "all"] = (
-        "attention"
-    )
+    selection: Selection = "attention"
     chunk_tokens: int = 64  # §3.1 each chunk of this many tokens retrieves its own memories
     memories_per_chunk: int = 5
     seed: int = 0  # only used by selection="random"

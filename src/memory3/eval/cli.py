@@ -105,7 +105,7 @@ def _context(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _check_kept_tokens(args: argparse.Namespace) -> None:
+def _check_memory_overrides(args: argparse.Namespace) -> None:
     for flag, value in (("--kept-tokens", args.kept_tokens), ("--selection", args.selection)):
         if value is not None and args.store is not None:
             raise ValueError(
@@ -150,7 +150,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         leak_threshold=None if args.no_leak_filter else args.leak_threshold,
     )
-    _check_kept_tokens(args)
+    _check_memory_overrides(args)
     loaded = _load(args)
     needs_retrieval = any(m != "none" for m in config.modes)
     store = None
@@ -305,7 +305,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         caches=args.caches,
         warmup=args.warmup,
     )
-    _check_kept_tokens(args)
+    _check_memory_overrides(args)
     torch.manual_seed(0)
     loaded = _load(args)
     model, tok = loaded.model, loaded.tokenizer
@@ -643,7 +643,7 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--references", type=int, default=5, help="references per retrieval")
 
 
-def _kept_tokens_arg(p: argparse.ArgumentParser, what: str) -> None:
+def _memory_override_args(p: argparse.ArgumentParser, what: str) -> None:
     from memory3.config import SELECTIONS
 
     p.add_argument(
@@ -694,7 +694,7 @@ def register(subparsers: Any) -> None:
         help="knowledge base without --store: 'set' (gold references of the whole set + its _kb.jsonl), "
         "'gold' (gold references only) or a file/directory of documents",
     )
-    _kept_tokens_arg(p, "accuracy")
+    _memory_override_args(p, "accuracy")
     p.set_defaults(func=_with_sets(cmd_eval_qa))
 
     p = ev.add_parser("ppl", help="perplexity of held-out text with and without memory")
@@ -741,7 +741,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--kb-articles", type=int, default=200, help="Wikipedia summaries to retrieve from (no --store)"
     )
-    _kept_tokens_arg(p, "speed")
+    _memory_override_args(p, "speed")
     p.set_defaults(func=cmd_bench_speed)
 
     p = be.add_parser("storage", help="bytes per memory for each codec vs full KV cache vs text")
