@@ -4,9 +4,13 @@ Memory mode lays a sequence out as
     [pad…] [prefix: <s>Reference: at positions 0..p-1] [prompt at positions p+R, p+R+1, …]
 (R = reference_tokens): every retrieved memory was written at positions p..p+R-1, so all of them
 share that interval. The prompt is cut into 64-token chunks; each chunk retrieves its own memories
-with its own text and reads only those. All prompt chunks go through one forward pass with a
-block mask. While decoding, the first 64 generated tokens keep the last prompt chunk's memories;
-after every 64 generated tokens the memories are replaced by those retrieved with these tokens.
+with its own text and reads only those. Prefill runs chunk by chunk through the KV cache: chunk c's
+memories are copied into the cache's memory slots, then its tokens read them beside the context so
+far, so no query is ever scored against another chunk's memories. Every prompt of a batch starts
+right after the prefix, so their chunks line up (shorter prompts are padded on the right, and the
+padding is masked). While decoding, the first 64 generated tokens keep the last prompt chunk's
+memories; after every 64 generated tokens the memories are replaced by those retrieved with these
+tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor
 from memory3.config import GenerationConfig, MemoryConfig
 from memory3.memory import layout
 from memory3.memory.write import Memories, MemoryFormatError, memory_fingerprint, reference_prefix_ids
-from memory3.model import KVCache, Memory3Model, MemoryInput
+from memory3.model import KVCache, Memory3Model
 from memory3.retrieval.base import Hit, Retriever
 
 log = logging.getLogger(__name__)
@@ -300,24 +304,29 @@ class Generator:
         pos = torch.zeros(B, T, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)
         for b, e in enumerate(enc):
-            pad = n_max - lens[b]
-            ids[b, pad : pad + p] = torch.tensor(self.prefix_ids[:p], dtype=torch.long)
-            ids[b, pad + p :] = torch.tensor(e.ids)
-            pos[b, pad : pad + p] = torch.arange(p)
-            pos[b, pad + p :] = torch.arange(first_pos, first_pos + lens[b])
-            valid[b, pad:] = True
+            # memory: [prefix][prompt][pad…] so that chunks line up; none/rag: [pad…][prompt]
+            start = 0 if mode == "memory" else n_max - lens[b]
+            ids[b, start : start + p] = torch.tensor(self.prefix_ids[:p], dtype=torch.long)
+            ids[b, start + p : start + p + lens[b]] = torch.tensor(e.ids)
+            pos[b, start : start + p] = torch.arange(p)
+            pos[b, start + p : start + p + lens[b]] = torch.arange(first_pos, first_pos + lens[b])
+            valid[b, start : start + p + lens[b]] = True
         ids, pos, valid = ids.to(device), pos.to(device), valid.to(device)
         slots = k * self.mem_cfg.kept_tokens if mode == "memory" else 0
         cache = KVCache(model.config, B, T + max_new, slots, device, model.dtype)
 
-        memory, last_chunk_mem = None, None
         if mode == "memory":
-            memory, last_chunk_mem, refs = self._prompt_memories(enc, lens, n_max, p, k, leak_threshold)
-        t0 = time.perf_counter()
-        logits = model(ids, pos, token_valid=valid, memory=memory, cache=cache, last_only=True)[:, -1]
-        self.timing.prefill_s = time.perf_counter() - t0
-        if last_chunk_mem is not None:
-            cache.set_memory(*last_chunk_mem)
+            mem, index, refs = self._prompt_memories(enc, k, leak_threshold)
+            t0 = time.perf_counter()
+            logits = self._prefill_chunks(ids, pos, valid, mem, index, lens, p, cache)
+            self.timing.prefill_s = time.perf_counter() - t0
+            # the first decoded chunk keeps reading the memories of its prompt's last chunk
+            last = index[torch.arange(B), torch.tensor([len(e.queries) - 1 for e in enc])]
+            cache.set_memory(*layout.gather(mem, last))
+        else:
+            t0 = time.perf_counter()
+            logits = model(ids, pos, token_valid=valid, cache=cache, last_only=True)[:, -1]
+            self.timing.prefill_s = time.perf_counter() - t0
 
         # ---- decode
         g = torch.Generator(device="cpu")
@@ -395,11 +404,12 @@ class Generator:
         yield results
 
     def _prompt_memories(
-        self, enc: list[_Prompt], lens: list[int], n_max: int, p: int, k: int, leak: float | None
-    ) -> tuple[MemoryInput, tuple[Tensor, Tensor, Tensor], list[list[list[Hit]]]]:
-        """Memories of every prompt chunk, as one MemoryInput with a block mask (§3.1), and the
-        memories of each prompt's last chunk, which the first decoded chunk keeps reading."""
-        B, n = len(enc), self.mem_cfg.chunk_tokens
+        self, enc: list[_Prompt], k: int, leak: float | None
+    ) -> tuple[Memories, Tensor, list[list[list[Hit]]]]:
+        """The memories of every prompt chunk, fetched once: `mem`, and index (B, C, k) into it,
+        row -1 where a prompt has fewer than C chunks or a chunk fewer than k hits; and the hits
+        each prompt's chunks read."""
+        B = len(enc)
         C = max(len(e.queries) for e in enc)
         # retrieve for every chunk that has text of its own; the others reuse the previous hits
         flat = [(b, c) for b, e in enumerate(enc) for c, q in enumerate(e.queries) if q]
@@ -413,14 +423,42 @@ class Generator:
                     by_chunk[(b, c)] = by_chunk[(b, c - 1)]
         refs = [[by_chunk[(b, c)] for c in range(len(e.queries))] for b, e in enumerate(enc)]
         mem, index = self._fetch([by_chunk[(b, c)] for b in range(B) for c in range(C)], k)
-        index = index.view(B, C, k)
-        T = p + n_max
-        chunk = torch.full((B, T), -1, dtype=torch.long)  # -1: padding and the prefix read nothing
-        for b, L in enumerate(lens):
-            chunk[b, T - L :] = torch.arange(L) // n
-        memory = layout.chunked(mem, index, chunk)
-        last = index[torch.arange(B), torch.tensor([len(e.queries) - 1 for e in enc])]
-        return memory, layout.gather(mem, last), refs
+        return mem, index.view(B, C, k), refs
+
+    def _prefill_chunks(
+        self,
+        ids: Tensor,
+        pos: Tensor,
+        valid: Tensor,
+        mem: Memories,
+        index: Tensor,
+        lens: list[int],
+        p: int,
+        cache: KVCache,
+    ) -> Tensor:
+        """Memory-mode prefill (§3.1), one chunk of columns at a time: the prefix reads no memory;
+        then chunk c of every prompt reads the memories index[:, c], held in the cache's memory
+        slots, beside the context so far. Returns the logits (B, V) of each prompt's last token."""
+        model, n = self.model, self.mem_cfg.chunk_tokens
+        B, T = ids.shape
+        cache.clear_memory()
+        if p:
+            model(ids[:, :p], pos[:, :p], token_valid=valid[:, :p], cache=cache, return_hidden=True)
+        last = torch.tensor([p + L - 1 for L in lens], device=ids.device)  # each prompt's last column
+        hidden = torch.empty(B, model.config.hidden_size, device=ids.device, dtype=model.dtype)
+        for c, start in enumerate(range(p, T, n)):
+            end = min(start + n, T)
+            cache.set_memory(*layout.gather(mem, index[:, c]))
+            h = model(
+                ids[:, start:end],
+                pos[:, start:end],
+                token_valid=valid[:, start:end],
+                cache=cache,
+                return_hidden=True,
+            )
+            rows = ((last >= start) & (last < end)).nonzero().flatten()
+            hidden[rows] = h[rows, last[rows] - start]
+        return model.lm_head(hidden)
 
 
 def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
