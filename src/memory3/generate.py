@@ -4,9 +4,10 @@ Memory mode lays a sequence out as
     [pad…] [prefix: <s>Reference: at positions 0..p-1] [prompt at positions p+R, p+R+1, …]
 (R = reference_tokens): every retrieved memory was written at positions p..p+R-1, so all of them
 share that interval. The prompt is cut into 64-token chunks; each chunk retrieves its own memories
-with its own text and reads only those. Prefill runs chunk by chunk through the KV cache: chunk c's
-memories are copied into the cache's memory slots, then its tokens read them beside the context so
-far, so no query is ever scored against another chunk's memories. Every prompt of a batch starts
+with its own text and reads only those. Prefill runs chunk by chunk through the KV cache
+(`prefill_chunks`): the prefix and chunk 0 first, then each chunk's memories are copied into the
+cache's memory slots and its tokens read them beside the context so far, so no query is ever
+scored against another chunk's memories. Every prompt of a batch starts
 right after the prefix, so their chunks line up (shorter prompts are padded on the right, and the
 padding is masked). While decoding, the first 64 generated tokens keep the last prompt chunk's
 memories; after every 64 generated tokens the memories are replaced by those retrieved with these
@@ -318,7 +319,10 @@ class Generator:
         if mode == "memory":
             mem, index, refs = self._prompt_memories(enc, k, leak_threshold)
             t0 = time.perf_counter()
-            logits = self._prefill_chunks(ids, pos, valid, mem, index, lens, p, cache)
+            last_col = torch.tensor([p + L - 1 for L in lens], device=device)
+            logits = prefill_chunks(
+                model, ids, pos, valid, mem, index, last_col, p, self.mem_cfg.chunk_tokens, cache
+            )
             self.timing.prefill_s = time.perf_counter() - t0
             # the first decoded chunk keeps reading the memories of its prompt's last chunk
             last = index[torch.arange(B), torch.tensor([len(e.queries) - 1 for e in enc])]
@@ -425,40 +429,44 @@ class Generator:
         mem, index = self._fetch([by_chunk[(b, c)] for b in range(B) for c in range(C)], k)
         return mem, index.view(B, C, k), refs
 
-    def _prefill_chunks(
-        self,
-        ids: Tensor,
-        pos: Tensor,
-        valid: Tensor,
-        mem: Memories,
-        index: Tensor,
-        lens: list[int],
-        p: int,
-        cache: KVCache,
-    ) -> Tensor:
-        """Memory-mode prefill (§3.1), one chunk of columns at a time: the prefix reads no memory;
-        then chunk c of every prompt reads the memories index[:, c], held in the cache's memory
-        slots, beside the context so far. Returns the logits (B, V) of each prompt's last token."""
-        model, n = self.model, self.mem_cfg.chunk_tokens
-        B, T = ids.shape
-        cache.clear_memory()
-        if p:
-            model(ids[:, :p], pos[:, :p], token_valid=valid[:, :p], cache=cache, return_hidden=True)
-        last = torch.tensor([p + L - 1 for L in lens], device=ids.device)  # each prompt's last column
-        hidden = torch.empty(B, model.config.hidden_size, device=ids.device, dtype=model.dtype)
-        for c, start in enumerate(range(p, T, n)):
-            end = min(start + n, T)
+
+def prefill_chunks(
+    model: Memory3Model,
+    ids: Tensor,
+    pos: Tensor,
+    valid: Tensor,
+    mem: Memories,
+    index: Tensor,
+    last: Tensor,
+    p: int,
+    chunk_tokens: int,
+    cache: KVCache,
+) -> Tensor:
+    """Memory-mode prefill (§3.1) of prompts laid out as [prefix (p)][prompt][pad…] (B, T).
+
+    Chunk c of every prompt (columns p + c·n …) reads memories index[:, c] (B, C, J) into `mem`.
+    The prefix and chunk 0 go through one pass with chunk 0's memories in front of the context
+    (the prefix reads none); each later chunk's memories are then copied into the cache's memory
+    slots and its tokens read them beside the context so far. No query is scored against another
+    chunk's memories. Returns the logits (B, V) at columns `last` (B,), each prompt's last token."""
+    B, T = ids.shape
+    hidden = torch.empty(B, model.config.hidden_size, device=ids.device, dtype=model.dtype)
+    first = min(p + chunk_tokens, T)
+    chunk_of = torch.full((B, first), -1, dtype=torch.long, device=ids.device)
+    chunk_of[:, p:] = 0
+    windows = [(0, first)] + [(s, min(s + chunk_tokens, T)) for s in range(first, T, chunk_tokens)]
+    for c, (start, end) in enumerate(windows):
+        if c == 0:
+            memory = layout.chunked(mem, index[:, :1], chunk_of)
+        else:
+            memory = None
             cache.set_memory(*layout.gather(mem, index[:, c]))
-            h = model(
-                ids[:, start:end],
-                pos[:, start:end],
-                token_valid=valid[:, start:end],
-                cache=cache,
-                return_hidden=True,
-            )
-            rows = ((last >= start) & (last < end)).nonzero().flatten()
-            hidden[rows] = h[rows, last[rows] - start]
-        return model.lm_head(hidden)
+        cols = slice(start, end)
+        h = model(ids[:, cols], pos[:, cols], token_valid=valid[:, cols], memory=memory, cache=cache,
+                  return_hidden=True)  # fmt: skip
+        rows = ((last >= start) & (last < end)).nonzero().flatten()
+        hidden[rows] = h[rows, last[rows] - start]
+    return model.lm_head(hidden)
 
 
 def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
