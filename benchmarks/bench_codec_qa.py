@@ -34,11 +34,13 @@ from memory3.shipped import default_model
 BASELINE = "none (bf16)"
 
 
-def codecs_from(spec: str) -> dict[str, CodecConfig]:
-    """ "default,SQ4" -> the codecs to compare, each against bf16 (always measured, last)."""
+def codecs_from(names: list[str]) -> dict[str, CodecConfig]:
+    """["default", "Residual2x10,PQ8"] -> the codecs to compare, each against bf16 (always
+    measured, last). A FAISS factory string may itself contain commas, so codecs are separate
+    arguments."""
     out = {
         name: CodecConfig() if name == "default" else CodecConfig(kind="faiss", factory=name)
-        for name in spec.split(",")
+        for name in names
         if name and name != "none"
     }
     return {**out, BASELINE: CodecConfig(kind="none")}
@@ -52,7 +54,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (0 = default)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument(
-        "--codecs", default="default", help="codecs to compare with bf16: 'default' or faiss factory strings"
+        "--codecs",
+        nargs="+",
+        default=["default"],
+        help="codecs to compare with bf16, space-separated: 'default' or FAISS factory strings",
     )
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--json", default="benchmarks/results/codec_qa.json")
@@ -136,7 +141,7 @@ def main() -> int:
         + ", ".join(f"`{c}` **{results['drop_points'][c]:+.1f}**" for c in codecs if c != BASELINE)
         + "."
     )
-    flags = f" --threads {args.threads} --sets {args.sets} --codecs {args.codecs}" + (
+    flags = f" --threads {args.threads} --sets {args.sets} --codecs {' '.join(args.codecs)}" + (
         f" --limit {args.limit}" if args.limit else ""
     )
     compact = {k: v for k, v in results.items() if k != "detail"}
