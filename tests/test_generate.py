@@ -8,9 +8,10 @@ import torch
 
 from conftest import tiny_model
 from memory3.config import GenerationConfig, MemoryConfig
-from memory3.generate import Generator, sample
+from memory3.generate import Generator, prefill_chunks, sample
+from memory3.memory import layout
 from memory3.memory.write import Memories, MemoryFormatError, MemoryWriter
-from memory3.model import MemoryInput
+from memory3.model import KVCache, MemoryInput
 from memory3.retrieval.inmemory import InMemoryRetriever
 
 FACTS = [
@@ -202,3 +203,36 @@ def test_memories_of_wrong_shape_are_refused(setup) -> None:
     g = Generator(model, gen.tokenizer, retriever=Broken(), memory_config=cfg, chat=False)
     with pytest.raises(MemoryFormatError, match="shape"):
         g.generate("Quellmar")
+
+
+def test_chunked_prefill_equals_the_one_pass_forward_for_each_prompt(mem_cfg) -> None:
+    """prefill_chunks on a right-padded batch of prompts with 1, 2 and 3 chunks gives, for each
+    prompt, the last-token logits of the one-pass block-masked forward over that prompt alone."""
+    model = tiny_model(seed=5)
+    cfg = model.config
+    n, J, S, p, R = mem_cfg.chunk_tokens, mem_cfg.memories_per_chunk, mem_cfg.kept_tokens, 3, 16
+    lens = [5, 2 * n + 3, 3 * n]
+    B, C, T = len(lens), 3, p + max(lens)
+    g = torch.Generator().manual_seed(0)
+    shape = (B * C * J, cfg.n_memory_layers, cfg.n_kv_head, S, cfg.head_dim)
+    positions = (torch.arange(S, dtype=torch.int32) + p).expand(shape[:4]).contiguous()
+    mem = Memories(torch.randn(shape, generator=g), torch.randn(shape, generator=g), positions, "t")
+    index = torch.arange(B * C * J).view(B, C, J)
+    for b, L in enumerate(lens):  # chunks a prompt does not have read nothing (-1)
+        index[b, -(-L // n) :] = -1
+    ids = torch.randint(3, cfg.vocab_size, (B, T), generator=g)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for b, L in enumerate(lens):
+        pos[b, :p], pos[b, p : p + L] = torch.arange(p), torch.arange(L) + p + R
+        valid[b, : p + L] = True
+    cache = KVCache(cfg, B, T, J * S)
+    last = torch.tensor([p + L - 1 for L in lens])
+    with torch.no_grad():
+        got = prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, cache)
+        for b, L in enumerate(lens):
+            chunk = torch.cat((torch.full((p,), -1), torch.arange(L) // n))[None]
+            memory = layout.chunked(mem, index[b : b + 1], chunk)
+            want = model(ids[b : b + 1, : p + L], pos[b : b + 1, : p + L], memory=memory)[0, -1]
+            torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+    assert cache.len == T

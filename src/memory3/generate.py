@@ -1,17 +1,16 @@
 """Generation with explicit memory, without memory, or with RAG, behind one API (SPEC §3).
 
 Memory mode lays a sequence out as
-    [pad…] [prefix: <s>Reference: at positions 0..p-1] [prompt at positions p+R, p+R+1, …]
+    [prefix: <s>Reference: at positions 0..p-1] [prompt at positions p+R, p+R+1, …] [pad…]
 (R = reference_tokens): every retrieved memory was written at positions p..p+R-1, so all of them
-share that interval. The prompt is cut into 64-token chunks; each chunk retrieves its own memories
-with its own text and reads only those. Prefill runs chunk by chunk through the KV cache
-(`prefill_chunks`): the prefix and chunk 0 first, then each chunk's memories are copied into the
-cache's memory slots and its tokens read them beside the context so far, so no query is ever
-scored against another chunk's memories. Every prompt of a batch starts
-right after the prefix, so their chunks line up (shorter prompts are padded on the right, and the
-padding is masked). While decoding, the first 64 generated tokens keep the last prompt chunk's
-memories; after every 64 generated tokens the memories are replaced by those retrieved with these
-tokens.
+share that interval. Every prompt of a batch starts right after the prefix, so their 64-token
+chunks line up; shorter prompts are padded on the right, and the padding is masked. Each chunk
+retrieves its own memories with its own text and reads only those. Prefill runs chunk by chunk
+through the KV cache (`prefill_chunks`): the prefix and chunk 0 first, then each chunk's memories
+are copied into the cache's memory slots and its tokens read them beside the context so far, so no
+query is ever scored against another chunk's memories. While decoding, the first 64 generated
+tokens keep the last prompt chunk's memories; after every 64 generated tokens the memories are
+replaced by those retrieved with these tokens. The "none" and "rag" modes pad on the left.
 """
 
 from __future__ import annotations
