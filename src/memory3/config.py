@@ -218,6 +218,12 @@ class MemoryConfig:
         """Memory key slots one chunk attends to: memories_per_chunk × kept_tokens."""
         return self.memories_per_chunk * self.kept_tokens
 
+    def override(self, kept_tokens: int | None = None, selection: Selection | None = None) -> MemoryConfig:
+        """This config with the given kept tokens and selection (None keeps its own): the CLI's
+        `--kept-tokens` / `--selection` on top of a model's own memory config."""
+        changes = {"kept_tokens": kept_tokens, "selection": selection}
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

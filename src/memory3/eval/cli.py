@@ -15,7 +15,6 @@ figures (`--figures DIR`). One command regenerates everything published:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -118,12 +117,7 @@ def _check_memory_overrides(args: argparse.Namespace) -> None:
 def _memory_config(args: argparse.Namespace, loaded: Any) -> Any:
     """The model's own memory config, or another number of kept tokens per head (`--kept-tokens`)
     or selection rule (`--selection`): what they cost, on the same model."""
-    cfg = loaded.memory_config
-    if args.kept_tokens is not None:
-        cfg = dataclasses.replace(cfg, kept_tokens=args.kept_tokens)
-    if args.selection is not None:
-        cfg = dataclasses.replace(cfg, selection=args.selection)
-    return cfg
+    return loaded.memory_config.override(args.kept_tokens, args.selection)
 
 
 # --- eval qa ----------------------------------------------------------------------------------------

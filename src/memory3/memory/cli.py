@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -39,11 +38,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         cold=args.cold,
         overlap_embedding=args.overlap_embedding,
     )
-    mem_cfg = loaded.memory_config
-    if args.kept_tokens is not None:
-        mem_cfg = dataclasses.replace(mem_cfg, kept_tokens=args.kept_tokens)
-    if args.selection is not None:
-        mem_cfg = dataclasses.replace(mem_cfg, selection=args.selection)
+    mem_cfg = loaded.memory_config.override(args.kept_tokens, args.selection)
     stats = IngestStats()
     docs = read_documents(args.source, stats)
     if args.limit:
