@@ -19,7 +19,7 @@ from memory3.memory.codec import (
     MemoryCodec,
     MemoryShape,
     codec_report,
-    default_factory,
+    DEFAULT_FACTORY,
     sample_vectors,
     straight_through,
     train_codec,
@@ -246,10 +246,9 @@ def test_straight_through_reads_decoded_memories_and_passes_gradients(pq: Memory
 
 def test_default_factory_fits_head_dims() -> None:
     for d in (8, 16, 64, 80, 128):
-        ix = faiss.index_factory(d, default_factory(d))
+        ix = faiss.index_factory(d, DEFAULT_FACTORY)
         assert ix.d == d and ix.sa_code_size() == d  # a byte a dimension: 2x smaller than bf16
-    assert default_factory(64) == "SQ8"  # chosen by QA accuracy (bench_codec_qa.py)
-    assert faiss.index_factory(64, default_factory(64)).sa_code_size() == 64
+    assert DEFAULT_FACTORY == "SQ8"  # chosen by QA accuracy (bench_codec_qa.py)
     assert MemoryCodec(CodecConfig(), MemoryShape(15, 3, 8, 64)).record_bytes == 15 * 3 * 8 * (2 * 64 + 1)
 
 

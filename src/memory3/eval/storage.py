@@ -4,7 +4,7 @@ One memory holds, for each memory layer, keys and values (2) of each kv head for
 Lm × 2 × K × S vectors of head-dim D. A codec stores each such vector in some bytes:
 
 - "none": bf16, 2·D bytes (the uncompressed store);
-- "default": the memory bank's default FAISS codec (`memory3.memory.codec.default_factory`);
+- "default": the memory bank's default FAISS codec (`memory3.memory.codec.DEFAULT_FACTORY`);
 - "faiss:<factory string>": a FAISS vector codec; its `sa_code_size()` is the bytes per vector
   (the paper's `OPQ20_80,Residual2x14,PQ8x10` stores 80 values in 14 bytes);
 - "fp16" / "fp32": 2·D / 4·D bytes (for comparison).

@@ -7,10 +7,10 @@ A `MemoryCodec` turns a batch of `Memories` into fixed-size uint8 records and ba
 
 in (layer, kv head, slot) order. Keys and values get separate quantizers, which can be shared by all
 layers and heads (SPEC §2 [ours]) with `per_layer=False`; by default one pair per memory layer,
-which measured clearly better at the same size (see `default_factory`). The paper used
-`OPQ20_80,Residual2x14,PQ8x10` for head dim 80 (14 bytes per vector); `default_factory` gives the
-equivalent for other head dims (64 -> 11 bytes). kind="none" stores bf16 as is (exact for
-bf16-representable values).
+which measured clearly better at the same size. The paper used `OPQ20_80,Residual2x14,PQ8x10` for
+head dim 80 (14 bytes per vector); its equivalent for head dim 64 is `Residual2x10,PQ8` (11 bytes).
+The default is 8-bit scalar quantization (`DEFAULT_FACTORY`), chosen by what each costs in answers.
+kind="none" stores bf16 as is (exact for bf16-representable values).
 
 Positions are stored as uint8 `position + 1` (0 = empty slot) by default: references are written
 at positions p..p+127 behind a short prefix, so they fit in one byte; int16 is there for longer
@@ -49,18 +49,13 @@ class CodecError(ValueError):
     """A codec that is untrained, damaged, or does not fit the memories given to it."""
 
 
-def default_factory(head_dim: int) -> str:
-    """The default quantizer: 8-bit scalar quantization of every dimension, with each dimension's
-    range trained per memory layer (FAISS "SQ8"): 64 bytes per 64-d vector, 2× smaller than bf16.
-
-    Chosen by what it costs in answers, measured with the shipped reader (SmolLM2-135M, memory in
-    20 layers, 32 kept tokens; `benchmarks/bench_codec_qa.py`, held-out questions, memory mode):
-    on 80 invented-fact questions bf16 57.5%, SQ8 57.5%, SQ4 58.8%, Residual2x10,PQ8 42.5%; on 102
-    Factbook questions bf16 53.9%, SQ4 43.1%, Residual2x10,PQ8 26.5%. The paper-style vector
-    quantizer (11 bytes per vector, 11× smaller) and SQ4 (4×) stay one `--codec` away for banks
-    where bytes matter more than a small model's reading.
-    """
-    return "SQ8"
+# The default quantizer: 8-bit scalar quantization of every dimension, each dimension's range
+# trained per memory layer (FAISS "SQ8"): one byte per dimension, 2× smaller than bf16, for any
+# head dim. Chosen by what it costs in answers (`benchmarks/bench_codec_qa.py`, held-out questions,
+# memory mode, the shipped reader E): SQ8 changes none of 182 answers against bf16, while the
+# paper-style vector quantizer Residual2x10,PQ8 (11× smaller) loses 13.6 points even with E trained
+# through it. Smaller codecs stay one `--codec` away for banks where bytes matter more.
+DEFAULT_FACTORY = "SQ8"
 
 
 @dataclass(frozen=True)
@@ -68,7 +63,7 @@ class CodecConfig:
     """How memory vectors are compressed.
 
     kind: "none" keeps bf16; "faiss" quantizes with `factory` (a `faiss.index_factory` string;
-      "" = `default_factory(head_dim)`, resolved when the codec is built).
+      "" = `DEFAULT_FACTORY`, resolved when the codec is built).
     per_layer: one key and one value quantizer per memory layer instead of one shared pair.
     train_vectors: key (and value) vectors sampled from the training memories, per quantizer.
     positions: "uint8" (positions 0..254) or "int16" (0..32767).
@@ -179,7 +174,7 @@ class MemoryCodec:
     def __init__(self, config: CodecConfig, shape: MemoryShape, threads: int | None = None) -> None:
         self.threads = threads  # FAISS OpenMP threads for train/encode/decode (None: FAISS default)
         if config.kind == "faiss" and not config.factory:
-            config = dataclasses.replace(config, factory=default_factory(shape.head_dim))
+            config = dataclasses.replace(config, factory=DEFAULT_FACTORY)
         self.config = config
         self.shape = shape
         self._k: list[Any] = []  # faiss indexes: one, or one per layer
@@ -192,7 +187,7 @@ class MemoryCodec:
             except RuntimeError:
                 raise CodecError(
                     f"FAISS index {config.factory!r} cannot encode standalone vectors (no sa_encode): "
-                    f"use a quantizer such as {default_factory(shape.head_dim)!r}"
+                    f"use a quantizer such as {DEFAULT_FACTORY!r}"
                 ) from None
         else:
             self._code = 2 * shape.head_dim
@@ -207,7 +202,7 @@ class MemoryCodec:
             raise CodecError(
                 f"FAISS cannot build {self.config.factory!r} for head dim {self.shape.head_dim}: "
                 f"{str(e).splitlines()[-1]}; give a faiss index_factory string such as "
-                f"{default_factory(self.shape.head_dim)!r}"
+                f"{DEFAULT_FACTORY!r}"
             ) from None
         for index in indexes:
             # The factory's "PQ" turns on polysemous training, which only helps Hamming-distance
