@@ -796,7 +796,7 @@ def test_serve_command_line_end_to_end(tmp_path, tok) -> None:
             except httpx.TransportError:
                 pass
             assert proc.poll() is None, proc.communicate()[1][-2000:]
-            assert time.monotonic() - t0 < 60, "the server did not come up"
+            assert time.monotonic() - t0 < 300, "the server did not come up in 5 minutes"
             time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="cli-key", max_retries=0)
         r = client.completions.create(
