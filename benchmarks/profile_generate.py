@@ -20,14 +20,7 @@ import torch.nn.functional as F
 
 
 def sdpa(batch: int, keys: list[int], rounds: int = 200) -> None:
-    """Single-query attention at SmolLM2-135M's head layout (9 query heads, 3 key/value heads) on a
-    cache view, as in decode: PyTorch's `enable_gqa` against `memory3.model.grouped_attention`
-    (what the model runs), in fp32, bf16 and fp16, interleaved."""
-    from memory3.model import grouped_attention
-
-    def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
-
+    """fp32, bf16 and fp16 single-query attention at SmolLM2-135M's head layout."""
     H, K, D = 9, 3, 64
     for S in keys:
         for dt in (torch.float32, torch.bfloat16, torch.float16):
@@ -35,20 +28,13 @@ def sdpa(batch: int, keys: list[int], rounds: int = 200) -> None:
             k = torch.randn(batch, K, S + 256, D, dtype=dt)[:, :, :S]  # a cache view, as in decode
             v = torch.randn(batch, K, S + 256, D, dtype=dt)[:, :, :S]
             mask = torch.ones(batch, 1, 1, S, dtype=torch.bool)
-            times: dict[str, list[float]] = {"enable_gqa": [], "grouped": []}
-            for _ in range(5):
-                for name, fn in (("enable_gqa", gqa), ("grouped", grouped_attention)):
-                    for _ in range(3):
-                        fn(q, k, v, mask)
-                    t0 = time.perf_counter()
-                    for _ in range(rounds // 5):
-                        fn(q, k, v, mask)
-                    times[name].append((time.perf_counter() - t0) / (rounds // 5) * 1e3)
-            ms = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-            print(
-                f"sdpa batch {batch} keys {S:5d} {dt!s:15s} enable_gqa {ms['enable_gqa']:7.3f} ms  "
-                f"grouped {ms['grouped']:7.3f} ms  ({ms['enable_gqa'] / ms['grouped']:.2f}x)"
-            )
+            for _ in range(10):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            ms = (time.perf_counter() - t0) / rounds * 1e3
+            print(f"sdpa batch {batch} keys {S:5d} {dt!s:15s} {ms:7.3f} ms")
 
 
 def generate(args: argparse.Namespace) -> None:

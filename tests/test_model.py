@@ -69,20 +69,3 @@ def test_config_validates_and_round_trips(tmp_path) -> None:
     assert c2 == c and fingerprint(c2) == fingerprint(c)
     assert fingerprint(ModelConfig.from_preset("tiny")) != fingerprint(c)
 
-
-@pytest.mark.parametrize("T", [1, 5])
-def test_grouped_attention_equals_repeated_heads(T: int) -> None:
-    """Query head h reads key/value head h // G (Llama's repeat_kv), through a cache-like view."""
-    from memory3.model import grouped_attention
-
-    g = torch.Generator().manual_seed(0)
-    B, H, K, S, D = 2, 6, 2, 9, 8
-    q = torch.randn(B, H, T, D, generator=g)
-    buf = torch.randn(2, B, K, S + 4, D, generator=g)
-    k, v = buf[0, :, :, :S], buf[1, :, :, :S]  # non-contiguous, as KVCache.update returns
-    mask = torch.rand(B, 1, T, S, generator=g) > 0.3
-    mask[..., -1] = True  # no all-masked row
-    rk, rv = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
-    scores = (q @ rk.transpose(-1, -2)) / D**0.5
-    want = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ rv
-    assert_close(grouped_attention(q, k, v, mask), want, rtol=1e-5, atol=1e-5)

@@ -146,25 +146,6 @@ class KVCache:
         return self.k[layer][:, :, start:end], self.v[layer][:, :, start:end]
 
 
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Grouped-query attention without copying keys and values per query head.
-
-    q: (B, H, T, D); k, v: (B, K, S, D) with H = G·K, query head h reading key/value head h // G
-    (Llama's order); mask: (B, 1, T, S) bool. The G query heads of a key/value head become G·T rows
-    of one attention over that head's keys, so K and V are read in place (a cache view included),
-    where `enable_gqa` or `repeat_kv` would copy them G times: decoding is bound by that read."""
-    B, H, T, D = q.shape
-    K, S = k.shape[1], k.shape[2]
-    G = H // K
-    qg = q.reshape(B, K, G * T, D)
-    if T == 1:
-        m = mask.expand(B, 1, G, S)
-    else:  # row g·T + t of head group k is query t of head k·G + g
-        m = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
-    y = F.scaled_dot_product_attention(qg, k, v, attn_mask=m)
-    return y.view(B, H, T, D)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -204,7 +185,7 @@ class Attention(nn.Module):
         if memory is not None:  # (B, K, N, D) memory keys in front of the context keys
             k = torch.cat((memory[0].to(k.dtype), k), dim=2)
             v = torch.cat((memory[1].to(v.dtype), v), dim=2)
-        y = grouped_attention(q, k, v, mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
