@@ -68,4 +68,3 @@ def test_config_validates_and_round_trips(tmp_path) -> None:
     c2 = load_json(ModelConfig, tmp_path / "c.json")
     assert c2 == c and fingerprint(c2) == fingerprint(c)
     assert fingerprint(ModelConfig.from_preset("tiny")) != fingerprint(c)
-
