@@ -36,7 +36,12 @@ RUNS = [
     (
         "sft-smollm2-reader-20-k32-vq",
         "E: continuation of D at 32 tokens through the 11× vector quantizer, 40% Factbook, 25% Wikipedia",
-        "E = shipped (32 tokens)",
+        "E (32 tokens)",
+    ),
+    (
+        "sft-smollm2-reader-20-k32-vq2",
+        "F: continuation of E at 32 tokens through the 11× vector quantizer, 40% Factbook, 30% Wikipedia",
+        "F = shipped (32 tokens)",
     ),
 ]
 

@@ -52,7 +52,7 @@ class CodecError(ValueError):
 # The default quantizer: 8-bit scalar quantization of every dimension, each dimension's range
 # trained per memory layer (FAISS "SQ8"): one byte per dimension, 2× smaller than bf16, for any
 # head dim. Chosen by what it costs in answers (`benchmarks/bench_codec_qa.py`, held-out questions,
-# memory mode, the shipped reader E): SQ8 changes none of 182 answers against bf16, while the
+# memory mode, reader E): SQ8 changes none of 182 answers against bf16, while the
 # paper-style vector quantizer Residual2x10,PQ8 (11× smaller) loses 13.6 points even with E trained
 # through it. Smaller codecs stay one `--codec` away for banks where bytes matter more.
 DEFAULT_FACTORY = "SQ8"
