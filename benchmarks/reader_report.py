@@ -107,7 +107,7 @@ def main() -> int:
         "loss on the answer only; RAG samples and general Wikipedia text in the mix so that reading the "
         "context and the language are kept. Questions are about invented towns, people and companies, "
         "train-split Factbook countries and (run C) fill-in-the-blank sentences of train-split "
-        "Wikipedia articles. Each run starts from the previous one's adapter. Run E reads its memories "
+        "Wikipedia articles. Each run starts from the previous one's adapter. Runs E and F read their memories "
         "as a memory bank with the vector quantizer would return them (straight-through gradients, the "
         "quantizer retrained on the model's own memories every 50 steps). 2 CPU threads, fp32.\n\n"
         "Validation answer loss (per token) on entities kept out of training, with the gold memories, "

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from memory3.memory.codec import (
+    DEFAULT_FACTORY,
     CodecConfig,
     CodecError,
     MemoryCodec,
     MemoryShape,
     codec_report,
-    DEFAULT_FACTORY,
     sample_vectors,
     straight_through,
     train_codec,
@@ -244,7 +244,7 @@ def test_straight_through_reads_decoded_memories_and_passes_gradients(pq: Memory
     assert torch.equal(k.grad, w) and torch.equal(v.grad, torch.ones_like(v))  # identity backward
 
 
-def test_default_factory_fits_head_dims() -> None:
+def test_default_codec_fits_head_dims() -> None:
     for d in (8, 16, 64, 80, 128):
         ix = faiss.index_factory(d, DEFAULT_FACTORY)
         assert ix.d == d and ix.sa_code_size() == d  # a byte a dimension: 2x smaller than bf16
