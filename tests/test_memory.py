@@ -128,7 +128,9 @@ def test_kept_tokens_are_real_reference_tokens_with_post_rope_kv() -> None:
 @pytest.mark.parametrize("selection", ["attention", "random"])
 def test_batched_writing_equals_one_by_one(selection: str) -> None:
     model = tiny_model()
-    writer = MemoryWriter(model, PREFIX, MemoryConfig(reference_tokens=16, kept_tokens=4, selection=selection))
+    writer = MemoryWriter(
+        model, PREFIX, MemoryConfig(reference_tokens=16, kept_tokens=4, selection=selection)
+    )
     rs = refs(6, 4, 16, seed=3)
     with torch.no_grad():
         batched = writer.write(rs, batch_size=4)

@@ -252,7 +252,20 @@ class _Shards:
                 ) from None
             arr = np.frombuffer(mm, dtype=np.uint8, count=(len(mm) // self.rs) * self.rs).reshape(-1, self.rs)
             entry = self._maps[shard] = (mm, arr)
+        self._prefetch(entry[0], slots)
         return entry[1][slots]
+
+    def _prefetch(self, mm: mmap.mmap, slots: np.ndarray) -> None:
+        """Ask the kernel for every record's pages at once (MADV_WILLNEED) before copying them, so
+        that records not in the page cache are read from disk in parallel rather than one page
+        fault at a time (cold 5-record reads: about 5x faster here; see BENCHMARKS "Memory bank")."""
+        if not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
+            return  # not on this platform: page faults still read the records, one after another
+        page = mmap.PAGESIZE
+        for slot in np.unique(slots):
+            start = int(slot) * self.rs
+            aligned = start - start % page
+            mm.madvise(mmap.MADV_WILLNEED, aligned, start + self.rs - aligned)
 
     def write(self, shard: int, slot: int, records: np.ndarray) -> None:
         p = self.path(shard)
