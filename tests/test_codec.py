@@ -157,6 +157,46 @@ def test_per_layer_matches_one_index_per_layer(tmp_path, train_mem: Memories) ->
     assert np.array_equal(loaded.encode(mem), codec.encode(mem))
 
 
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_sq8_decodes_as_faiss_does(tmp_path, train_mem: Memories, per_layer: bool) -> None:
+    """The default 8-bit codec decodes with numpy (code · scale + offset per dimension); it must
+    give FAISS's own sa_decode, for every layer's quantizer, before and after save/load."""
+    codec = train_codec(
+        train_mem, CodecConfig(factory="SQ8", per_layer=per_layer, train_vectors=3000), threads=1
+    )
+    assert codec._sq8_affine(codec._k) is not None
+    mem = random_memories(6, seed=5)
+    records = codec.encode(mem)
+    codec.save(tmp_path / "c")
+    for c in (codec, MemoryCodec.load(tmp_path / "c", threads=1)):
+        out = c.decode(records)
+        for name, indexes, x in (("k", c._k, out.k), ("v", c._v, out.v)):
+            n = SHAPE.vectors * c.code_bytes
+            codes = records[:, :n] if name == "k" else records[:, n : 2 * n]
+            per = codes.reshape(6, len(indexes), -1, c.code_bytes)
+            want = np.stack(
+                [
+                    ix.sa_decode(np.ascontiguousarray(per[:, i]).reshape(-1, 16)).reshape(6, -1, 16)
+                    for i, ix in enumerate(indexes)
+                ],
+                axis=1,
+            )
+            want = torch.from_numpy(want.reshape(x.shape))
+            real = mem.positions >= 0
+            torch.testing.assert_close(x[real], want[real], rtol=0, atol=1e-5)
+            assert (x[~real] == 0).all()
+    # Retrained on vectors ten times larger, it must not decode with the old table.
+    k, v = sample_vectors(train_mem, 3000, per_layer)
+    codec.train(k * 10, v * 10)
+    big = Memories(mem.k * 10, mem.v * 10, mem.positions, mem.fingerprint)
+    assert rel_error(codec.decode(codec.encode(big)).k, big.k) < 0.05
+    # Any other codec keeps FAISS's decoder.
+    pq = train_codec(
+        train_mem, CodecConfig(factory="PQ4x4", per_layer=per_layer, train_vectors=3000), threads=1
+    )
+    assert pq._sq8_affine(pq._k) is None
+
+
 def test_training_is_deterministic(train_mem: Memories) -> None:
     cfg = CodecConfig(factory="PQ4x4", train_vectors=3000, seed=5)
     assert (

@@ -162,6 +162,26 @@ def _bf16_bytes(x: np.ndarray) -> np.ndarray:
     return t.numpy().view(np.uint8).reshape(*x.shape[:-1], 2 * x.shape[-1])
 
 
+def _sq8_affine(indexes: list[Any], dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-dimension decoding of trained `IndexScalarQuantizer`s of type QT_8bit (FAISS stores
+    vmin then vdiff in `sq.trained`; a code c decodes to vmin + (c + 0.5) / 255 · vdiff)."""
+    import faiss
+
+    scales, offsets = [], []
+    for index in indexes:
+        inner = faiss.downcast_index(index)
+        if not isinstance(inner, faiss.IndexScalarQuantizer) or not inner.is_trained:
+            return None
+        sq = inner.sq
+        trained = faiss.vector_to_array(sq.trained)
+        if sq.qtype != faiss.ScalarQuantizer.QT_8bit or sq.d != dim or trained.shape != (2 * dim,):
+            return None
+        vmin, vdiff = trained[:dim].astype(np.float32), trained[dim:].astype(np.float32)
+        scales.append(vdiff / 255.0)
+        offsets.append(vmin + 0.5 * vdiff / 255.0)
+    return np.stack(scales).astype(np.float32), np.stack(offsets).astype(np.float32)
+
+
 def _from_bf16_bytes(b: np.ndarray) -> np.ndarray:
     """(..., 2D) uint8 -> (..., D) float32."""
     raw = np.ascontiguousarray(b).view(np.int16)
@@ -180,6 +200,7 @@ class MemoryCodec:
         self._k: list[Any] = []  # faiss indexes: one, or one per layer
         self._v: list[Any] = []
         self._fingerprint: str | None = None
+        self._affine: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}  # see _sq8_affine
         if config.kind == "faiss":
             self._k, self._v = self._new_indexes(), self._new_indexes()
             try:
@@ -265,6 +286,7 @@ class MemoryCodec:
                         f"{str(e).splitlines()[-1]}; give more training vectors or a smaller codebook"
                     ) from None
         self._fingerprint = None
+        self._affine.clear()
         return self
 
     # --- records ----------------------------------------------------------------------------
@@ -282,12 +304,29 @@ class MemoryCodec:
         parts = [ix.sa_encode(np.ascontiguousarray(x[:, i]).reshape(-1, D)) for i, ix in enumerate(indexes)]
         return np.concatenate([p.reshape(M, -1) for p in parts], axis=1)
 
+    def _sq8_affine(self, indexes: list[Any]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(scale, offset), each (len(indexes), D), when every index is FAISS's 8-bit scalar
+        quantizer (the default codec): decoding is then `code · scale + offset` per dimension,
+        which numpy does for a whole batch at once, several times faster than one `sa_decode` per
+        layer. None for any other codec."""
+        key = id(indexes)
+        if key not in self._affine:
+            self._affine[key] = _sq8_affine(indexes, self.shape.head_dim)
+        return self._affine[key]
+
     def _decode_vectors(self, indexes: list[Any], codes: np.ndarray) -> np.ndarray:
         """(M, Lm·K·S·code) uint8 -> (M, Lm, K, S, D) float32."""
         M = codes.shape[0]
         full = (M, *self.shape.dims)
         if self.config.kind == "none":
             return _from_bf16_bytes(codes.reshape(M, self.shape.vectors, self._code)).reshape(full)
+        affine = self._sq8_affine(indexes)
+        if affine is not None:
+            scale, offset = affine
+            out = codes.reshape(M, len(indexes), -1, self._code).astype(np.float32)  # (M, n, vectors, D)
+            out *= scale[None, :, None, :]
+            out += offset[None, :, None, :]
+            return out.reshape(full)
         if len(indexes) == 1:
             return indexes[0].sa_decode(np.ascontiguousarray(codes).reshape(-1, self._code)).reshape(full)
         per = codes.reshape(M, len(indexes), -1, self._code)
@@ -438,6 +477,7 @@ class MemoryCodec:
             indexes.append(faiss.read_index(str(path / name)))
         half = len(indexes) // 2
         codec._k, codec._v = indexes[:half], indexes[half:]
+        codec._affine.clear()
         if codec.record_bytes != meta["record_bytes"] or codec.fingerprint != meta["fingerprint"]:
             raise CodecError(
                 f"{path}: codec files give fingerprint {codec.fingerprint} and {codec.record_bytes}-byte "
