@@ -18,7 +18,10 @@
    records; at 1M the index ids map onto them (records are fixed-size, read at id × size, so the
    read cost does not depend on the count). Embedding the query text is reported apart.
 
-    .venv/bin/python benchmarks/bench_bank.py [--quick] [--threads 1] [--parts build,latency]
+The bundled base model writes the paper's memories (15 layers × 8 tokens); `--model
+smollm2-135m-instruct-memory3` measures the shipped reader's (20 layers × 32 tokens).
+
+    .venv/bin/python benchmarks/bench_bank.py [--quick] [--threads 1] [--parts build,latency] [--model NAME]
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ import torch
 import torch.nn.functional as F
 
 from memory3.checkpoint import load_pretrained
-from memory3.config import MemoryConfig
 from memory3.eval.report import machine, table, update_section
 from memory3.memory import layout
 from memory3.memory.build import BuildConfig, build
@@ -49,6 +51,8 @@ from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
 from memory3.retrieval.embed import get_embedder
 from memory3.retrieval.index import IndexConfig, VectorIndex
 from memory3.retrieval.retriever import StoreRetriever
+
+BASE_MODEL = "smollm2-135m-instruct"
 
 
 def wiki_docs(n: int) -> list[Document]:
@@ -122,6 +126,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer references and queries")
     ap.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (0 = default)")
+    ap.add_argument(
+        "--model",
+        default=BASE_MODEL,
+        help="model whose memory config is measured: the bundled base model (the paper's 15 layers x "
+        "8 tokens) or a trained one such as smollm2-135m-instruct-memory3",
+    )
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--json", default="benchmarks/results/bank.json")
     ap.add_argument(
@@ -138,6 +148,12 @@ def main() -> int:
     carried = sorted({"build", "latency"} - parts)
     if any(p not in previous for p in carried):
         raise SystemExit(f"--parts {args.parts}: {args.json} has no {carried} to carry over; run them too")
+    other = {p: previous.get("measured", {}).get(p, {}).get("model", BASE_MODEL) for p in carried}
+    if any(m != args.model for m in other.values()):
+        raise SystemExit(
+            f"--model {args.model}: the parts to carry over from {args.json} were measured with {other}; "
+            "measure every part with this model (--parts build,latency)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
         import faiss
@@ -146,9 +162,11 @@ def main() -> int:
     n_docs, n_queries, big = (48, 100, 200_000) if args.quick else (128, 400, 1_000_000)
     rounds = 1 if args.quick else 3
     results: dict = {"machine": machine(), "threads": args.threads}
-    loaded = load_pretrained(dtype=torch.float32)
+    loaded = load_pretrained(args.model, dtype=torch.float32)
     model, tok = loaded.model.eval(), loaded.tokenizer
-    mc = MemoryConfig()
+    mc = loaded.memory_config  # what the model writes: the paper's defaults for the base model
+    results["model"] = args.model
+    results["memory"] = {"layers": len(model.memory_layers), "kept_tokens": mc.kept_tokens}
     prefix = reference_prefix_ids(tok, model.config.bos_token_id, mc)
     writer = MemoryWriter(model, prefix, mc)
     bc = BuildConfig()
@@ -187,7 +205,7 @@ def main() -> int:
             )
     what = {
         "bound": "matmul bound (memory layers' linear layers only)",
-        "writer": "writer (forward to the last memory layer + top-8)",
+        "writer": f"writer (forward to the last memory layer + top-{mc.kept_tokens})",
         "fill": "write + encode + store (build without index)",
         "build": "whole build (+ read, chunk, embed, index), embedder after the writer",
         "beside": "whole build, embedder in a second thread beside the writer (default)",
@@ -223,7 +241,7 @@ def main() -> int:
         results["latency_queries"] = previous.get("latency_queries", n_queries)  # same flags, same count
     results["carried_over"] = carried
     # each part keeps the machine, date and codec it was measured with
-    here = {**machine(), "codec": results["codec"]["codec"]}
+    here = {**machine(), "codec": results["codec"]["codec"], "model": args.model}
     unknown = {"date": "?", "codec": "? (from a run that did not record it)"}
     results["measured"] = {
         p: previous.get("measured", {}).get(p, unknown) if p in carried else here
@@ -235,6 +253,8 @@ def main() -> int:
 
     b, c = results["build"], results["codec"]
     body = (
+        f"Model `{args.model}`: memories of {results['memory']['layers']} layers × "
+        f"{results['memory']['kept_tokens']} kept tokens per head.\n\n"
         f"Build throughput, {b['references']} Wikipedia references (128-token chunks, fp32, "
         f"{args.threads} thread(s), {b['rounds']} interleaved rounds); the bound is the time of the memory "
         f"layers' matmuls alone on the same batches (goal: build ≥ 70% of it). Codec training on these "
@@ -260,6 +280,8 @@ def main() -> int:
             f"codec {m['codec']}.)"
         )
     flags = (" --quick" if args.quick else "") + f" --threads {args.threads} --parts {args.parts}"
+    if args.model != BASE_MODEL:
+        flags += f" --model {args.model}"
     update_section(
         args.out, "bank", "Memory bank: build, codec, retrieval latency (SmolLM2-135M)",
         "python benchmarks/bench_bank.py" + flags, body, results,
