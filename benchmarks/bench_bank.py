@@ -133,7 +133,11 @@ def main() -> int:
         "8 tokens) or a trained one such as smollm2-135m-instruct-memory3",
     )
     ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/results/bank.json")
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="results file (default benchmarks/results/bank.json, or bank-MODEL.json for --model)",
+    )
     ap.add_argument(
         "--parts",
         default="build,latency",
@@ -141,6 +145,10 @@ def main() -> int:
         "runs only it); the parts left out are carried over from --json",
     )
     args = ap.parse_args()
+    own = args.model != BASE_MODEL  # another model gets its own results file and section
+    slug = Path(args.model).name
+    if args.json is None:
+        args.json = f"benchmarks/results/bank-{slug}.json" if own else "benchmarks/results/bank.json"
     parts = set(args.parts.split(",")) - {"codec"}  # the codec report always runs
     if not parts <= {"build", "latency"}:
         raise SystemExit(f"--parts {args.parts}: choose from build, latency, codec")
@@ -282,10 +290,10 @@ def main() -> int:
     flags = (" --quick" if args.quick else "") + f" --threads {args.threads} --parts {args.parts}"
     if args.model != BASE_MODEL:
         flags += f" --model {args.model}"
-    update_section(
-        args.out, "bank", "Memory bank: build, codec, retrieval latency (SmolLM2-135M)",
-        "python benchmarks/bench_bank.py" + flags, body, results,
-    )  # fmt: skip
+    name, title = "bank", "Memory bank: build, codec, retrieval latency (SmolLM2-135M)"
+    if own:
+        name, title = f"bank-{slug}", f"Memory bank: build, codec, retrieval latency ({slug})"
+    update_section(args.out, name, title, "python benchmarks/bench_bank.py" + flags, body, results)
     return 0
 
 
