@@ -41,7 +41,12 @@ RUNS = [
     (
         "sft-smollm2-reader-20-k32-vq2",
         "F: continuation of E at 32 tokens through the 11× vector quantizer, 40% Factbook, 30% Wikipedia",
-        "F = shipped (32 tokens)",
+        "F (32 tokens)",
+    ),
+    (
+        "sft-smollm2-reader-20-k32-vq3",
+        "G: continuation of F at 32 tokens through the 11× vector quantizer, 45% Factbook, 30% Wikipedia, lr 2e-4",
+        "G = shipped (32 tokens)",
     ),
 ]
 
@@ -107,7 +112,7 @@ def main() -> int:
         "loss on the answer only; RAG samples and general Wikipedia text in the mix so that reading the "
         "context and the language are kept. Questions are about invented towns, people and companies, "
         "train-split Factbook countries and (run C) fill-in-the-blank sentences of train-split "
-        "Wikipedia articles. Each run starts from the previous one's adapter. Runs E and F read their memories "
+        "Wikipedia articles. Each run starts from the previous one's adapter. Runs E, F and G read their memories "
         "as a memory bank with the vector quantizer would return them (straight-through gradients, the "
         "quantizer retrained on the model's own memories every 50 steps). 2 CPU threads, fp32.\n\n"
         "Validation answer loss (per token) on entities kept out of training, with the gold memories, "
