@@ -288,10 +288,9 @@ def main() -> int:
             f"codec {m['codec']}.)"
         )
     flags = (" --quick" if args.quick else "") + f" --threads {args.threads} --parts {args.parts}"
-    if args.model != BASE_MODEL:
-        flags += f" --model {args.model}"
     name, title = "bank", "Memory bank: build, codec, retrieval latency (SmolLM2-135M)"
     if own:
+        flags += f" --model {args.model}"
         name, title = f"bank-{slug}", f"Memory bank: build, codec, retrieval latency ({slug})"
     update_section(args.out, name, title, "python benchmarks/bench_bank.py" + flags, body, results)
     return 0
