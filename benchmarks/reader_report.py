@@ -48,7 +48,14 @@ RUNS = [
         "G: continuation of F at 32 tokens through the 11× vector quantizer, 45% Factbook, 30% Wikipedia, lr 2e-4",
         "G = shipped (32 tokens)",
     ),
+    (
+        "sft-smollm2-reader-20-k32-vq4",
+        "H (not shipped): continuation of G at 32 tokens through the 11× vector quantizer, 55% Factbook, "
+        "15% invented entities, lr 2e-4",
+        "H, not shipped (32 tokens)",
+    ),
 ]
+SHIPPED = "sft-smollm2-reader-20-k32-vq3"  # the last run of the shipped adapter's lineage
 
 
 def _kept(x: Any) -> Any:
@@ -101,10 +108,19 @@ def main() -> int:
                     "memory / RAG": acc["memory"] / acc["rag"] if acc["rag"] else float("nan"),
                 }
             )
-    tokens = sum(c["tokens"] for c in cost)
-    minutes = sum(c["minutes"] for c in cost)
-    parts = "; ".join(
-        f"{c['run'].split(':')[0]}: {c['tokens']:,} tokens, {c['minutes']:.0f} min" for c in cost
+    n_shipped = [name for name, _, _ in RUNS].index(SHIPPED) + 1
+    tokens = sum(c["tokens"] for c in cost[:n_shipped])
+    minutes = sum(c["minutes"] for c in cost[:n_shipped])
+
+    def parts(runs: list[dict[str, Any]]) -> str:
+        return "; ".join(
+            f"{c['run'].split(':')[0]}: {c['tokens']:,} tokens, {c['minutes']:.0f} min" for c in runs
+        )
+
+    later = (
+        f" Runs trained after the shipped one, not in its lineage: {parts(cost[n_shipped:])}."
+        if cost[n_shipped:]
+        else ""
     )
     body = (
         "SFT of SmolLM2-135M-Instruct with LoRA (rank 16 on every linear layer, 4.88M trainable "
@@ -112,7 +128,7 @@ def main() -> int:
         "loss on the answer only; RAG samples and general Wikipedia text in the mix so that reading the "
         "context and the language are kept. Questions are about invented towns, people and companies, "
         "train-split Factbook countries and (run C) fill-in-the-blank sentences of train-split "
-        "Wikipedia articles. Each run starts from the previous one's adapter. Runs E, F and G read their memories "
+        "Wikipedia articles. Each run starts from the previous one's adapter. Runs E to H read their memories "
         "as a memory bank with the vector quantizer would return them (straight-through gradients, the "
         "quantizer retrained on the model's own memories every 50 steps). 2 CPU threads, fp32.\n\n"
         "Validation answer loss (per token) on entities kept out of training, with the gold memories, "
@@ -123,7 +139,8 @@ def main() -> int:
         "the 5 retrieved, greedy, answer contained in the reply. The evaluation harness (section "
         "“Question answering”) measures the shipped model on every held-out question set.\n\n"
         + table(probes)
-        + f"\n\nCost: {tokens:,} tokens, {minutes:.0f} min on 2 CPU threads ({parts}). An earlier "
+        + f"\n\nCost of the shipped adapter: {tokens:,} tokens, {minutes:.0f} min on 2 CPU threads "
+        f"({parts(cost[:n_shipped])}).{later} An earlier "
         "run that annealed to the paper's 15 layers (`sft-smollm2-reader.json`) lost the gap at 17 "
         "layers: gold 3.31 vs irrelevant 3.43, and ended at 5% held-out accuracy with memory."
     )
