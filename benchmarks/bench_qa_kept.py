@@ -85,7 +85,11 @@ def main() -> int:
             mem_cfg = loaded.memory_config.override(kept, selection)
             retriever = build_retriever(model, tok, docs, mem_cfg, embedder)
             modes = ("memory",) if rag is not None else ("memory", "rag")
-            report = evaluate_qa(Generator(model, tok, retriever, mem_cfg), items, QAEvalConfig(modes=modes))
+            report = evaluate_qa(
+                Generator(model, tok, retriever, mem_cfg),
+                items,
+                QAEvalConfig(modes=modes, batch_size=args.batch_size),
+            )
             s = report.summary()
             if rag is None:
                 rag = s["modes"]["rag"]["contained"]
