@@ -323,3 +323,44 @@ def test_build_cli_writes_memories_with_the_given_kept_tokens_and_selection(tmp_
         assert s.manifest["memory"]["selection"] == "value-attention"
         assert s.manifest["memory"]["kept_tokens"] == 4
         assert s.verify().ok
+
+
+def test_generate_kept_tokens_writes_a_kb_and_must_match_a_bank(tmp_path, model, tok, capsys) -> None:
+    """`--kept-tokens` on generate/serve: a --kb's memories are written with it; a --store was
+    written when it was built, so asking it for another setting is refused with the fix, not
+    read with the wrong shapes."""
+    from memory3.__main__ import main
+    from memory3.checkpoint import load_pretrained
+    from memory3.retrieval.open import open_retriever
+    from memory3.serve_cli import open_stores
+
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in DOCS[:3]))
+    bank = str(tmp_path / "bank")
+    model_args = ["--model", str(ckpt), "--dtype", "float32"]
+    argv = ["build", str(corpus), "--out", bank, *model_args, "--codec", "none", "--embedder", "hashing-64"]
+    assert main([*argv, "--index", "flat", "--kept-tokens", "4"]) == 0
+
+    loaded = load_pretrained(ckpt)
+    assert loaded.memory_config.kept_tokens != 2
+    retriever, cfg = open_retriever(loaded, kb=corpus, embedder="hashing-64", kept_tokens=2)
+    assert cfg.kept_tokens == 2 and cfg.selection == loaded.memory_config.selection
+    assert retriever is not None and retriever.memories([0]).k.shape[3] == 2
+    _, cfg = open_retriever(loaded, store=bank, kept_tokens=4)  # what it was built with: fine
+    assert cfg.kept_tokens == 4
+    with pytest.raises(ValueError, match=r"keeps 4 tokens per head.*memory3 build .*--kept-tokens 2"):
+        open_retriever(loaded, store=bank, kept_tokens=2)
+    with pytest.raises(ValueError, match=r"selection 'attention'.*--selection random"):
+        open_stores(loaded, [bank], [], "hashing-64", selection="random")
+    _, cfg = open_stores(loaded, [], [], "hashing-64", kept_tokens=2)  # no store: the override
+    assert cfg.kept_tokens == 2
+
+    gen = ["generate", "Where is Dresk?", *model_args, "--max-new-tokens", "2", "--no-chat"]
+    capsys.readouterr()
+    assert main([*gen, "--store", bank, "--kept-tokens", "2"]) == 2
+    assert "--kept-tokens 2" in capsys.readouterr().err
+    assert main([*gen, "--kb", str(corpus), "--embedder", "hashing-64", "--kept-tokens", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["references"]
+    with MemoryStore.open(bank) as s:  # refusing touched nothing
+        assert s.verify().ok and s.manifest["memory"]["kept_tokens"] == 4

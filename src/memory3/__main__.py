@@ -41,6 +41,26 @@ def add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
     )
 
 
+def add_memory_args(p: argparse.ArgumentParser, what: str) -> None:
+    """`--kept-tokens` and `--selection` (§3.3): how memories are sparsified, on top of the model's
+    own memory config (the shipped reader: 48 tokens, the paper's rule; other models: 8). `what`
+    says where the command applies them."""
+    from memory3.config import SELECTIONS
+
+    p.add_argument(
+        "--kept-tokens",
+        type=int,
+        default=None,
+        help=f"tokens kept per memory head (default: the model's own); {what}",
+    )
+    p.add_argument(
+        "--selection",
+        default=None,
+        choices=SELECTIONS,
+        help=f"which tokens a memory keeps (default: the model's own rule); {what}",
+    )
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="memory", choices=("memory", "none", "rag"))
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -83,7 +103,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from memory3.retrieval.open import open_retriever
 
     loaded = load_model(args)
-    retriever, mem_cfg = open_retriever(loaded, store=args.store, kb=args.kb, embedder=args.embedder)
+    retriever, mem_cfg = open_retriever(
+        loaded, args.store, args.kb, args.embedder, kept_tokens=args.kept_tokens, selection=args.selection
+    )
     gen = Generator(loaded.model, loaded.tokenizer, retriever, mem_cfg, chat=False if args.no_chat else None)
     if args.mode != "none" and retriever is None:
         print("error: --mode memory/rag needs --store DIR or --kb FILE (or use --mode none)", file=sys.stderr)
@@ -151,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="memory bank directory (memory3 build)")
     p.add_argument("--kb", default=None, help="a text/JSONL file written to memory on the fly (small KBs)")
     p.add_argument("--embedder", default="minilm", help="retrieval embedder for --kb")
+    add_memory_args(p, "how --kb's memories are written (a --store keeps what it was built with)")
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_generate)
 

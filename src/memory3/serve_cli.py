@@ -10,13 +10,16 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from memory3.config import Selection
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    from memory3.__main__ import add_model_args
+    from memory3.__main__ import add_memory_args, add_model_args
 
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server with explicit memory and knowledge endpoints"
@@ -37,6 +40,7 @@ def register(subparsers: Any) -> None:
         help="a text/JSONL file written to memory at start-up (small KBs; repeatable)",
     )
     p.add_argument("--embedder", default="minilm", help="retrieval embedder for --kb")
+    add_memory_args(p, "how --kb's memories are written (a --store keeps what it was built with)")
     p.add_argument(
         "--default-store", default=None, help="store used when a request names none (default: the first)"
     )
@@ -91,9 +95,17 @@ def parse_named(spec: str) -> tuple[str, str]:
     return (p.stem if p.suffix else p.name) or spec, spec
 
 
-def open_stores(loaded: Any, stores: list[str], kbs: list[str], embedder: str) -> tuple[dict[str, Any], Any]:
+def open_stores(
+    loaded: Any,
+    stores: list[str],
+    kbs: list[str],
+    embedder: str,
+    kept_tokens: int | None = None,
+    selection: Selection | None = None,
+) -> tuple[dict[str, Any], Any]:
     """Open every --store and --kb once, at start-up: {name: retriever} and their shared memory
-    config. Paths come from the command line only; requests name stores from this dict."""
+    config (the model's own, or `kept_tokens` / `selection` on top of it for --kb; a --store keeps
+    what it was built with). Paths come from the command line only; requests name stores from this dict."""
 
     out: dict[str, Any] = {}
     mem_cfg = None
@@ -106,13 +118,15 @@ def open_stores(loaded: Any, stores: list[str], kbs: list[str], embedder: str) -
             from memory3.retrieval.open import open_retriever
         except ModuleNotFoundError as e:
             raise ValueError(f"cannot open --{kind} {path}: {e}; this install has no store support") from e
-        retriever, cfg = open_retriever(loaded, **{kind: path, "embedder": embedder})
+        retriever, cfg = open_retriever(
+            loaded, **{kind: path}, embedder=embedder, kept_tokens=kept_tokens, selection=selection
+        )
         if mem_cfg is not None and cfg != mem_cfg:
             raise ValueError(
                 f"store {name!r} was written with another memory config ({cfg}) than the first ({mem_cfg}); serve them separately"
             )
         out[name], mem_cfg = retriever, cfg
-    return out, mem_cfg or loaded.memory_config
+    return out, mem_cfg or loaded.memory_config.override(kept_tokens, selection)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -129,7 +143,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.host,
         )
     loaded = load_model(args)
-    stores, mem_cfg = open_stores(loaded, args.store, args.kb, args.embedder)
+    stores, mem_cfg = open_stores(
+        loaded, args.store, args.kb, args.embedder, args.kept_tokens, args.selection
+    )
     gen = Generator(loaded.model, loaded.tokenizer, None, mem_cfg)
     config = ServerConfig(
         model_name=args.served_model_name or Path(str(args.model)).name,

@@ -638,20 +638,11 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _memory_override_args(p: argparse.ArgumentParser, what: str) -> None:
-    from memory3.config import SELECTIONS
+    from memory3.__main__ import add_memory_args
 
-    p.add_argument(
-        "--kept-tokens",
-        type=int,
-        default=None,
-        help=f"tokens kept per head (default: the model's own); measures the {what} of another setting "
-        "on the same model, with an in-RAM knowledge base (not with --store)",
-    )
-    p.add_argument(
-        "--selection",
-        default=None,
-        choices=SELECTIONS,
-        help="which tokens a memory keeps (default: the model's own rule); as --kept-tokens",
+    add_memory_args(
+        p,
+        f"measures the {what} of another setting on the same model, with an in-RAM knowledge base (not --store)",
     )
 
 

@@ -8,8 +8,6 @@ import json
 import os
 from typing import Any
 
-from memory3.config import SELECTIONS
-
 
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
@@ -113,7 +111,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from memory3.__main__ import add_model_args
+    from memory3.__main__ import add_memory_args, add_model_args
 
     p = sub.add_parser("build", help="build a memory bank from files, a directory, JSONL or 'wikipedia'")
     p.add_argument("source", help="a text/Markdown/JSONL file, a directory of them, or 'wikipedia' (bundled)")
@@ -132,18 +130,7 @@ def register(sub: Any) -> None:
         help="'minilm' (bundled), 'bge-m3', or a sentence-transformers name/path",
     )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--kept-tokens",
-        type=int,
-        default=None,
-        help="tokens kept per memory head (§3.3); default: what the model was trained with, else 8",
-    )
-    p.add_argument(
-        "--selection",
-        default=None,
-        choices=SELECTIONS,
-        help="which tokens a memory keeps (§3.3); default: the model's own rule, else the paper's",
-    )
+    add_memory_args(p, "how the bank's memories are written, once (part of its fingerprint)")
     p.add_argument("--cold", action="store_true", help="cold start: write memories when first retrieved")
     p.add_argument("--limit", type=int, default=0, help="only the first N documents")
     p.add_argument(

@@ -7,31 +7,50 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from memory3.config import MemoryConfig
+from memory3.config import MemoryConfig, Selection
 from memory3.retrieval.base import Retriever
 
 log = logging.getLogger(__name__)
 
 
 def open_retriever(
-    loaded: Any, store: str | Path | None = None, kb: str | Path | None = None, embedder: str = "minilm"
+    loaded: Any,
+    store: str | Path | None = None,
+    kb: str | Path | None = None,
+    embedder: str = "minilm",
+    kept_tokens: int | None = None,
+    selection: Selection | None = None,
 ) -> tuple[Retriever | None, MemoryConfig]:
-    """(retriever or None, the memory config to generate with)."""
+    """(retriever or None, the memory config to generate with).
+
+    `kept_tokens` / `selection` (None: the model's own) set how a `kb`'s memories are written. A
+    memory bank's memories were written when it was built, so with `store` they must match it."""
     if store is not None and kb is not None:
         raise ValueError("give either --store (a memory bank) or --kb (a small text file), not both")
     if store is not None:
+        from memory3.memory.store import read_manifest
         from memory3.retrieval.retriever import StoreRetriever
 
+        have = MemoryConfig.from_dict(read_manifest(Path(store))["memory"])
+        want = have.override(kept_tokens, selection)
+        if want != have:
+            raise ValueError(
+                f"memory bank {store} keeps {have.kept_tokens} tokens per head (selection "
+                f"{have.selection!r}), not the {want.kept_tokens} ({want.selection!r}) asked for: its "
+                f"memories were written when it was built. Drop --kept-tokens/--selection to read it as "
+                f"it is, or build another bank with `memory3 build SOURCE --out DIR --kept-tokens "
+                f"{want.kept_tokens} --selection {want.selection}`"
+            )
         retriever = StoreRetriever.open(store, loaded.model, loaded.tokenizer)
         return retriever, retriever.memory_config
     if kb is None:
-        return None, loaded.memory_config
+        return None, loaded.memory_config.override(kept_tokens, selection)
     from memory3.memory.ingest import IngestStats, chunk_documents, read_documents
     from memory3.memory.write import MemoryWriter, reference_prefix_ids
     from memory3.retrieval.embed import get_embedder
     from memory3.retrieval.inmemory import InMemoryRetriever
 
-    cfg = loaded.memory_config
+    cfg = loaded.memory_config.override(kept_tokens, selection)
     stats = IngestStats()
     refs = list(
         chunk_documents(read_documents(kb, stats), loaded.tokenizer, cfg.reference_tokens, stats=stats)
