@@ -19,7 +19,7 @@
    read cost does not depend on the count). Embedding the query text is reported apart.
 
 The bundled base model writes the paper's memories (15 layers × 8 tokens); `--model
-smollm2-135m-instruct-memory3` measures the shipped reader's (20 layers × 32 tokens).
+smollm2-135m-instruct-memory3` measures the shipped reader's (20 layers × 48 tokens).
 
     .venv/bin/python benchmarks/bench_bank.py [--quick] [--threads 1] [--parts build,latency] [--model NAME]
 """

@@ -138,6 +138,26 @@ def test_rag_puts_the_same_references_in_the_prompt(setup) -> None:
     assert out.prompt_tokens > mem.prompt_tokens
 
 
+def test_min_score_drops_unrelated_references_in_every_mode(setup) -> None:
+    """Hits below the relevance floor are not read: the memory and RAG modes see only the hits
+    that pass it, and with none passing RAG's prompt is the plain one (the same answer as none)."""
+    model, cfg, gen, retr = setup
+    q, g = "the capital of Zantoria", GenerationConfig(max_new_tokens=6)
+    hits = retr.search([q], 2)[0]
+    floor = (hits[0].score + hits[1].score) / 2  # between the best hit and the second
+    assert hits[0].score > hits[1].score
+    for mode in ("memory", "rag"):
+        out = gen.generate(q, mode=mode, config=g, min_score=floor)[0]
+        assert [h.ref_id for h in out.references[0]] == [hits[0].ref_id]
+    rag = gen.generate(q, mode="rag", config=g, min_score=1.0)[0]
+    assert rag.references[0] == [] and rag.token_ids == gen.generate(q, mode="none", config=g)[0].token_ids
+    strict = Generator(model, gen.tokenizer, retr, cfg, chat=False, min_score=1.0)  # the generator's floor
+    assert strict.generate(q, mode="memory", config=g)[0].references[0] == []
+    assert strict.generate(q, mode="memory", config=g, min_score=-1.0)[0].references[0] != []  # per call
+    with pytest.raises(ValueError, match=r"cosine similarity in \[-1, 1\]"):
+        gen.generate(q, mode="memory", config=g, min_score=1.5)
+
+
 def test_stream_matches_generate_and_stop_strings_cut(setup) -> None:
     _, _, gen, _ = setup
     cfg = GenerationConfig(max_new_tokens=16)

@@ -450,6 +450,56 @@ def test_sft_with_the_codec_in_the_loop_reads_quantized_memories_and_resumes_exa
         dataclasses.replace(cfg, codec_refresh_every=0)
 
 
+def test_irrelevant_memory_samples_hide_the_answer_and_pull_towards_the_no_memory_answer(
+    tmp_path: Path,
+) -> None:
+    """The questions of one passage read the group's other passages (and one of another group),
+    never their own; the loss is the KL from the model's no-memory prediction, with gradients on
+    the memory side only; a run with them logs the loss and resumes exactly."""
+    import random
+
+    from memory3.memory.write import reference_prefix_ids
+    from memory3.train.data import fictional_training_entities, make_group
+    from memory3.train.loop import load_base
+    from memory3.train.sft import SFTData, Stage, irrelevant_loss, memory_config_for, run_sft
+
+    ents = fictional_training_entities(40, seed=1)
+    g = make_group(ents, random.Random(0), 5, 24)
+    by_ref = {e.reference: e for e in ents}
+    assert len(g.owners) == len(g.questions)
+    assert all(f in by_ref[g.references[o]].facts for f, o in zip(g.questions, g.owners, strict=True))
+
+    cfg = _tiny_sft_config(tmp_path, irrelevant_questions=3, stages=(Stage(1.0, 8, "half"),))
+    model, tok = load_base(cfg.model, cfg.model_overrides, 0)
+    data = SFTData(cfg, tok, tmp_path / "cache")
+    prefix = reference_prefix_ids(tok, model.config.bos_token_id, cfg.memory)
+    writer = MemoryWriter(model, prefix, memory_config_for(cfg, cfg.stages[0]))
+    written: list[list[list[int]]] = []
+    write = writer.write
+    writer.write = lambda refs: written.append(refs) or write(refs)  # type: ignore[method-assign]
+    other = make_group(ents, random.Random(1), 5, 24)
+    rng = random.Random(2)
+    kl, ntok = irrelevant_loss(model, data, g, other, writer, prefix, random.Random(2))
+    gold = g.owners[rng.randrange(len(g.owners))]  # the same draw irrelevant_loss made
+    (refs,) = written
+    assert data.reference_ids(g.references[gold]) not in refs
+    assert len(refs) == len(set(g.references) | set(other.references[:1])) - 1 and ntok > 0
+    assert torch.isfinite(kl) and kl.item() > 0  # the memories and the layout move the prediction
+    kl.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+    loop = LoopConfig(steps=3, log_every=1, checkpoint_every=100, bf16=False)
+    cfg = dataclasses.replace(cfg, loop=loop)
+    run_sft(cfg, tmp_path / "straight")
+    rows = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["irrelevant"] > 0 for r in rows)
+    run_sft(cfg, tmp_path / "split", stop_after=2)
+    run_sft(cfg, tmp_path / "split")
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")
+    with pytest.raises(ValueError, match="irrelevant_questions"):
+        dataclasses.replace(cfg, irrelevant_questions=-1)
+
+
 # --- data parallel ------------------------------------------------------------------------------------------
 
 

@@ -61,6 +61,17 @@ def add_memory_args(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_min_score_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--min-score",
+        type=float,
+        default=None,
+        help="drop retrieved references whose cosine similarity to the query is below this (e.g. 0.45 "
+        "with the bundled embedder), so that a question the knowledge base knows nothing about reads "
+        "no unrelated memories; default: always the top k",
+    )
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="memory", choices=("memory", "none", "rag"))
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -106,7 +117,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     retriever, mem_cfg = open_retriever(
         loaded, args.store, args.kb, args.embedder, kept_tokens=args.kept_tokens, selection=args.selection
     )
-    gen = Generator(loaded.model, loaded.tokenizer, retriever, mem_cfg, chat=False if args.no_chat else None)
+    gen = Generator(
+        loaded.model,
+        loaded.tokenizer,
+        retriever,
+        mem_cfg,
+        chat=False if args.no_chat else None,
+        min_score=args.min_score,
+    )
     if args.mode != "none" and retriever is None:
         print("error: --mode memory/rag needs --store DIR or --kb FILE (or use --mode none)", file=sys.stderr)
         return 2
@@ -174,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kb", default=None, help="a text/JSONL file written to memory on the fly (small KBs)")
     p.add_argument("--embedder", default="minilm", help="retrieval embedder for --kb")
     add_memory_args(p, "how --kb's memories are written (a --store keeps what it was built with)")
+    add_min_score_arg(p)
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_generate)
 

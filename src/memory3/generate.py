@@ -94,8 +94,10 @@ class Generator:
         retriever: Retriever | None = None,
         memory_config: MemoryConfig | None = None,
         chat: bool | None = None,
+        min_score: float | None = None,
     ) -> None:
         self.model = model
+        self.min_score = _check_min_score(min_score)
         self.tokenizer = tokenizer
         self.mem_cfg = memory_config or MemoryConfig()
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
@@ -132,7 +134,8 @@ class Generator:
         **kwargs: Any,
     ) -> list[GenerationOutput]:
         """Generate for a batch of prompts. kwargs: `k` (memories per chunk), `leak_threshold`,
-        `chat`, `queries` (override the retrieval query of the first chunk of each prompt)."""
+        `min_score` (this call's relevance floor, instead of the generator's), `chat`, `queries`
+        (override the retrieval query of the first chunk of each prompt)."""
         outputs: list[GenerationOutput] = []
         for event in self._run(prompts, mode, config or GenerationConfig(), stream=False, **kwargs):
             if isinstance(event, list):
@@ -205,7 +208,11 @@ class Generator:
         return min(max_new, limit - offset - longest)
 
     # -- retrieval -----------------------------------------------------------------------------
-    def _search(self, queries: list[str], k: int, leak_threshold: float | None) -> list[list[Hit]]:
+    def _search(
+        self, queries: list[str], k: int, leak_threshold: float | None, min_score: float | None
+    ) -> list[list[Hit]]:
+        """Top-k hits per query, leak-filtered; hits scoring below `min_score` are dropped, so a
+        query with nothing relevant reads fewer memories (or none) rather than unrelated ones."""
         if self.retriever is None:
             raise ValueError(
                 "mode 'memory' and 'rag' need a retriever: pass one to Generator(…, retriever=…)"
@@ -217,6 +224,8 @@ class Generator:
             leak_texts=queries if leak_threshold is not None else None,
             leak_threshold=leak_threshold,
         )
+        if min_score is not None:
+            hits = [[h for h in hs if h.score >= min_score] for hs in hits]
         self.timing.retrieval_s += time.perf_counter() - t0
         return hits
 
@@ -267,6 +276,7 @@ class Generator:
         leak_threshold: float | None = None,
         chat: bool | None = None,
         queries: Sequence[str] | None = None,
+        min_score: float | None = None,
     ) -> Iterator[StreamEvent | list[GenerationOutput]]:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -278,13 +288,14 @@ class Generator:
         if mode != "none" and k < 1:
             raise ValueError(f"k (references per retrieval) must be ≥ 1, got {k}")
         chat = self.chat if chat is None else chat
+        floor = self.min_score if min_score is None else _check_min_score(min_score)
         self.timing = Timing()
         t_start = time.perf_counter()
         B = len(prompts)
         refs: list[list[list[Hit]]] = [[] for _ in range(B)]
 
         if mode == "rag":
-            hits = self._search(list(queries or prompts), k, leak_threshold)
+            hits = self._search(list(queries or prompts), k, leak_threshold, floor)
             prompts = [rag_prompt(p, h) for p, h in zip(prompts, hits, strict=True)]
             refs = [[h] for h in hits]
         enc = [self._encode_prompt(p, chat) for p in prompts]
@@ -316,7 +327,7 @@ class Generator:
         cache = KVCache(model.config, B, T + max_new, slots, device, model.dtype)
 
         if mode == "memory":
-            mem, index, refs = self._prompt_memories(enc, k, leak_threshold)
+            mem, index, refs = self._prompt_memories(enc, k, leak_threshold, floor)
             t0 = time.perf_counter()
             last_col = torch.tensor([p + L - 1 for L in lens], device=device)
             logits = prefill_chunks(
@@ -385,7 +396,7 @@ class Generator:
                     self.tokenizer.decode(out[b][-self.mem_cfg.chunk_tokens :], skip_special_tokens=True)
                     for b in active
                 ]
-                found = self._search([q if q.strip() else " " for q in last], k, leak_threshold)
+                found = self._search([q if q.strip() else " " for q in last], k, leak_threshold, floor)
                 hits: list[list[Hit]] = [[] for _ in range(B)]  # finished sequences read nothing
                 for b, h in zip(active, found, strict=True):
                     hits[b] = h
@@ -407,7 +418,7 @@ class Generator:
         yield results
 
     def _prompt_memories(
-        self, enc: list[_Prompt], k: int, leak: float | None
+        self, enc: list[_Prompt], k: int, leak: float | None, min_score: float | None
     ) -> tuple[Memories, Tensor, list[list[list[Hit]]]]:
         """The memories of every prompt chunk, fetched once: `mem`, and index (B, C, k) into it,
         row -1 where a prompt has fewer than C chunks or a chunk fewer than k hits; and the hits
@@ -416,7 +427,7 @@ class Generator:
         C = max(len(e.queries) for e in enc)
         # retrieve for every chunk that has text of its own; the others reuse the previous hits
         flat = [(b, c) for b, e in enumerate(enc) for c, q in enumerate(e.queries) if q]
-        found = self._search([enc[b].queries[c] for b, c in flat], k, leak)
+        found = self._search([enc[b].queries[c] for b, c in flat], k, leak, min_score)
         by_chunk: dict[tuple[int, int], list[Hit]] = dict(zip(flat, found, strict=True))
         for b, e in enumerate(enc):
             for c in range(C):
@@ -497,3 +508,13 @@ def sample(logits: Tensor, cfg: GenerationConfig, generator: torch.Generator | N
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1).cpu()
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _check_min_score(min_score: float | None) -> float | None:
+    """A relevance floor is a cosine similarity (the embedders' rows are normalised): in [-1, 1]."""
+    if min_score is not None and not -1.0 <= min_score <= 1.0:
+        raise ValueError(
+            f"min_score is a cosine similarity in [-1, 1], got {min_score}; e.g. 0.45 drops references "
+            "a query is barely related to, None keeps the top k whatever their score"
+        )
+    return min_score

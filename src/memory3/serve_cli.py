@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    from memory3.__main__ import add_memory_args, add_model_args
+    from memory3.__main__ import add_memory_args, add_min_score_arg, add_model_args
 
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server with explicit memory and knowledge endpoints"
@@ -41,6 +41,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--embedder", default="minilm", help="retrieval embedder for --kb")
     add_memory_args(p, "how --kb's memories are written (a --store keeps what it was built with)")
+    add_min_score_arg(p)
     p.add_argument(
         "--default-store", default=None, help="store used when a request names none (default: the first)"
     )
@@ -146,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stores, mem_cfg = open_stores(
         loaded, args.store, args.kb, args.embedder, args.kept_tokens, args.selection
     )
-    gen = Generator(loaded.model, loaded.tokenizer, None, mem_cfg)
+    gen = Generator(loaded.model, loaded.tokenizer, None, mem_cfg, min_score=args.min_score)
     config = ServerConfig(
         model_name=args.served_model_name or Path(str(args.model)).name,
         api_key=args.api_key or None,

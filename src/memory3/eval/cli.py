@@ -143,6 +143,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         leak_threshold=None if args.no_leak_filter else args.leak_threshold,
+        min_score=args.min_score,
     )
     _check_memory_overrides(args)
     loaded = _load(args)
@@ -489,7 +490,9 @@ def _md_qa(res: dict[str, Any]) -> str:
     return (
         f"Model `{res['model']}` ({res['dtype']}), split `{meta['split']}`, {cfg['k']} references per retrieval, "
         f"greedy, ≤ {cfg['max_new_tokens']} new tokens, batch {cfg['batch_size']}, leak filter "
-        f"{leak}. Knowledge base: {meta['kb']}; "
+        f"{leak}"
+        + ("" if cfg.get("min_score") is None else f", hits scoring below {cfg['min_score']:.3g} dropped")
+        + f". Knowledge base: {meta['kb']}; "
         f"retriever `{meta['embedder']}`. hit@k: a reference of the gold document is among the k hits of the question "
         "(the query RAG and memory's first chunk use). Keeps what none knew: of the questions answered "
         "right without memory, the share this mode answers right too.\n\n" + table(rows)
@@ -655,6 +658,8 @@ def _leak_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add `eval` and `bench` to the `memory3` command line."""
+    from memory3.__main__ import add_min_score_arg
+
     p_eval = subparsers.add_parser("eval", help="quality: question answering and perplexity")
     ev = p_eval.add_subparsers(dest="eval_command", required=True)
 
@@ -662,6 +667,7 @@ def register(subparsers: Any) -> None:
     _common(p)
     _retrieval_args(p)
     _leak_args(p)
+    add_min_score_arg(p)
     p.add_argument(
         "--set",
         action="append",

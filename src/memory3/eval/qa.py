@@ -47,6 +47,7 @@ class QAEvalConfig:
     batch_size: int = 8
     max_new_tokens: int = 48
     leak_threshold: float | None = EVAL_THRESHOLD
+    min_score: float | None = None  # relevance floor for hits (cosine); None: the top k whatever their score
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in MODES]
@@ -59,6 +60,8 @@ class QAEvalConfig:
             )
         if self.leak_threshold is not None and not 0.0 <= self.leak_threshold <= 1.0:
             raise ValueError(f"leak_threshold must be in [0, 1] or None, got {self.leak_threshold}")
+        if self.min_score is not None and not -1.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score is a cosine similarity in [-1, 1] or None, got {self.min_score}")
 
 
 @dataclass
@@ -190,14 +193,21 @@ def evaluate_qa(
                 leak_texts=questions if config.leak_threshold is not None else None,
                 leak_threshold=config.leak_threshold,
             )
+            if config.min_score is not None:  # as generation drops them
+                found = [[h for h in hs if h.score >= config.min_score] for hs in found]
             for i, hits in zip(idx, found, strict=True):
                 results[i].gold_rank = gold_rank(hits, items[i].doc_id)
                 results[i].hits = [h.doc_id for h in hits]
         for mode in config.modes:
             t0 = time.perf_counter()
             outs = generator.generate(
-                questions, mode, gen_cfg, k=config.k, leak_threshold=config.leak_threshold
-            )  # type: ignore[arg-type]
+                questions,
+                mode,  # type: ignore[arg-type]
+                gen_cfg,
+                k=config.k,
+                leak_threshold=config.leak_threshold,
+                min_score=config.min_score,
+            )
             t = timing[mode]
             t.wall_s += time.perf_counter() - t0
             t.decode_s += generator.timing.decode_s

@@ -208,6 +208,7 @@ class Group:
 
     references: tuple[str, ...]
     questions: tuple[Fact, ...]
+    owners: tuple[int, ...] = ()  # owners[i]: index in `references` of questions[i]'s gold passage
 
 
 def make_group(pool: Sequence[Entity], rng: random.Random, memories: int, questions: int) -> Group:
@@ -218,9 +219,10 @@ def make_group(pool: Sequence[Entity], rng: random.Random, memories: int, questi
     others = rng.sample(same, min(memories - 1, len(same)))
     chosen = [anchor, *others]
     rng.shuffle(chosen)
-    facts = [f for e in chosen for f in e.facts]
+    facts = [(i, f) for i, e in enumerate(chosen) for f in e.facts]
     rng.shuffle(facts)
-    return Group(tuple(e.reference for e in chosen), tuple(facts[:questions]))
+    facts = facts[:questions]
+    return Group(tuple(e.reference for e in chosen), tuple(f for _, f in facts), tuple(i for i, _ in facts))
 
 
 def load_kb_entities(name: str) -> list[Document]:

@@ -355,16 +355,22 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
     return loss / max(n, 1), n
 
 
+def answer_logits(model: Memory3Model, batch: Any, memory: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float logits and targets at the positions of `batch` whose target is trained, in order
+    (row by row): (n, vocab), (n,). The vocabulary projection runs only there."""
+    h = model(batch.ids, batch.pos, token_valid=batch.valid, memory=memory, return_hidden=True)
+    sel = batch.targets != -100
+    return model.lm_head(h[sel]).float(), batch.targets[sel]
+
+
 def batch_loss(model: Memory3Model, batch: Any, memory: Any = None) -> tuple[torch.Tensor, int]:
     """Mean next-token loss of a `layout.Batch`; the vocabulary projection is applied only where a
     target is trained (with answer-only loss that is a few tokens per sequence)."""
-    h = model(batch.ids, batch.pos, token_valid=batch.valid, memory=memory, return_hidden=True)
-    sel = batch.targets != -100
-    n = int(sel.sum())
+    logits, targets = answer_logits(model, batch, memory)
+    n = int(targets.numel())
     if n == 0:
-        return h.sum() * 0.0, 0
-    logits = model.lm_head(h[sel])
-    return nn.functional.cross_entropy(logits.float(), batch.targets[sel]), n
+        return logits.sum() * 0.0, 0
+    return nn.functional.cross_entropy(logits, targets), n
 
 
 def export(model: Any, tok: Any, config: Any, out: Path, state: TrainState) -> Path:

@@ -54,6 +54,7 @@ from memory3.train.loop import (
     Progress,
     TrainState,
     all_mean,
+    answer_logits,
     autocast,
     average_gradients,
     batch_loss,
@@ -107,6 +108,11 @@ class SFTConfig:
     text_weight: float = 0.3
     text_corpus: str = "wikipedia"
     aux_every: int = 1  # 2: RAG samples on even steps, general text on odd steps (half the cost)
+    # Questions per step that read memories without their answer (the group's other passages and
+    # one of another group), trained to answer as the model does without memory (KL to its own
+    # no-memory prediction): irrelevant memories must not change an answer. 0 = off.
+    irrelevant_questions: int = 0
+    irrelevant_weight: float = 1.0
     init_adapter: str = ""  # start the LoRA from this adapter (a shipped name or a directory)
     val_groups: int = 4  # loss gap gold vs irrelevant memories on train-split entities kept aside
     probe_questions: int = 40  # held-out probe at the end (0 = skip)
@@ -127,6 +133,11 @@ class SFTConfig:
             raise ValueError(
                 "factbook_fraction and wikipedia_fraction are shares of the groups: each ≥ 0 and "
                 f"together ≤ 1, got {self.factbook_fraction} and {self.wikipedia_fraction}"
+            )
+        if self.irrelevant_questions < 0 or self.irrelevant_weight < 0:
+            raise ValueError(
+                f"irrelevant_questions ({self.irrelevant_questions}) and irrelevant_weight "
+                f"({self.irrelevant_weight}) must be ≥ 0 (0 turns the irrelevant-memory samples off)"
             )
         if self.questions_per_group < 1:
             raise ValueError(f"questions_per_group must be ≥ 1, got {self.questions_per_group}")
@@ -266,6 +277,46 @@ def sft_losses(
     return batch_loss(model, b, shared_memory(mem, b))
 
 
+def irrelevant_loss(
+    model: Any,
+    data: SFTData,
+    group: Group,
+    other: Group,
+    writer: MemoryWriter,
+    prefix: list[int],
+    rng: Any,
+    codec: MemoryCodec | None = None,
+) -> tuple[torch.Tensor, int] | None:
+    """Questions of one passage of `group` read the memories of the group's other passages (hard
+    distractors: same kind, no answer) and one passage of `other`; the loss is the KL divergence
+    from the model's own prediction of the answer without memory, in the plain layout (no
+    gradient through that side). Answers must not change when memories hold nothing about them.
+    None when the group has no question to ask (or no irrelevant passage)."""
+    cfg = data.config
+    if not group.owners or cfg.irrelevant_questions < 1:
+        return None
+    gold = group.owners[rng.randrange(len(group.owners))]
+    questions = [f for f, o in zip(group.questions, group.owners, strict=True) if o == gold]
+    questions = questions[: cfg.irrelevant_questions]
+    refs = [r for i, r in enumerate(group.references) if i != gold]
+    refs += [r for r in other.references if r not in group.references][:1]
+    if not refs:
+        return None
+    seqs, starts = data.qa_seqs(questions)
+    pad = data.tok.pad_token_id if data.tok.pad_token_id is not None else 0
+    with torch.no_grad():
+        teacher, _ = answer_logits(model, text_batch(seqs, starts, None, 0, pad))
+    mem = writer.write([data.reference_ids(r) for r in refs])
+    if codec is not None:
+        mem = straight_through(mem, codec)
+    b = text_batch(seqs, starts, prefix, cfg.memory.reference_tokens, pad)
+    student, _ = answer_logits(model, b, shared_memory(mem, b))
+    kl = torch.nn.functional.kl_div(
+        student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    return kl, sum(len(s) for s in seqs) * 2
+
+
 def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after: int | None = None) -> Path:
     """Train; returns the run directory (checkpoint/, adapter/ or model/, metrics.jsonl)."""
     out = Path(out)
@@ -307,7 +358,7 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
             codec = fit_codec(model, data, writer, config, step)
         lr = wsd_lr(step, config.loop.steps, config.optim)
         set_lr(opt, lr)
-        step_tokens, parts = 0, {"mem": 0.0, "rag": 0.0, "text": 0.0}
+        step_tokens, parts = 0, {"mem": 0.0, "rag": 0.0, "text": 0.0, "irrelevant": 0.0}
         for micro in range(config.optim.grad_accum):
             rng = rng_for(config.loop.seed, step, micro, d.rank)
             group = data.group(rng)
@@ -341,6 +392,13 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
                     total = total + config.text_weight * text_loss
                     parts["text"] += text_loss.item() / config.optim.grad_accum
                     ntok += b.n_tokens
+                # 3c. memories without the answer: answer as without memory
+                if config.irrelevant_questions:
+                    irr = irrelevant_loss(model, data, group, data.group(rng), writer, prefix, rng, codec)
+                    if irr is not None:
+                        total = total + config.irrelevant_weight * irr[0]
+                        parts["irrelevant"] += irr[0].item() / config.optim.grad_accum
+                        ntok += irr[1]
             (total / config.optim.grad_accum).backward()
             step_tokens += ntok
         # 4. the update
@@ -355,6 +413,7 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
             "mem": True,
             "rag": do_rag and config.rag_per_step > 0,
             "text": do_text and data.text is not None,
+            "irrelevant": config.irrelevant_questions > 0,
         }
         extra = {k: round(all_mean(v, d), 4) for k, v in parts.items() if done[k]}
         extra["kept"], extra["layers"] = stage.kept_tokens, len(layers)
