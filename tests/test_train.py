@@ -84,7 +84,9 @@ def test_shipped_configs_load() -> None:
 
     root = Path(__file__).parents[1] / "configs" / "train"
     for path in sorted(root.glob("sft*.json")):
-        load_config(SFTConfig, path)
+        cfg = load_config(SFTConfig, path)
+        # a chain of runs names the run it continues: the shipped adapter changes when a run ships
+        assert cfg.init_adapter in ("", *(f"~/.cache/memory3/runs/{p.stem}/adapter" for p in root.iterdir()))
 
 
 # --- LoRA ---------------------------------------------------------------------------------------------

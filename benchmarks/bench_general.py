@@ -1,0 +1,194 @@
+"""General questions with unrelated memories, and what a relevance floor on retrieval changes.
+
+Explicit memory must not break what the model already knew. Here the model answers general
+questions (the harness's Wikipedia fill-in-the-blank sentences, which SmolLM2 partly answers from
+its weights) while retrieving from a knowledge base that holds nothing about them (by default the
+Factbook passages of the harness, no Wikipedia text): every memory it reads is unrelated. Without a
+relevance floor the retriever still returns its top 5, and the model reads them (memory) or gets
+their text in its prompt (RAG). With a floor (`--min-score`, cosine similarity of query and
+reference) hits below it are dropped, so most questions read nothing.
+
+Then the same floors on the harness's held-out sets with their own knowledge base (gold reference
+among the distractors, as `memory3 eval qa`), to show what a floor costs when the knowledge base
+does hold the answer.
+
+"keeps": of the questions answered right without memory, the share each mode still answers right.
+
+    .venv/bin/python benchmarks/bench_general.py [--floors none 0.45] [--threads 2] [--model NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memory3.checkpoint import load_pretrained
+from memory3.data.qa import load_kb, load_qa, shipped_path
+from memory3.eval.qa import (
+    QAEvalConfig,
+    build_retriever,
+    evaluate_qa,
+    kb_documents,
+    resolve_set,
+    select_items,
+)
+from memory3.eval.report import machine, table, update_section
+from memory3.generate import Generator
+from memory3.retrieval.embed import get_embedder
+from memory3.shipped import default_model
+
+
+def floor_arg(value: str) -> float | None:
+    if value == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--floors takes cosine similarities or 'none', got {value!r}"
+        ) from None
+
+
+def _rows(
+    report: Any, items: list[Any], what: str, floor: float | None, modes: tuple[str, ...]
+) -> list[dict]:
+    """One row per mode and split (all questions, held-out only) from one evaluation."""
+    out = []
+    one = {it.split for it in items}
+    for split in ("all", "heldout") if len(one) > 1 else tuple(one):
+        idx = [i for i, it in enumerate(items) if split == "all" or it.split == split]
+        if not idx:
+            continue
+        res = [report.items[i] for i in idx]
+        known = [r for r in res if r.contained.get("none")]
+        for mode in modes:
+            right = sum(r.contained[mode] for r in res)
+            out.append(
+                {
+                    "questions": what,
+                    "split": split,
+                    "min score": "none" if floor is None else floor,
+                    "mode": mode,
+                    "n": len(res),
+                    "accuracy": right / len(res),
+                    "keeps": (
+                        f"{sum(r.contained[mode] for r in known)}/{len(known)}"
+                        if known and mode != "none"
+                        else ""
+                    ),
+                    "read a memory": sum(bool(r.hits) for r in res) / len(res) if mode != "none" else "",
+                }
+            )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=default_model())
+    ap.add_argument(
+        "--kb", default=str(shipped_path("factbook_kb.jsonl")), help="the unrelated knowledge base"
+    )
+    ap.add_argument("--questions", default="wikipedia", help="general questions (a harness set or JSONL)")
+    ap.add_argument(
+        "--sets", default="factbook,fictional,wikipedia", help="sets for the floor's cost ('' = skip)"
+    )
+    ap.add_argument("--floors", nargs="+", type=floor_arg, default=[None, 0.45])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's choice)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=None, help="first N questions of each set (a quick look)")
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--json", default="benchmarks/results/general.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_pretrained(args.model)
+    model, tok, mem_cfg = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
+    embedder = get_embedder()
+    rows: list[dict[str, Any]] = []
+    answers: dict[str, list[str]] = {}
+
+    def run(items: list[Any], retriever: Any, what: str) -> None:
+        for j, floor in enumerate(args.floors):
+            modes = ("none", "memory", "rag") if j == 0 else ("memory", "rag")
+            report = evaluate_qa(
+                Generator(model, tok, retriever, mem_cfg),
+                items,
+                QAEvalConfig(modes=modes, batch_size=args.batch_size, min_score=floor),
+            )
+            if j == 0:
+                none = [it.contained["none"] for it in report.items]
+                answers[f"{what}/none"] = [it.texts["none"] for it in report.items]
+            else:  # none does not retrieve: the first evaluation's answers stand for every floor
+                for it, c in zip(report.items, none, strict=True):
+                    it.contained["none"] = c
+            for m in ("memory", "rag"):
+                answers[f"{what}/{m}/{floor}"] = [it.texts[m] for it in report.items]
+            new = _rows(report, items, what, floor, modes)
+            rows.extend(new)
+            for r in new:
+                print(json.dumps(r), file=sys.stderr, flush=True)
+
+    # 1. general questions, unrelated knowledge base (no gold reference added)
+    path = resolve_set(args.questions)
+    items = select_items(load_qa(path), "all", args.limit)
+    docs = load_kb(args.kb) if Path(args.kb).suffix == ".jsonl" else None
+    if docs is None:
+        from memory3.memory.ingest import read_documents
+
+        docs = list(read_documents(args.kb))
+    asked = {it.doc_id for it in items}
+    docs = [d for d in docs if d.doc_id not in asked]
+    run(items, build_retriever(model, tok, docs, mem_cfg, embedder), f"{path.stem}, unrelated KB")
+    # 2. the harness's held-out sets with their own knowledge base
+    for name in filter(None, args.sets.split(",")):
+        p = resolve_set(name)
+        held = select_items(load_qa(p), "heldout", args.limit)
+        run(
+            held,
+            build_retriever(model, tok, kb_documents(p, held, "set"), mem_cfg, embedder),
+            f"{name}, own KB",
+        )
+
+    results = {
+        "machine": machine(),
+        "model": str(args.model),
+        "memory_config": mem_cfg.to_dict(),
+        "kb": args.kb,
+        "rows": rows,
+        "answers": answers,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(rows, indent=1))
+    body = (
+        f"Model `{args.model}`, 5 references per retrieval, greedy, answer contained. First rows: the "
+        f"{args.questions} questions (both splits; held-out apart) retrieving from `{Path(args.kb).name}`, "
+        "which holds nothing about them, so every memory read is unrelated. Then the harness's held-out "
+        "sets with their own knowledge base (gold reference retrieved among distractors). *min score*: "
+        "hits whose cosine similarity to the question is below it are dropped (`--min-score`); "
+        "*keeps*: of the questions answered right without memory, how many each mode still answers; "
+        "*read a memory*: share of questions with at least one hit left.\n\n" + table(rows)
+    )
+    floors = " ".join("none" if f is None else str(f) for f in args.floors)
+    flags = (
+        f" --threads {args.threads} --floors {floors}"
+        + (f" --model {args.model}" if str(args.model) != default_model() else "")
+        + (f" --limit {args.limit}" if args.limit else "")
+        + (f" --kb {args.kb}" if args.kb != str(shipped_path("factbook_kb.jsonl")) else "")
+        + (f" --sets {args.sets}" if args.sets != "factbook,fictional,wikipedia" else "")
+    )
+    compact = {k: v for k, v in results.items() if k != "answers"}
+    update_section(
+        args.out, "general", "General questions with unrelated memories, and a relevance floor",
+        "python benchmarks/bench_general.py" + flags, body, compact,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
