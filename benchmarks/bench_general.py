@@ -37,7 +37,7 @@ from memory3.eval.qa import (
     resolve_set,
     select_items,
 )
-from memory3.eval.report import machine, table, update_section
+from memory3.eval.report import machine, publish, table
 from memory3.generate import Generator
 from memory3.retrieval.embed import get_embedder
 from memory3.shipped import default_model
@@ -162,8 +162,6 @@ def main() -> int:
         "rows": rows,
         "answers": answers,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(rows, indent=1))
     body = (
         f"Model `{args.model}`, 5 references per retrieval, greedy, answer contained. First rows: the "
@@ -182,11 +180,15 @@ def main() -> int:
         + (f" --kb {args.kb}" if args.kb != str(shipped_path("factbook_kb.jsonl")) else "")
         + (f" --sets {args.sets}" if args.sets != "factbook,fictional,wikipedia" else "")
     )
-    compact = {k: v for k, v in results.items() if k != "answers"}
-    update_section(
-        args.out, "general", "General questions with unrelated memories, and a relevance floor",
-        "python benchmarks/bench_general.py" + flags, body, compact,
-    )  # fmt: skip
+    publish(
+        results,
+        args.json,
+        args.out,
+        "general",
+        "General questions with unrelated memories, and a relevance floor",
+        "python benchmarks/bench_general.py" + flags,
+        body,
+    )
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from memory3.eval.qa import (
     resolve_set,
     select_items,
 )
-from memory3.eval.report import machine, table, update_section
+from memory3.eval.report import machine, publish, table
 from memory3.generate import Generator
 from memory3.memory.codec import CodecConfig, MemoryCodec, MemoryShape
 from memory3.retrieval.embed import get_embedder
@@ -120,8 +119,6 @@ def main() -> int:
         "rows": rows,
         "answers": answers,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(rows, indent=1))
     own = loaded.memory_config.kept_tokens
     body = (
@@ -133,11 +130,15 @@ def main() -> int:
     flags = f" --threads {args.threads} --sets {args.sets} --kept {' '.join(args.kept)}" + (
         f" --limit {args.limit}" if args.limit else ""
     )
-    compact = {k: v for k, v in results.items() if k != "answers"}
-    update_section(
-        args.out, "qa-kept", "Question answering against tokens kept per head",
-        "python benchmarks/bench_qa_kept.py" + flags, body, compact,
-    )  # fmt: skip
+    publish(
+        results,
+        args.json,
+        args.out,
+        "qa-kept",
+        "Question answering against tokens kept per head",
+        "python benchmarks/bench_qa_kept.py" + flags,
+        body,
+    )
     return 0
 
 

@@ -518,3 +518,16 @@ def test_eval_qa_kept_tokens_writes_the_kb_with_them_and_records_it(tmp_path, to
     res = json.loads(out.read_text())
     assert res["memory"] == {"layers": len(model.memory_layers), "kept_tokens": 4, "selection": "attention"}
     assert res["sets"]["fictional"]["summary"]["n"] == 2
+
+
+def test_publish_writes_all_results_and_a_section_without_the_bulky_keys(tmp_path) -> None:
+    from memory3.eval.report import publish
+
+    md = tmp_path / "B.md"
+    md.write_text("# b\n\n<!-- bench:x -->\nold\n<!-- /bench:x -->\n\n<!-- bench:y -->\nkept\n<!-- /bench:y -->\n")
+    res = {"rows": [{"a": 1}], "answers": {"q": ["long answer"]}}
+    publish(res, tmp_path / "r" / "x.json", md, "x", "X", "python x.py", "body")
+    assert json.loads((tmp_path / "r" / "x.json").read_text()) == res
+    text = md.read_text()
+    assert "old" not in text and "body" in text and "python x.py" in text and "kept" in text
+    assert '"rows"' in text and "long answer" not in text

@@ -45,6 +45,25 @@ def update_section(
     path.write_text(text)
 
 
+def publish(
+    results: dict[str, Any],
+    json_path: str | Path,
+    md_path: str | Path,
+    name: str,
+    title: str,
+    command: str,
+    body_md: str,
+    omit: tuple[str, ...] = ("answers",),
+) -> None:
+    """A benchmark script's results: all of them as JSON at `json_path`, and the section `name`
+    of `md_path` with `body_md` and the JSON without the bulky keys in `omit`."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    compact = {k: v for k, v in results.items() if k not in omit}
+    update_section(md_path, name, title, command, body_md, compact)
+
+
 def table(rows: list[dict[str, Any]], cols: list[str] | None = None) -> str:
     if not rows:
         return ""

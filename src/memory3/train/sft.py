@@ -12,6 +12,8 @@ One step, read top to bottom in `run_sft`:
   3. a RAG sample (the same references as text in the prompt) and a general-text sequence without
      memory, so the model keeps using its context and keeps its language (the issue's probe lost
      half its RAG accuracy without them);
+     optionally (`irrelevant_questions`) questions reading only memories that lack their answer,
+     trained towards the model's own answer without memory (KL);
   4. AdamW step with warmup-stable-decay, clipping, accumulation; checkpoint; resume exactly.
 
 Memory layers and kept tokens can follow a curriculum of stages (`stages`), e.g. from full
