@@ -524,7 +524,9 @@ def test_publish_writes_all_results_and_a_section_without_the_bulky_keys(tmp_pat
     from memory3.eval.report import publish
 
     md = tmp_path / "B.md"
-    md.write_text("# b\n\n<!-- bench:x -->\nold\n<!-- /bench:x -->\n\n<!-- bench:y -->\nkept\n<!-- /bench:y -->\n")
+    md.write_text(
+        "# b\n\n<!-- bench:x -->\nold\n<!-- /bench:x -->\n\n<!-- bench:y -->\nkept\n<!-- /bench:y -->\n"
+    )
     res = {"rows": [{"a": 1}], "answers": {"q": ["long answer"]}}
     publish(res, tmp_path / "r" / "x.json", md, "x", "X", "python x.py", "body")
     assert json.loads((tmp_path / "r" / "x.json").read_text()) == res
