@@ -226,6 +226,7 @@ def test_completion_equals_the_generator_in_each_mode(client, parts, mode: str) 
         "mode": mode,
         "k": None if mode == "none" else 2,
         "store": None if mode == "none" else "facts",
+        "min_score": None,
     }
     if mode == "none":
         assert extra(c, "references") == []
@@ -233,6 +234,29 @@ def test_completion_equals_the_generator_in_each_mode(client, parts, mode: str) 
         refs = extra(c, "references")
         assert refs and all(r["title"] in TITLES and r["doc_id"].startswith("fact-") for r in refs)
         assert "Mount Fjarn" in [r["title"] for r in refs]
+
+
+def test_a_request_sets_its_own_relevance_floor(client, parts) -> None:
+    """`memory.min_score` drops the hits below it, as `Generator(min_score=…)` does, for this
+    request only; the response says which floor was used."""
+    *_, store, _, alone = parts
+    prompt, cfg = "How high is Mount Fjarn?", GenerationConfig(max_new_tokens=6)  # one chunk, one retrieval
+    hits = store.search([prompt], 2)[0]
+    floor = round((hits[0].score + hits[1].score) / 2, 6)
+    for mode in ("memory", "rag"):
+        got = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=6,
+            extra_body={"memory": {"mode": mode, "min_score": floor}},
+        )
+        want = alone.generate(prompt, mode=mode, config=cfg, k=2, min_score=floor)[0]
+        assert got.choices[0].text == want.text and extra(got, "memory")["min_score"] == floor
+        assert ref_ids(extra(got.choices[0], "references")) == [hits[0].ref_id]
+    again = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=6
+    )  # the floor was this request's
+    assert len(extra(again.choices[0], "references")) == 2 and extra(again, "memory")["min_score"] is None
 
 
 def test_rag_prompt_is_longer_than_memory_prompt(client) -> None:
@@ -469,6 +493,8 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Quellmar?"}], 
         ("/v1/completions", {**BASE, "memory": {"mode": "wild"}}, 400, "memory.mode", "invalid_value"),
         ("/v1/completions", {**BASE, "memory": {"store": "../etc"}}, 404, "store", "store_not_found"),
         ("/v1/completions", {**BASE, "memory": {"mode": "none", "k": 2}}, 400, "memory.mode", None),
+        ("/v1/completions", {**BASE, "memory": {"mode": "none", "min_score": 0.4}}, 400, "memory.mode", None),
+        ("/v1/completions", {**BASE, "memory": {"min_score": 1.5}}, 400, "memory.min_score", None),
         ("/v1/completions", {**BASE, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
         ("/v1/completions", {**BASE, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported"),
         ("/v1/completions", {**BASE, "echo": True}, 400, "echo", "unsupported"),

@@ -106,6 +106,7 @@ class GenerationRequest:
     mode: Mode
     config: GenerationConfig
     k: int | None = None  # references per retrieval; None = the memory config's default
+    min_score: float | None = None  # relevance floor of the hits; None = the Generator's own
     chat: bool = False  # apply the chat template to `prompt` (a single user message)
     query: str | None = None  # retrieval query of the first chunk, when the prompt is pre-rendered
     retriever: Retriever | None = None
@@ -167,7 +168,7 @@ def batch_key(job: Job) -> tuple:
         sampling = ("seeded", job.id)
     else:
         sampling = (cfg.temperature, cfg.top_p, cfg.top_k)
-    retrieval = (r.store, r.k) if r.mode != "none" else ()
+    retrieval = (r.store, r.k, r.min_score) if r.mode != "none" else ()
     return (r.mode, retrieval, r.chat, r.query is not None, cfg.stop, cfg.ignore_eos, sampling)
 
 
@@ -470,7 +471,7 @@ class Scheduler:
         if cfg.temperature > 0 and cfg.seed is None:
             # the Generator seeds a fixed stream when given no seed; unseeded requests want fresh draws
             cfg = dataclasses.replace(cfg, seed=random.getrandbits(63))
-        kwargs: dict[str, Any] = {"k": first.k, "chat": first.chat}
+        kwargs: dict[str, Any] = {"k": first.k, "chat": first.chat, "min_score": first.min_score}
         if first.query is not None:
             kwargs["queries"] = [r.query for r in reqs]
         self.stats.batches += 1

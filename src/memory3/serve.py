@@ -11,7 +11,8 @@ Endpoints (all but `/health` need `Authorization: Bearer <key>` when the server 
     GET  /v1/stores, /v1/stores/{name}
 
 Memory per request: an extra body field `"memory": {"mode": "memory" | "none" | "rag", "k": 5,
-"store": "name"}` (all optional). Each choice carries `references`: the retrieved references
+"store": "name", "min_score": 0.45}` (all optional; `min_score` drops hits less similar to the
+query than that, so a question the store knows nothing about reads nothing unrelated). Each choice carries `references`: the retrieved references
 (`id`, `doc_id`, `title`, `score`, `chunks` = which 64-token chunks read them), so an answer can
 be traced to its sources. Document endpoints take `?store=name`. Stores are looked up by name in
 the dict the server was started with; nothing from a request is ever joined to a path.
@@ -185,6 +186,7 @@ class MemoryOptions(_Body):
     mode: Literal["memory", "none", "rag"] | None = None
     k: int | None = Field(None, ge=1)
     store: str | None = Field(None, min_length=1, max_length=200)
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)  # None: the server's --min-score
 
 
 class StreamOptions(_Body):
@@ -438,15 +440,20 @@ class _App:
         # memory mode and store
         mo = b.memory or MemoryOptions()
         mode: Mode = mo.mode or self.default_mode
-        k = None
+        k, min_score = None, None
         retriever, store_name = None, ""
         if mode != "none":
+            min_score = self.gen.min_score if mo.min_score is None else mo.min_score
             k = mo.k if mo.k is not None else self.gen.mem_cfg.memories_per_chunk
             if k > cfg.max_k:
                 raise APIError(400, f"memory.k={k} exceeds the limit of {cfg.max_k}", param="memory.k")
             store_name, retriever = self.store(mo.store)
-        elif mo.k is not None or mo.store is not None:
-            raise APIError(400, "memory.k and memory.store need mode 'memory' or 'rag'", param="memory.mode")
+        elif mo.k is not None or mo.store is not None or mo.min_score is not None:
+            raise APIError(
+                400,
+                "memory.k, memory.store and memory.min_score need mode 'memory' or 'rag'",
+                param="memory.mode",
+            )
         # lengths
         if prompt_tokens > cfg.max_prompt_tokens:
             raise APIError(
@@ -494,12 +501,13 @@ class _App:
             mode=mode,
             config=gen_cfg,
             k=k,
+            min_score=min_score,
             retriever=retriever,
             store=store_name,
             stream=b.stream,
             context_tokens=context,
         )
-        return req, {"mode": mode, "k": k, "store": store_name or None}
+        return req, {"mode": mode, "k": k, "store": store_name or None, "min_score": min_score}
 
     def _count(self, text: str, special: bool) -> int:
         return len(self.tok(text, add_special_tokens=special).input_ids)
