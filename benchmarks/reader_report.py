@@ -46,7 +46,7 @@ RUNS = [
     (
         "sft-smollm2-reader-20-k32-vq3",
         "G: continuation of F at 32 tokens through the 11× vector quantizer, 45% Factbook, 30% Wikipedia, lr 2e-4",
-        "G = shipped (trained at 32 tokens, served at 48)",
+        "G (32 tokens; shipped, served at 48, until J)",
     ),
     (
         "sft-smollm2-reader-20-k32-vq4",
@@ -60,6 +60,12 @@ RUNS = [
         "reading only the other passages' memories, trained towards the model's own answer without memory (KL)",
         "I, not shipped (48 tokens)",
     ),
+    (
+        "sft-smollm2-reader-20-k48-ctl",
+        "J = shipped: I's control, the same continuation of G at 48 tokens (no quantizer, lr 1e-4) "
+        "without the irrelevant-memory samples",
+        "J = shipped (48 tokens)",
+    ),
 ]
 # The shipped adapter's lineage: each run continues from the one before it (its config's
 # init_adapter); the other runs branched off and were not shipped.
@@ -71,6 +77,7 @@ LINEAGE = [
     "sft-smollm2-reader-20-k32-vq",
     "sft-smollm2-reader-20-k32-vq2",
     "sft-smollm2-reader-20-k32-vq3",
+    "sft-smollm2-reader-20-k48-ctl",
 ]
 
 
@@ -147,7 +154,9 @@ def main() -> int:
         "quantizer retrained on the model's own memories every 50 steps). Run I adds samples whose memories "
         "lack the answer (the other passages of the group and one of another group), trained to answer as "
         "the model does without memory: the irrelevant loss met the none loss, but the harness found it "
-        "forgot general knowledge (BENCHMARKS.md, “General questions”), so G stays shipped. "
+        "forgot general knowledge (none on the 300 Wikipedia questions: 28.7% against G's 33.3%). Its "
+        "control J, the same 80 steps without those samples, did not (35.7%) and answers more held-out "
+        "questions with memory than G: J is shipped. "
         "2 CPU threads, fp32.\n\n"
         "Validation answer loss (per token) on entities kept out of training, with the gold memories, "
         "with 5 irrelevant ones and with none: the gap between gold and irrelevant is what reading buys.\n\n"
