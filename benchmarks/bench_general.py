@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from memory3.checkpoint import load_pretrained
-from memory3.data.qa import load_kb, load_qa, shipped_path
+from memory3.data.qa import load_qa, shipped_path
 from memory3.eval.qa import (
     QAEvalConfig,
     build_retriever,
@@ -39,6 +39,7 @@ from memory3.eval.qa import (
 )
 from memory3.eval.report import machine, publish, table
 from memory3.generate import Generator
+from memory3.memory.ingest import read_documents
 from memory3.retrieval.embed import get_embedder
 from memory3.shipped import default_model
 
@@ -136,11 +137,7 @@ def main() -> int:
     # 1. general questions, unrelated knowledge base (no gold reference added)
     path = resolve_set(args.questions)
     items = select_items(load_qa(path), "all", args.limit)
-    docs = load_kb(args.kb) if Path(args.kb).suffix == ".jsonl" else None
-    if docs is None:
-        from memory3.memory.ingest import read_documents
-
-        docs = list(read_documents(args.kb))
+    docs = list(read_documents(args.kb))  # a file or directory of text, Markdown or JSONL
     asked = {it.doc_id for it in items}
     docs = [d for d in docs if d.doc_id not in asked]
     run(items, build_retriever(model, tok, docs, mem_cfg, embedder), f"{path.stem}, unrelated KB")

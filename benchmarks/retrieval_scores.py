@@ -15,9 +15,10 @@ import sys
 
 import numpy as np
 
-from memory3.data.qa import load_kb, load_qa, shipped_path
+from memory3.data.qa import load_qa, shipped_path
 from memory3.eval.qa import resolve_set
 from memory3.eval.report import machine, publish, table
+from memory3.memory.ingest import read_documents
 from memory3.retrieval.embed import get_embedder
 
 PERCENTILES = (1, 5, 10, 50, 90, 95, 99)
@@ -58,7 +59,7 @@ def main() -> int:
         row(f"{name} questions · gold passage", (q * g).sum(1), keep_above=True)
     items = load_qa(resolve_set(args.general))
     asked = {it.doc_id for it in items}
-    kb = [d.text for d in load_kb(args.kb) if d.doc_id not in asked]
+    kb = [d.text for d in read_documents(args.kb) if d.doc_id not in asked]
     best = (emb.embed([it.question for it in items]) @ emb.embed(kb).T).max(1)
     row(f"{args.general} questions · best hit in {len(kb)} unrelated passages", best, keep_above=False)
     print(table(rows))

@@ -28,7 +28,7 @@ from memory3.config import GenerationConfig, MemoryConfig
 from memory3.memory import layout
 from memory3.memory.write import Memories, MemoryFormatError, memory_fingerprint, reference_prefix_ids
 from memory3.model import KVCache, Memory3Model
-from memory3.retrieval.base import Hit, Retriever
+from memory3.retrieval.base import Hit, Retriever, above_floor, check_min_score
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Generator:
         min_score: float | None = None,
     ) -> None:
         self.model = model
-        self.min_score = _check_min_score(min_score)
+        self.min_score = check_min_score(min_score)
         self.tokenizer = tokenizer
         self.mem_cfg = memory_config or MemoryConfig()
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
@@ -224,8 +224,7 @@ class Generator:
             leak_texts=queries if leak_threshold is not None else None,
             leak_threshold=leak_threshold,
         )
-        if min_score is not None:
-            hits = [[h for h in hs if h.score >= min_score] for hs in hits]
+        hits = above_floor(hits, min_score)
         self.timing.retrieval_s += time.perf_counter() - t0
         return hits
 
@@ -288,7 +287,7 @@ class Generator:
         if mode != "none" and k < 1:
             raise ValueError(f"k (references per retrieval) must be ≥ 1, got {k}")
         chat = self.chat if chat is None else chat
-        floor = self.min_score if min_score is None else _check_min_score(min_score)
+        floor = self.min_score if min_score is None else check_min_score(min_score)
         self.timing = Timing()
         t_start = time.perf_counter()
         B = len(prompts)
@@ -508,13 +507,3 @@ def sample(logits: Tensor, cfg: GenerationConfig, generator: torch.Generator | N
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1).cpu()
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
-
-
-def _check_min_score(min_score: float | None) -> float | None:
-    """A relevance floor is a cosine similarity (the embedders' rows are normalised): in [-1, 1]."""
-    if min_score is not None and not -1.0 <= min_score <= 1.0:
-        raise ValueError(
-            f"min_score is a cosine similarity in [-1, 1], got {min_score}; e.g. 0.45 drops references "
-            "a query is barely related to, None keeps the top k whatever their score"
-        )
-    return min_score

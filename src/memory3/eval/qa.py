@@ -28,7 +28,7 @@ from memory3.config import GenerationConfig
 from memory3.data.qa import QAItem, answer_contained, exact_match, load_kb, load_qa, shipped_path
 from memory3.generate import MODES, Generator
 from memory3.memory.ingest import Document
-from memory3.retrieval.base import Hit, Retriever
+from memory3.retrieval.base import Hit, Retriever, above_floor, check_min_score
 from memory3.retrieval.leak import EVAL_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ class QAEvalConfig:
             )
         if self.leak_threshold is not None and not 0.0 <= self.leak_threshold <= 1.0:
             raise ValueError(f"leak_threshold must be in [0, 1] or None, got {self.leak_threshold}")
-        if self.min_score is not None and not -1.0 <= self.min_score <= 1.0:
-            raise ValueError(f"min_score is a cosine similarity in [-1, 1] or None, got {self.min_score}")
+        check_min_score(self.min_score)
 
 
 @dataclass
@@ -193,8 +192,7 @@ def evaluate_qa(
                 leak_texts=questions if config.leak_threshold is not None else None,
                 leak_threshold=config.leak_threshold,
             )
-            if config.min_score is not None:  # as generation drops them
-                found = [[h for h in hs if h.score >= config.min_score] for hs in found]
+            found = above_floor(found, config.min_score)  # as generation drops them
             for i, hits in zip(idx, found, strict=True):
                 results[i].gold_rank = gold_rank(hits, items[i].doc_id)
                 results[i].hits = [h.doc_id for h in hits]

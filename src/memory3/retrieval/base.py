@@ -26,6 +26,23 @@ class Hit:
     doc_id: str = ""
 
 
+def check_min_score(min_score: float | None) -> float | None:
+    """A relevance floor is a cosine similarity (the embedders' rows are normalised): in [-1, 1]."""
+    if min_score is not None and not -1.0 <= min_score <= 1.0:
+        raise ValueError(
+            f"min_score is a cosine similarity in [-1, 1], got {min_score}; e.g. 0.45 drops references "
+            "a query is barely related to, None keeps the top k whatever their score"
+        )
+    return min_score
+
+
+def above_floor(hit_lists: list[list[Hit]], min_score: float | None) -> list[list[Hit]]:
+    """The hits of each list scoring at least `min_score` (all of them when it is None)."""
+    if min_score is None:
+        return hit_lists
+    return [[h for h in hits if h.score >= min_score] for hits in hit_lists]
+
+
 @runtime_checkable
 class Embedder(Protocol):
     """Dense text embedder; rows are L2-normalised so inner product is cosine similarity."""
