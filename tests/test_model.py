@@ -8,7 +8,8 @@ from transformers import LlamaForCausalLM
 from conftest import tiny_model
 from memory3.checkpoint import to_hf_llama
 from memory3.config import ModelConfig
-from memory3.model import KVCache, Memory3Model
+from memory3.device import cpu_has_native_bf16
+from memory3.model import KVCache, Memory3Model, matmul_attention, resolve_kv_dtype
 
 
 def hf_twin(model: Memory3Model) -> LlamaForCausalLM:
@@ -43,6 +44,67 @@ def test_incremental_decode_equals_full_recompute(tiny: Memory3Model) -> None:
             tiny(ids[:, t : t + 1], cache=cache) for t in range(12, 20)
         ]
     assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_attention_equals_sdpa() -> None:
+    """The bfloat16 decode attention is SDPA with a boolean mask: grouped-query heads in the
+    right order, masked keys ignored however large they are."""
+    g = torch.Generator().manual_seed(0)
+    B, H, K, S, D = 3, 6, 2, 37, 16
+    q = torch.randn(B, H, 1, D, generator=g)
+    k = torch.randn(B, K, S, D, generator=g).bfloat16()
+    v = torch.randn(B, K, S, D, generator=g).bfloat16()
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[..., 0] = True
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.float(), v.float(), attn_mask=mask, enable_gqa=True
+    )
+    assert_close(matmul_attention(q, k, v, mask), want, rtol=0.02, atol=0.02)
+    hidden = ~mask.view(B, 1, S, 1).expand(B, K, S, D)
+    junk_k, junk_v = k.masked_fill(hidden, 1e4), v.masked_fill(hidden, -1e4)
+    assert_close(matmul_attention(q, junk_k, junk_v, mask), matmul_attention(q, k, v, mask))
+
+
+def test_bfloat16_cache_decodes_like_float32(tiny: Memory3Model) -> None:
+    """A bfloat16 KV cache (the CPU default for float32 models where bfloat16 is native) gives
+    the float32 cache's logits to bfloat16 precision: left padding, memories with empty slots,
+    and slots not yet written (filled with junk here) all masked."""
+    cfg, B, N = tiny.config, 2, 6
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 256, (B, 20), generator=g)
+    valid = torch.ones(B, 20, dtype=torch.bool)
+    valid[0, :4] = False
+    Lm = len(cfg.memory_layers or ())
+    mk = torch.randn(Lm, B, cfg.n_kv_head, N, cfg.head_dim, generator=g)
+    mv = torch.randn(Lm, B, cfg.n_kv_head, N, cfg.head_dim, generator=g)
+    mvalid = torch.ones(B, N, dtype=torch.bool)
+    mvalid[1, 3:] = False
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = KVCache(cfg, B, 32, N, dtype=dtype)
+        for t in cache.k + cache.v:
+            t.fill_(1e3)  # nothing unwritten may be read
+        with torch.no_grad():
+            steps = [tiny(ids[:, :12], token_valid=valid[:, :12], cache=cache)[:, -1:]]
+            cache.set_memory(mk, mv, mvalid)
+            steps += [tiny(ids[:, t : t + 1], cache=cache) for t in range(12, 20)]
+        assert cache.reads_all_slots(1) == (dtype == torch.bfloat16)
+        logits[dtype] = torch.cat(steps, 1)
+    want, got = logits[torch.float32], logits[torch.bfloat16]
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_kv_dtype_resolution() -> None:
+    native = cpu_has_native_bf16()
+    assert resolve_kv_dtype("auto", torch.float32, "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert resolve_kv_dtype("auto", torch.bfloat16, "cpu") == torch.bfloat16
+    assert resolve_kv_dtype("auto", torch.float32, "cuda") == torch.float32  # GPUs: the model's dtype
+    assert resolve_kv_dtype("float32", torch.float32, "cpu") == torch.float32
+    assert resolve_kv_dtype(torch.float16, torch.float32, "cpu") == torch.float16
+    with pytest.raises(ValueError, match="kv_dtype must be one of"):
+        resolve_kv_dtype("fp8", torch.float32, "cpu")
 
 
 def test_left_padding_matches_unpadded(tiny: Memory3Model) -> None:

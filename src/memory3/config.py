@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+KV_DTYPES = ("auto", "float32", "bfloat16", "float16")  # model.resolve_kv_dtype
+
 T = TypeVar("T")
 
 

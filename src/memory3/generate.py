@@ -27,7 +27,7 @@ from torch import Tensor
 from memory3.config import GenerationConfig, MemoryConfig
 from memory3.memory import layout
 from memory3.memory.write import Memories, MemoryFormatError, memory_fingerprint, reference_prefix_ids
-from memory3.model import KVCache, Memory3Model
+from memory3.model import KVCache, Memory3Model, resolve_kv_dtype
 from memory3.retrieval.base import Hit, Retriever, above_floor, check_min_score
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,12 @@ class Generator:
         memory_config: MemoryConfig | None = None,
         chat: bool | None = None,
         min_score: float | None = None,
+        kv_dtype: str | torch.dtype = "auto",
     ) -> None:
         self.model = model
         self.min_score = check_min_score(min_score)
+        # the KV cache's dtype, which memories are read in too (model.resolve_kv_dtype)
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, model.dtype, model.device)
         self.tokenizer = tokenizer
         self.mem_cfg = memory_config or MemoryConfig()
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
@@ -248,7 +251,7 @@ class Generator:
         for g, hits in enumerate(hit_lists):
             for j, h in enumerate(hits[:k]):
                 index[g, j] = row[h.ref_id]
-        mem = mem.to(device=self.model.device, dtype=self.model.dtype)
+        mem = mem.to(device=self.model.device, dtype=self.kv_dtype)
         self.timing.retrieval_s += time.perf_counter() - t0
         return mem, index
 
@@ -323,7 +326,7 @@ class Generator:
             valid[b, start : start + p + lens[b]] = True
         ids, pos, valid = ids.to(device), pos.to(device), valid.to(device)
         slots = k * self.mem_cfg.kept_tokens if mode == "memory" else 0
-        cache = KVCache(model.config, B, T + max_new, slots, device, model.dtype)
+        cache = KVCache(model.config, B, T + max_new, slots, device, self.kv_dtype)
 
         if mode == "memory":
             mem, index, refs = self._prompt_memories(enc, k, leak_threshold, floor)

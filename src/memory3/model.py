@@ -11,6 +11,13 @@ Reading memory (§3.1–3.2): in a memory layer a query attends with one softmax
 positions they had when written, so they are concatenated as they are. Which query sees which
 memory key is a boolean mask, so every 64-token chunk of a prompt, each with its own memories,
 is handled in the same single attention call.
+
+The KV cache may be kept in a lower precision than the model (`resolve_kv_dtype`): on a CPU with
+native bfloat16 a float32 model generates with a bfloat16 cache, and attention over it is two
+bfloat16 matmuls (`matmul_attention`), several times faster than float32 SDPA over the same
+keys. Decoding steps then read the whole preallocated cache, unwritten slots masked, because
+the CPU matmul copies a strided slice before using it. Both keep reading memory cheap (SPEC §3:
+memory is a tiny part of the compute, so it should cost little time).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memory3.config import ModelConfig
+from memory3.config import KV_DTYPES, ModelConfig
+from memory3.device import cpu_has_native_bf16
 
 
 class RMSNorm(nn.Module):
@@ -102,6 +110,9 @@ class KVCache:
     ) -> None:
         mem_layers = set(config.memory_layers or ())
         self.mem_slots = mem_slots
+        # bfloat16 on a CPU: a decoding step attends with `matmul_attention` over the whole
+        # preallocated tensors (contiguous), the slots not yet written masked
+        self.matmul = torch.device(device).type == "cpu" and dtype == torch.bfloat16
         self.max_len = max_len
         self.len = 0
         self.offsets = [mem_slots if i in mem_layers else 0 for i in range(config.n_layer)]
@@ -134,16 +145,61 @@ class KVCache:
         self.mem_valid.zero_()
         self.has_memory = False
 
+    def reads_all_slots(self, t: int) -> bool:
+        """Whether a pass of t new tokens attends to every slot of the cache (masked) rather
+        than to the slots written so far: single-token steps of a bfloat16 CPU cache."""
+        return self.matmul and t == 1
+
     def update(self, layer: int, k: Tensor, v: Tensor, with_memory: bool) -> tuple[Tensor, Tensor]:
-        """Append (B, K, T, D) new keys/values; return the keys/values to attend to."""
+        """Append (B, K, T, D) new keys/values; return the keys/values to attend to: the memory
+        slots when `with_memory`, then the context slots up to the new tokens (or all of them,
+        see `reads_all_slots`)."""
         off, t = self.offsets[layer], k.shape[2]
-        end = off + self.len + t
         if self.len + t > self.max_len:
             raise ValueError(f"KV cache full: {self.len} + {t} tokens > max_len {self.max_len}")
-        self.k[layer][:, :, off + self.len : end] = k
-        self.v[layer][:, :, off + self.len : end] = v
+        self.k[layer][:, :, off + self.len : off + self.len + t] = k
+        self.v[layer][:, :, off + self.len : off + self.len + t] = v
         start = 0 if with_memory else off
+        end = off + self.max_len if self.reads_all_slots(t) else off + self.len + t
         return self.k[layer][:, :, start:end], self.v[layer][:, :, start:end]
+
+
+def resolve_kv_dtype(kv_dtype: str | torch.dtype, model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype of the KV cache (context keys/values and the memories read from it).
+
+    "auto": bfloat16 for a float32 model on a CPU with native bfloat16 (attention then runs as
+    bfloat16 matmuls, see `matmul_attention`; its output differs from float32 by ~0.5%), else the
+    model's dtype. A dtype or its name forces that dtype.
+    """
+    if isinstance(kv_dtype, torch.dtype):
+        return kv_dtype
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES} or a torch dtype, got {kv_dtype!r}")
+    if kv_dtype != "auto":
+        return getattr(torch, kv_dtype)
+    cpu = torch.device(device).type == "cpu"
+    if cpu and model_dtype == torch.float32 and cpu_has_native_bf16():
+        return torch.bfloat16
+    return model_dtype
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention over a bfloat16 KV cache on a CPU; the same result as SDPA with a boolean mask.
+
+    q (B, H, T, D) in the model's dtype; k, v (B, K, S, D) bfloat16, best contiguous (a strided
+    view is copied by the CPU matmul); mask (B, 1, T, S). The H/K query heads of each kv head are
+    stacked as the rows of one matmul (grouped-query attention without copying keys); scores go
+    to float32 for the mask and the softmax. For single-token steps on CPUs this beats SDPA,
+    whose bfloat16 kernel is slower than its float32 one, which reads twice the bytes.
+    """
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    qg = (q * D**-0.5).reshape(B, K, G * T, D).to(k.dtype)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float()  # (B, K, G·T, S)
+    scores = scores.view(B, K, G, T, S).masked_fill_(~mask.view(B, 1, 1, T, S), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, K, G * T, S)
+    return torch.matmul(probs, v).view(B, H, T, D).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -185,7 +241,10 @@ class Attention(nn.Module):
         if memory is not None:  # (B, K, N, D) memory keys in front of the context keys
             k = torch.cat((memory[0].to(k.dtype), k), dim=2)
             v = torch.cat((memory[1].to(v.dtype), v), dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        if cache is not None and cache.reads_all_slots(T):
+            y = matmul_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -324,7 +383,12 @@ class Memory3Model(nn.Module):
             cache.key_valid[:, past : past + T] = True if token_valid is None else token_valid
             key_valid = cache.key_valid if (token_valid is not None or cache.padded) else None
             cache.padded |= token_valid is not None
-        ctx_mask = context_mask(T, past, key_valid, B, x.device)
+        if cache is not None and cache.reads_all_slots(T):  # every slot; unwritten ones are invalid
+            ctx_mask = cache.key_valid.clone()
+            ctx_mask[:, past] = True  # the query sees itself
+            ctx_mask = ctx_mask[:, None, None, :]
+        else:
+            ctx_mask = context_mask(T, past, key_valid, B, x.device)
         read_cached = memory is None and cache is not None and cache.has_memory
         mem_mask = ctx_mask
         if memory is not None:  # §3.2 one softmax over [memories, context]

@@ -19,12 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    from memory3.__main__ import add_memory_args, add_min_score_arg, add_model_args
+    from memory3.__main__ import add_kv_dtype_arg, add_memory_args, add_min_score_arg, add_model_args
 
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server with explicit memory and knowledge endpoints"
     )
     add_model_args(p)
+    add_kv_dtype_arg(p)
     p.add_argument(
         "--store",
         action="append",
@@ -147,7 +148,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stores, mem_cfg = open_stores(
         loaded, args.store, args.kb, args.embedder, args.kept_tokens, args.selection
     )
-    gen = Generator(loaded.model, loaded.tokenizer, None, mem_cfg, min_score=args.min_score)
+    gen = Generator(
+        loaded.model, loaded.tokenizer, None, mem_cfg, min_score=args.min_score, kv_dtype=args.kv_dtype
+    )
     config = ServerConfig(
         model_name=args.served_model_name or Path(str(args.model)).name,
         api_key=args.api_key or None,

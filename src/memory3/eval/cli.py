@@ -93,12 +93,16 @@ def _command_line() -> str:
 def _context(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from memory3.__main__ import _torch_dtype
     from memory3.eval.report import machine
+    from memory3.model import resolve_kv_dtype
 
+    kv = resolve_kv_dtype(getattr(args, "kv_dtype", "auto"), _torch_dtype(args.dtype), args.device)
     return {
         "threads": torch.get_num_threads(),
         "model": str(args.model),
         "dtype": args.dtype,
+        "kv_dtype": str(kv).removeprefix("torch."),
         "device": args.device,
         "machine": machine(),
     }
@@ -168,7 +172,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
                 )
             else:
                 kb_desc = "none"
-        gen = Generator(loaded.model, loaded.tokenizer, retriever, mem_cfg)
+        gen = Generator(loaded.model, loaded.tokenizer, retriever, mem_cfg, kv_dtype=args.kv_dtype)
         report = evaluate_qa(gen, items, config, progress=not args.no_progress)
         report.meta = {
             "set": str(name),
@@ -320,7 +324,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
             return _open_store(args.store, loaded, cache)
         return warm if cache == "warm" else None
 
-    gen = Generator(model, tok, None, mem_cfg, chat=False)
+    gen = Generator(model, tok, None, mem_cfg, chat=False, kv_dtype=args.kv_dtype)
     results = bench_speed(gen, prompts, factory, config, progress=not args.no_progress)
     results["kb"] = (
         f"memory bank of {_store_size(args.store)} references given as `--store` (warm: its RAM cache "
@@ -389,10 +393,12 @@ def cmd_bench_all(args: argparse.Namespace) -> int:
         + (" --quick" if args.quick else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --store {args.store}" if args.store else "")
+        + (f" --kv-dtype {args.kv_dtype}" if args.kv_dtype != "auto" else "")
     )
     if not args.render_only:
         q = args.quick
         common = ["--model", str(args.model), "--device", args.device, "--dtype", args.dtype]
+        common += ["--kv-dtype", args.kv_dtype]
         common += ["--no-progress"] if args.no_progress else []
         common += ["--threads", str(args.threads)] if args.threads else []
         runs = {name: [*c.split(), *(QUICK[name].split() if q else [])] for name, c in COMMANDS.items()}
@@ -570,7 +576,7 @@ def _md_speed(res: dict[str, Any]) -> str:
         else ""
     )
     return (
-        f"Model `{res['model']}` ({res['dtype']}, torch threads: {res.get('threads', '?')}).{reads} {c['prompt_tokens']} prompt tokens "
+        f"Model `{res['model']}` ({res['dtype']}, KV cache {res.get('kv_dtype', res['dtype'])}, torch threads: {res.get('threads', '?')}).{reads} {c['prompt_tokens']} prompt tokens "
         f"+ {c['new_tokens']} generated (EOS ignored), {c['k']} references per retrieval, {c['runs']} measured runs "
         f"after {warm}, median (min–max). Memory retrieves once per 64-token prompt chunk and again after every 64 generated tokens that more tokens follow (3 times per sequence for 128 + 128). Throughput = batch × generated / total wall time (Table 21: prefill "
         f"and every retrieval included); TTFT includes retrieval, memory loading and prefill. Knowledge base: "
@@ -618,9 +624,10 @@ def _md_storage(res: dict[str, Any]) -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from memory3.__main__ import add_model_args
+    from memory3.__main__ import add_kv_dtype_arg, add_model_args
 
     add_model_args(p)
+    add_kv_dtype_arg(p)
     p.add_argument("--out", default=None, help="write the full results as JSON to this file")
     p.add_argument(
         "--report", default=None, help=f"update this command's section of a Markdown file (e.g. {REPORT})"
@@ -750,9 +757,10 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_bench_storage)
 
     p = be.add_parser("all", help="run every benchmark, then rewrite BENCHMARKS.md sections and the figures")
-    from memory3.__main__ import add_model_args
+    from memory3.__main__ import add_kv_dtype_arg, add_model_args
 
     add_model_args(p)
+    add_kv_dtype_arg(p)
     p.add_argument("--quick", action="store_true", help="reduced settings (minutes, not an hour)")
     p.add_argument("--only", type=_csv(str), default=None, help=f"run only these of {list(SECTIONS)}")
     p.add_argument(

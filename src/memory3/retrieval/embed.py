@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
+
+from memory3.device import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ _ALIASES = {
 _CLS_MODELS = {"BAAI/bge-m3"}  # §4.4: the paper retrieves with BGE-M3's CLS vector
 
 Pooling = Literal["default", "cls"]
+Precision = Literal["auto", "float32", "bfloat16"]
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -101,6 +105,11 @@ class SentenceTransformerEmbedder:
     the Hugging Face cache, or downloaded when the machine is online) or a local directory.
     pooling: "default" keeps the model's own pooling; "cls" takes the first token's vector (as the
     paper does with BGE-M3, whose own configuration already pools that way).
+    precision: "auto" runs the model under bfloat16 autocast on a CPU with native bfloat16
+    (2-3x faster; all-MiniLM-L6-v2's vectors then have a cosine of 0.9999 with float32 ones, so
+    an index built either way serves queries embedded the other way), else in float32;
+    "float32" or "bfloat16" force it. It is not part of `spec()`: it does not change which
+    vectors an index holds beyond that rounding.
     """
 
     def __init__(
@@ -111,11 +120,17 @@ class SentenceTransformerEmbedder:
         device: str = "cpu",
         batch_size: int = 32,
         max_seq_length: int | None = None,
+        precision: Precision = "auto",
     ) -> None:
         from sentence_transformers import SentenceTransformer
 
         if pooling not in ("default", "cls"):
             raise ValueError(f"pooling must be 'default' or 'cls', got {pooling!r}")
+        if precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}")
+        if precision == "auto":
+            precision = "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
+        self.precision: Precision = precision
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         given = BUNDLED_MINILM if name_or_path is None else str(name_or_path)
@@ -156,13 +171,16 @@ class SentenceTransformerEmbedder:
             raise ValueError("embed() takes a sequence of texts; wrap a single text in a list")
         if len(texts) == 0:
             return np.zeros((0, self.dim), np.float32)
-        out = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            show_progress_bar=False,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-        )
+        with torch.autocast(
+            torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
+        ):
+            out = self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+            )
         return _normalize(out)
 
     def spec(self) -> dict[str, Any]:
@@ -230,6 +248,7 @@ def get_embedder(
     pooling: Pooling | None = None,
     device: str = "cpu",
     batch_size: int = 32,
+    precision: Precision = "auto",
 ) -> Embedders:
     """An embedder by name: "minilm" (bundled, the default), "bge-m3" (CLS pooling, as in the
     paper), "hashing" or "hashing-<dim>" (tests only), or any sentence-transformers name or path."""
@@ -242,10 +261,14 @@ def get_embedder(
     resolved = _ALIASES.get(key, name)
     if pooling is None:
         pooling = "cls" if resolved in _CLS_MODELS else "default"
-    return SentenceTransformerEmbedder(resolved, pooling=pooling, device=device, batch_size=batch_size)
+    return SentenceTransformerEmbedder(
+        resolved, pooling=pooling, device=device, batch_size=batch_size, precision=precision
+    )
 
 
-def from_spec(spec: dict[str, Any], *, device: str = "cpu", batch_size: int = 32) -> Embedders:
+def from_spec(
+    spec: dict[str, Any], *, device: str = "cpu", batch_size: int = 32, precision: Precision = "auto"
+) -> Embedders:
     """Rebuild the embedder described by `spec()`, and check it gives vectors of the same size."""
     kind = spec.get("kind")
     if kind == "hashing":
@@ -257,6 +280,7 @@ def from_spec(spec: dict[str, Any], *, device: str = "cpu", batch_size: int = 32
             device=device,
             batch_size=batch_size,
             max_seq_length=spec.get("max_seq_length"),
+            precision=precision,
         )
     else:
         raise ValueError(
