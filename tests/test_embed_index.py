@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from memory3.retrieval.base import Embedder
 from memory3.device import cpu_has_native_bf16
+from memory3.retrieval.base import Embedder
 from memory3.retrieval.embed import HashingEmbedder, SentenceTransformerEmbedder, from_spec, get_embedder
 from memory3.retrieval.index import IndexConfig, IndexFormatError, VectorIndex
 

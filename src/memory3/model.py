@@ -164,7 +164,9 @@ class KVCache:
         return self.k[layer][:, :, start:end], self.v[layer][:, :, start:end]
 
 
-def resolve_kv_dtype(kv_dtype: str | torch.dtype, model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+def resolve_kv_dtype(
+    kv_dtype: str | torch.dtype, model_dtype: torch.dtype, device: torch.device | str
+) -> torch.dtype:
     """The dtype of the KV cache (context keys/values and the memories read from it).
 
     "auto": bfloat16 for a float32 model on a CPU with native bfloat16 (attention then runs as
@@ -244,7 +246,9 @@ class Attention(nn.Module):
         if cache is not None and cache.reads_all_slots(T):
             y = matmul_attention(q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
+            y = F.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
