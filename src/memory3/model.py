@@ -159,8 +159,13 @@ class KVCache:
             raise ValueError(f"KV cache full: {self.len} + {t} tokens > max_len {self.max_len}")
         self.k[layer][:, :, off + self.len : off + self.len + t] = k
         self.v[layer][:, :, off + self.len : off + self.len + t] = v
+        if self.reads_all_slots(t):
+            end = off + self.max_len
+        elif self.len == 0 and not with_memory:
+            return k, v  # nothing older to read: the new keys as computed, not read back (cast)
+        else:
+            end = off + self.len + t
         start = 0 if with_memory else off
-        end = off + self.max_len if self.reads_all_slots(t) else off + self.len + t
         return self.k[layer][:, :, start:end], self.v[layer][:, :, start:end]
 
 
