@@ -494,7 +494,7 @@ def _md_qa(res: dict[str, Any]) -> str:
     cfg, meta = any_set["config"], any_set["meta"]
     leak = "off" if cfg["leak_threshold"] is None else f"{cfg['leak_threshold']:.3g}"
     return (
-        f"Model `{res['model']}` ({res['dtype']}), split `{meta['split']}`, {cfg['k']} references per retrieval, "
+        f"Model `{res['model']}` ({res['dtype']}, KV cache {res.get('kv_dtype', res['dtype'])}), split `{meta['split']}`, {cfg['k']} references per retrieval, "
         f"greedy, ≤ {cfg['max_new_tokens']} new tokens, batch {cfg['batch_size']}, leak filter "
         f"{leak}"
         + ("" if cfg.get("min_score") is None else f", hits scoring below {cfg['min_score']:.3g} dropped")
