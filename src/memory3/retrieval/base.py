@@ -74,5 +74,6 @@ class Retriever(Protocol):
         ...
 
     def memories(self, ref_ids: Sequence[int]) -> Memories:
-        """Decoded memories, in the order of `ref_ids`."""
+        """Decoded memories, in the order of `ref_ids`. They may share storage with the
+        retriever's cache: read or copy them, never modify them in place."""
         ...

@@ -207,6 +207,8 @@ class StoreRetriever:
                     item = (loaded.k[j], loaded.v[j], loaded.positions[j])
                     found[i] = item
                     self.cache.put(i, item)
+                if missing == ref_ids:  # all read just now, in this order: no second copy
+                    return Memories(loaded.k, loaded.v, loaded.positions, self.memory_fingerprint)
         items = [found[i] for i in ref_ids]
         return Memories(
             torch.stack([it[0] for it in items]),
