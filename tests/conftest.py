@@ -11,6 +11,24 @@ from memory3.model import Memory3Model
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for torchrun's rendezvous: a fixed one can still be held
+    by the previous test's processes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_checked(cmd: list[str], **kwargs) -> None:
+    """subprocess.run that fails with the command's stderr in the message."""
+    import subprocess
+
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-4000:]}"
+
+
 def tiny_model(preset: str = "tiny", seed: int = 0, **overrides) -> Memory3Model:
     torch.manual_seed(seed)
     return Memory3Model(ModelConfig.from_preset(preset, **overrides)).init_weights(seed).eval()

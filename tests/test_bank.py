@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import free_port, run_checked, tiny_model
 from memory3.checkpoint import save_checkpoint
 from memory3.config import GenerationConfig, MemoryConfig
 from memory3.generate import Generator
@@ -267,11 +267,11 @@ def test_torchrun_build_with_two_processes(tmp_path, model, tok) -> None:
         "".join(json.dumps({"id": d.doc_id, "text": d.text, "title": d.title}) + "\n" for d in DOCS)
     )
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
         "-m", "memory3", "build", str(corpus), "--out", str(tmp_path / "bank"), "--model", str(ckpt),
         "--dtype", "float32", "--codec", "none", "--embedder", "hashing-64", "--index", "flat",
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    run_checked(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     with MemoryStore.open(tmp_path / "bank") as s:
         assert s.verify().ok
         docs = {r.doc_id for r in s.refs(s.live_ids().tolist())}

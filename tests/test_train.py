@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import free_port, run_checked, tiny_model
 from memory3.config import MemoryConfig
 from memory3.memory.write import MemoryWriter
 from memory3.train.config import (
@@ -530,13 +529,13 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path: Pa
     save_config(cfg2, tmp_path / "c2.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).parent / "torchrun"
-    subprocess.run(
+    run_checked(
         [
             str(torchrun),
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29533",
+            str(free_port()),
             "-m",
             "memory3",
             "train",
@@ -546,10 +545,8 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path: Pa
             "--out",
             str(tmp_path / "two"),
         ],
-        check=True,
         env=env,
         timeout=300,
-        capture_output=True,
     )
     run_warmup(cfg1, tmp_path / "one", stream=stream)
     a = load_file(tmp_path / "two" / "model" / "model.safetensors")
