@@ -321,7 +321,8 @@ def build_distributed(
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()  # then leave it at the end: a rank exiting with it up can abort
+    if joined:
         dist.init_process_group("gloo")
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
@@ -366,4 +367,6 @@ def build_distributed(
             str(out), n["live"] + n["pending"], n["live"], {}, size, time.perf_counter() - t0, 0.0, False
         )
     dist.barrier()
+    if joined:
+        dist.destroy_process_group()
     return summary

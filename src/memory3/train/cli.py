@@ -29,31 +29,28 @@ def _add_recipe(sub: Any, name: str, help_text: str, func: Any) -> None:
     p.set_defaults(func=func)
 
 
-def cmd_warmup(args: argparse.Namespace) -> int:
-    from memory3.train.warmup import main_from_file
+def _run_recipe(module: str, args: argparse.Namespace) -> int:
+    import importlib
 
-    print(
-        json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume, args.stop_after))})
-    )
+    from memory3.train.loop import finish_distributed
+
+    recipe = importlib.import_module(f"memory3.train.{module}")
+    run = recipe.main_from_file(args.config, args.out, not args.no_resume, args.stop_after)
+    finish_distributed()
+    print(json.dumps({"run": str(run)}))
     return 0
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    return _run_recipe("warmup", args)
 
 
 def cmd_continual(args: argparse.Namespace) -> int:
-    from memory3.train.continual import main_from_file
-
-    print(
-        json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume, args.stop_after))})
-    )
-    return 0
+    return _run_recipe("continual", args)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from memory3.train.sft import main_from_file
-
-    print(
-        json.dumps({"run": str(main_from_file(args.config, args.out, not args.no_resume, args.stop_after))})
-    )
-    return 0
+    return _run_recipe("sft", args)
 
 
 def cmd_pair(args: argparse.Namespace) -> int:

@@ -156,6 +156,14 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
+def finish_distributed() -> None:
+    """Leave the process group, once every rank is done (rank 0 exports after the last step):
+    a rank that exits with the group still up can abort in its teardown."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def average_gradients(params: list[nn.Parameter], d: Dist) -> None:
     """Data parallel by hand: every rank ran its own micro-batches; average the gradients (one
     flat all-reduce). Simpler than the DDP wrapper, which does not fit a step that runs the model
