@@ -307,8 +307,9 @@ class MemoryCodec:
     def _sq8_affine(self, indexes: list[Any]) -> tuple[np.ndarray, np.ndarray] | None:
         """(scale, offset), each (len(indexes), D), when every index is FAISS's 8-bit scalar
         quantizer (the default codec): decoding is then `code · scale + offset` per dimension,
-        which torch does for a whole batch at once, several times faster here than one
-        `sa_decode` per layer. None for any other codec."""
+        which torch does for a whole batch at once in one fused multiply-add (2.4x numpy's three
+        passes here, which were about twice as fast as one `sa_decode` per layer). None for any
+        other codec."""
         key = id(indexes)
         if key not in self._affine:
             self._affine[key] = _sq8_affine(indexes, self.shape.head_dim)
@@ -321,7 +322,7 @@ class MemoryCodec:
         if self.config.kind == "none":
             return _from_bf16_bytes(codes.reshape(M, self.shape.vectors, self._code)).reshape(full)
         affine = self._sq8_affine(indexes)
-        if affine is not None:  # one fused multiply-add over the batch: 2.4x numpy's three passes
+        if affine is not None:
             scale, offset = (torch.from_numpy(a)[None, :, None, :] for a in affine)
             c = torch.from_numpy(np.ascontiguousarray(codes).reshape(M, len(indexes), -1, self._code))
             return torch.addcmul(offset, c.float(), scale).numpy().reshape(full)  # (M, n, vectors, D)
