@@ -63,6 +63,13 @@ def test_matmul_attention_equals_sdpa() -> None:
     hidden = ~mask.view(B, 1, S, 1).expand(B, K, S, D)
     junk_k, junk_v = k.masked_fill(hidden, 1e4), v.masked_fill(hidden, -1e4)
     assert_close(matmul_attention(q, junk_k, junk_v, mask), matmul_attention(q, k, v, mask))
+    T = 5  # several queries, each with its own mask row (causal over the last T keys)
+    qs = torch.randn(B, H, T, D, generator=g)
+    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T).expand(B, 1, T, S)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        qs, k.float(), v.float(), attn_mask=causal, enable_gqa=True
+    )
+    assert_close(matmul_attention(qs, k, v, causal), want, rtol=0.02, atol=0.02)
 
 
 def test_bfloat16_cache_decodes_like_float32(tiny: Memory3Model) -> None:
