@@ -57,6 +57,27 @@ class PreRopeCodec:
         return f"{self.codec!r}, keys before RoPE"
 
 
+def write_split_memories(
+    model_name: str, n_train: int, n_test: int, batch: int = 16
+) -> tuple[Any, Any, Any, Memories, Memories]:
+    """(model, tokenizer, memory config, memories of the first n_train train-split Wikipedia
+    references, memories of the next n_test), written by `model_name`."""
+    loaded = load_pretrained(model_name)
+    model, tok, mc = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
+    writer = MemoryWriter(model, reference_prefix_ids(tok, model.config.bos_token_id, mc), mc)
+    n = n_train + n_test
+    articles = load_articles("train")[:n]
+    if len(articles) < n:
+        raise ValueError(f"only {len(articles)} train-split articles; ask for fewer references")
+    refs = [tok.encode(a.text)[: mc.reference_tokens] for a in articles]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        train_mem = writer.write(refs[:n_train], batch)
+        test_mem = writer.write(refs[n_train:], batch)
+    print(f"wrote {n} memories in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return model, tok, mc, train_mem, test_mem
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=default_model())
@@ -75,19 +96,12 @@ def main() -> int:
         ap.error("--test-references must be at least 10 (codec_report reads groups of 5 memories)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_pretrained(args.model)
-    model, tok, mc = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
-    writer = MemoryWriter(model, reference_prefix_ids(tok, model.config.bos_token_id, mc), mc)
-    n = args.train_references + args.test_references
-    articles = load_articles("train")[:n]
-    if len(articles) < n:
-        ap.error(f"only {len(articles)} train-split articles; ask for fewer references")
-    refs = [tok.encode(a.text)[: mc.reference_tokens] for a in articles]
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        train_mem = writer.write(refs[: args.train_references], 16)
-        test_mem = writer.write(refs[args.train_references :], 16)
-    print(f"wrote {n} memories in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    try:
+        model, _, mc, train_mem, test_mem = write_split_memories(
+            args.model, args.train_references, args.test_references
+        )
+    except ValueError as e:
+        ap.error(str(e))
     theta = model.config.rope_theta
     rows: list[dict[str, Any]] = []
     variants = [(f, False) for f in args.codecs] + ([(f, True) for f in args.codecs] if args.pre_rope else [])

@@ -14,11 +14,13 @@ or left out. So:
 
 The gap between the measured added time and these floors is what better kernels could win; the
 floors are what only fewer or smaller memory keys can. Also given for other kept-token counts.
+With `--store` (the run's bank), the parts of one retrieval are timed too.
 Run it alone: the two rates are timed.
 
     memory3 bench speed --store BANK --threads 1 --batch-sizes 32 --modes none,memory \
         --caches warm --warmup first --runs 3 --out benchmarks/results/speed-batch32-kv-auto.json
-    python benchmarks/bound_memory_cost.py --speed benchmarks/results/speed-batch32-kv-auto.json
+    python benchmarks/bound_memory_cost.py --speed benchmarks/results/speed-batch32-kv-auto.json \
+        --store BANK
 """
 
 from __future__ import annotations
@@ -47,14 +49,15 @@ def row(rows: list[dict[str, Any]], mode: str, batch: int) -> dict[str, Any]:
     )
 
 
-def best_of(fn: Any, rounds: int = 5) -> float:
+def best_of(fn: Any, rounds: int = 5, median: bool = False) -> float:
+    """Fastest (or median) of `rounds` timed calls after a warm-up call."""
     fn()
-    best = float("inf")
+    times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[rounds // 2] if median else min(times)
 
 
 def stream_bandwidth(dtype: torch.dtype, mbytes: int = 512) -> float:
@@ -78,6 +81,35 @@ def memory_costs(cfg: Any, mem_layers: int, memory_keys: int, kv_dtype: str) -> 
     return step_bytes, token_flops
 
 
+def retrieval_parts(model: str, store: str, batch: int, chunk_tokens: int, kv_dtype: str) -> dict[str, float]:
+    """Median seconds of one retrieval's parts for `batch` query chunks of `chunk_tokens` tokens
+    (held-out Wikipedia text): embedding the queries, the rest of the search (index, filters),
+    and loading the hits' memories from a warm cache in the KV dtype."""
+    from memory3.data.wikipedia import load_articles
+    from memory3.retrieval.open import open_retriever
+
+    loaded = load_pretrained(model)
+    retriever, _ = open_retriever(loaded, store=store)
+    tok = loaded.tokenizer
+    chunks = [tok.decode(tok.encode(a.text)[:chunk_tokens]) for a in load_articles("heldout")[:batch]]
+    if len(chunks) < batch:
+        raise SystemExit(
+            f"only {len(chunks)} held-out articles for {batch} query chunks: use a smaller --batch"
+        )
+    hits = retriever.search(chunks, 5)
+    ids = sorted({h.ref_id for found in hits for h in found})
+    dtype = getattr(torch, kv_dtype)
+    embed = best_of(lambda: retriever.embedder.embed(chunks), median=True)
+    search = best_of(lambda: retriever.search(chunks, 5), median=True)
+    fetch = best_of(lambda: retriever.memories(ids).to(dtype=dtype), median=True)
+    return {
+        "embed": embed,
+        "index and filters": max(search - embed, 0.0),
+        "memories": fetch,
+        "memories read": len(ids),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--speed", default="benchmarks/results/speed-batch32-kv-auto.json")
@@ -85,6 +117,7 @@ def main() -> int:
     ap.add_argument(
         "--kept", type=int, nargs="+", default=[8, 16, 32, 48, 64], help="kept tokens per head to bound"
     )
+    ap.add_argument("--store", help="the run's bank: also time the parts of one retrieval")
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--json", default="benchmarks/results/speed-bound.json")
     args = ap.parse_args()
@@ -111,6 +144,8 @@ def main() -> int:
         "floor s": floors,
         "memory attention while decoding, GB/s": new * B * step_bytes / added["decode"] / 1e9,
     }
+    if args.store:
+        measured["one retrieval s"] = retrieval_parts(run["model"], args.store, B, 64, run["kv_dtype"])
     rows = []
     for kept in sorted(set(args.kept) | {m["kept_tokens"]}):
         sb, tf = memory_costs(cfg, m["layers"], k * kept, run["kv_dtype"])
@@ -153,9 +188,17 @@ def main() -> int:
         f"prefill (floor {f['prefill']:.2f} s) and {retrieval:.2f} s of retrieval, to {wall_none:.1f} s "
         "without memory. Upper bounds on memory/none with kernels at those floors:\n\n" + table(rows)
     )
+    if args.store:
+        parts = measured["one retrieval s"]
+        body += (
+            f"\n\nOne retrieval for {B} query chunks of 64 tokens (median of 5, warm cache, "
+            f"{parts['memories read']} memories): embedding the queries {parts['embed']:.3f} s, index and "
+            f"filters {parts['index and filters']:.3f} s, memories {parts['memories']:.3f} s."
+        )
     update_section(
         args.out, "speed-bound", "Speed: the least explicit memory can cost",
-        f"python benchmarks/bound_memory_cost.py --speed {args.speed}", body, results,
+        f"python benchmarks/bound_memory_cost.py --speed {args.speed}" + (" --store BANK" if args.store else ""),
+        body, results,
     )  # fmt: skip
     return 0
 
