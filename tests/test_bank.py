@@ -82,6 +82,27 @@ def test_build_then_retrieve_and_generate(tmp_path, model, tok) -> None:
     assert "dresk" not in [h.doc_id for h in leaky] and len(leaky) == 2
 
 
+def test_bank_opened_in_the_kv_dtype_reads_the_same_memories(tmp_path, model, tok) -> None:
+    """A bank opened to cache its memories in bfloat16 (what `--kv-dtype auto` gives on such
+    CPUs) returns the float32 reading cast once, and generation reads them alike."""
+    build(DOCS, tmp_path / "bank", model, tok, MEM, CFG, progress=False)
+    f32 = StoreRetriever.open(tmp_path / "bank", model, tok)
+    bf16 = StoreRetriever.open(tmp_path / "bank", model, tok, dtype=torch.bfloat16)
+    ids = [int(i) for i in f32.store.live_ids()[::-1][:3]]
+    for _ in range(2):  # cold from disk, then from the cache
+        a, b = f32.memories(ids), bf16.memories(ids)
+        assert a.k.dtype == torch.float32 and b.k.dtype == torch.bfloat16 and b.v.dtype == torch.bfloat16
+        assert torch.equal(a.k.bfloat16(), b.k) and torch.equal(a.v.bfloat16(), b.v)
+        assert torch.equal(a.positions, b.positions)
+    prompts = ["Who was Velmora Castiglio?", "zant"]
+    cfg = GenerationConfig(max_new_tokens=12)
+    outs = [
+        Generator(model, tok, r, MEM, chat=False, kv_dtype="bfloat16").generate(prompts, config=cfg)
+        for r in (f32, bf16)
+    ]
+    assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
+
+
 def test_embedding_beside_the_writer_gives_the_same_bank(tmp_path, model, tok) -> None:
     for mode in ("on", "off"):
         build(

@@ -103,6 +103,14 @@ def load_model(args: argparse.Namespace) -> Any:
     return load_pretrained(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
 
 
+def kv_dtype_of(args: argparse.Namespace, loaded: Any) -> Any:
+    """The KV cache dtype `--kv-dtype` gives for the loaded model: memory banks are opened to
+    cache their memories in it, so that no retrieval converts them."""
+    from memory3.model import resolve_kv_dtype
+
+    return resolve_kv_dtype(getattr(args, "kv_dtype", "auto"), loaded.model.dtype, loaded.model.device)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from memory3.demo import run_demo
 
@@ -128,7 +136,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     loaded = load_model(args)
     retriever, mem_cfg = open_retriever(
-        loaded, args.store, args.kb, args.embedder, kept_tokens=args.kept_tokens, selection=args.selection
+        loaded,
+        args.store,
+        args.kb,
+        args.embedder,
+        kept_tokens=args.kept_tokens,
+        selection=args.selection,
+        dtype=kv_dtype_of(args, loaded),
     )
     gen = Generator(
         loaded.model,

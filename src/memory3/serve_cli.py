@@ -104,6 +104,7 @@ def open_stores(
     embedder: str,
     kept_tokens: int | None = None,
     selection: Selection | None = None,
+    dtype: Any = None,
 ) -> tuple[dict[str, Any], Any]:
     """Open every --store and --kb once, at start-up: {name: retriever} and their shared memory
     config (the model's own, or `kept_tokens` / `selection` on top of it for --kb; a --store keeps
@@ -121,7 +122,12 @@ def open_stores(
         except ModuleNotFoundError as e:
             raise ValueError(f"cannot open --{kind} {path}: {e}; this install has no store support") from e
         retriever, cfg = open_retriever(
-            loaded, **{kind: path}, embedder=embedder, kept_tokens=kept_tokens, selection=selection
+            loaded,
+            **{kind: path},
+            embedder=embedder,
+            kept_tokens=kept_tokens,
+            selection=selection,
+            dtype=dtype,
         )
         if mem_cfg is not None and cfg != mem_cfg:
             raise ValueError(
@@ -134,7 +140,7 @@ def open_stores(
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from memory3.__main__ import load_model
+    from memory3.__main__ import kv_dtype_of, load_model
     from memory3.generate import Generator
     from memory3.scheduler import SchedulerConfig
     from memory3.serve import ServerConfig, create_app
@@ -146,7 +152,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     loaded = load_model(args)
     stores, mem_cfg = open_stores(
-        loaded, args.store, args.kb, args.embedder, args.kept_tokens, args.selection
+        loaded,
+        args.store,
+        args.kb,
+        args.embedder,
+        args.kept_tokens,
+        args.selection,
+        kv_dtype_of(args, loaded),
     )
     gen = Generator(
         loaded.model, loaded.tokenizer, None, mem_cfg, min_score=args.min_score, kv_dtype=args.kv_dtype

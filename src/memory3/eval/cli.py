@@ -59,6 +59,12 @@ def _csv(kind: type) -> Any:
     return parse
 
 
+def kv_dtype_of(args: argparse.Namespace, loaded: Any) -> Any:
+    from memory3.__main__ import kv_dtype_of as resolve
+
+    return resolve(args, loaded)
+
+
 def _load(args: argparse.Namespace) -> Any:
     from memory3.__main__ import load_model
 
@@ -156,7 +162,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
     if args.store is not None and args.kb != "set":
         raise ValueError("give either --store (a memory bank) or --kb, not both")
     if args.store is not None:
-        store, mem_cfg = open_retriever(loaded, store=args.store)
+        store, mem_cfg = open_retriever(loaded, store=args.store, dtype=kv_dtype_of(args, loaded))
     results: dict[str, Any] = {"sets": {}, **_context(args)}
     for name in args.set:
         path = resolve_set(name)
@@ -233,7 +239,9 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     retriever, mem_cfg, kb_desc = None, loaded.memory_config, "none"
     if "memory" in args.modes:
         if args.store is not None or args.kb is not None:
-            retriever, mem_cfg = open_retriever(loaded, store=args.store, kb=args.kb, embedder=args.embedder)
+            retriever, mem_cfg = open_retriever(
+                loaded, store=args.store, kb=args.kb, embedder=args.embedder, dtype=kv_dtype_of(args, loaded)
+            )
             kb_desc = f"memory bank {args.store}" if args.store else f"{args.kb}"
         else:
             from memory3.eval.qa import build_retriever
@@ -271,8 +279,9 @@ def _asdict(obj: Any) -> dict[str, Any]:
 # --- bench speed -------------------------------------------------------------------------------------
 
 
-def _open_store(path: str, loaded: Any, cache: str) -> Any:
-    """A memory bank on disk; "cold" turns its memory cache off (every read from disk)."""
+def _open_store(path: str, loaded: Any, cache: str, dtype: Any) -> Any:
+    """A memory bank on disk, its memories read in `dtype`; "cold" turns its memory cache off
+    (every read from disk)."""
     import inspect
 
     from memory3.retrieval.retriever import StoreRetriever  # type: ignore[import-not-found]
@@ -281,7 +290,7 @@ def _open_store(path: str, loaded: Any, cache: str) -> Any:
     if "cache_size" not in params:
         raise ValueError("this StoreRetriever.open has no cache_size: cannot run the cold-cache setting")
     kw = {"cache_size": 0} if cache == "cold" else {}
-    return StoreRetriever.open(path, loaded.model, **kw)
+    return StoreRetriever.open(path, loaded.model, dtype=dtype, **kw)
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
@@ -321,7 +330,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
     def factory(cache: str) -> Any:
         if args.store is not None:
-            return _open_store(args.store, loaded, cache)
+            return _open_store(args.store, loaded, cache, kv_dtype_of(args, loaded))
         return warm if cache == "warm" else None
 
     gen = Generator(model, tok, None, mem_cfg, chat=False, kv_dtype=args.kv_dtype)

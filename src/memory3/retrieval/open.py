@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memory3.config import MemoryConfig, Selection
 from memory3.retrieval.base import Retriever
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +23,13 @@ def open_retriever(
     embedder: str = "minilm",
     kept_tokens: int | None = None,
     selection: Selection | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Retriever | None, MemoryConfig]:
     """(retriever or None, the memory config to generate with).
 
     `kept_tokens` / `selection` (None: the model's own) set how a `kb`'s memories are written. A
-    memory bank's memories were written when it was built, so with `store` they must match it."""
+    memory bank's memories were written when it was built, so with `store` they must match it.
+    `dtype`: what a bank's memories are cached in (`StoreRetriever.open`)."""
     if store is not None and kb is not None:
         raise ValueError("give either --store (a memory bank) or --kb (a small text file), not both")
     if store is not None:
@@ -41,7 +46,7 @@ def open_retriever(
                 f"it is, or build another bank with `memory3 build SOURCE --out DIR --kept-tokens "
                 f"{want.kept_tokens} --selection {want.selection}`"
             )
-        retriever = StoreRetriever.open(store, loaded.model, loaded.tokenizer)
+        retriever = StoreRetriever.open(store, loaded.model, loaded.tokenizer, dtype=dtype)
         return retriever, retriever.memory_config
     if kb is None:
         return None, loaded.memory_config.override(kept_tokens, selection)

@@ -108,9 +108,13 @@ class StoreRetriever:
         writable: bool = False,
         cache_size: int = 4096,
         embedder: Embedder | None = None,
+        dtype: torch.dtype | None = None,
     ) -> StoreRetriever:
         """Open a bank for `model`: refused (both fingerprints in the message) when another model
-        or memory config wrote it. `writable` enables cold start and document changes."""
+        or memory config wrote it. `writable` enables cold start and document changes. `dtype`:
+        what memories are decoded to and cached in (None: the model's dtype); give the KV cache's
+        dtype (`Generator.kv_dtype`) so that no retrieval converts them, and a bfloat16 cache
+        holds twice the memories a float32 one does in the same RAM."""
         from memory3.memory.store import read_manifest
 
         path = Path(path)
@@ -137,7 +141,7 @@ class StoreRetriever:
             writer = MemoryWriter(
                 model, reference_prefix_ids(tokenizer, model.config.bos_token_id, mem_cfg), mem_cfg
             )
-        return cls(store, index, embedder, writer, tokenizer, cache_size, model.dtype)
+        return cls(store, index, embedder, writer, tokenizer, cache_size, dtype or model.dtype)
 
     @property
     def memory_fingerprint(self) -> str:
