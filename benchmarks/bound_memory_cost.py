@@ -89,7 +89,10 @@ def retrieval_parts(model: str, store: str, batch: int, chunk_tokens: int, kv_dt
     from memory3.retrieval.open import open_retriever
 
     loaded = load_pretrained(model)
-    retriever, _ = open_retriever(loaded, store=store)
+    dtype = getattr(torch, kv_dtype)
+    retriever, _ = open_retriever(
+        loaded, store=store, dtype=dtype
+    )  # cached in the KV dtype, as generation does
     tok = loaded.tokenizer
     chunks = [tok.decode(tok.encode(a.text)[:chunk_tokens]) for a in load_articles("heldout")[:batch]]
     if len(chunks) < batch:
@@ -98,7 +101,6 @@ def retrieval_parts(model: str, store: str, batch: int, chunk_tokens: int, kv_dt
         )
     hits = retriever.search(chunks, 5)
     ids = sorted({h.ref_id for found in hits for h in found})
-    dtype = getattr(torch, kv_dtype)
     embed = best_of(lambda: retriever.embedder.embed(chunks), median=True)
     search = best_of(lambda: retriever.search(chunks, 5), median=True)
     fetch = best_of(lambda: retriever.memories(ids).to(dtype=dtype), median=True)
