@@ -60,6 +60,7 @@ def _csv(kind: type) -> Any:
 
 
 def kv_dtype_of(args: argparse.Namespace, loaded: Any) -> Any:
+    """`memory3.__main__.kv_dtype_of`, imported when called (that module imports this one)."""
     from memory3.__main__ import kv_dtype_of as resolve
 
     return resolve(args, loaded)
