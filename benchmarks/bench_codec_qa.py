@@ -27,6 +27,7 @@ from memory3.eval.report import machine, table, update_section
 from memory3.generate import Generator
 from memory3.memory.build import BuildConfig, build
 from memory3.memory.codec import CodecConfig
+from memory3.model import resolve_kv_dtype
 from memory3.retrieval.index import IndexConfig
 from memory3.retrieval.retriever import StoreRetriever
 from memory3.shipped import default_model
@@ -59,6 +60,9 @@ def main() -> int:
         default=["default"],
         help="codecs to compare with bf16, space-separated: 'default' or FAISS factory strings",
     )
+    ap.add_argument(
+        "--kv-dtype", default="auto", help="KV cache dtype of generation (auto: as memory3 generate)"
+    )
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--json", default="benchmarks/results/codec_qa.json")
     args = ap.parse_args()
@@ -85,7 +89,8 @@ def main() -> int:
                 summary = build(docs, bank, model, tok, mem_cfg, cfg, progress=False)
                 retr = StoreRetriever.open(bank, model, tok)
                 t0 = time.perf_counter()
-                report = evaluate_qa(Generator(model, tok, retr, mem_cfg), items, qa_cfg)
+                gen = Generator(model, tok, retr, mem_cfg, kv_dtype=args.kv_dtype)
+                report = evaluate_qa(gen, items, qa_cfg)
                 s = report.summary()
                 acc = s["modes"]["memory"]["contained"]
                 accs[codec_name] = acc
@@ -124,6 +129,7 @@ def main() -> int:
         "model": str(args.model),
         "memory_config": mem_cfg.to_dict(),
         "threads": args.threads,
+        "kv_dtype": str(resolve_kv_dtype(args.kv_dtype, model.dtype, model.device)).removeprefix("torch."),
         "rows": rows,
         "overall": overall,
         "drop_points": {c: 100 * (overall[BASELINE] - overall[c]) for c in codecs},
@@ -141,8 +147,10 @@ def main() -> int:
         + ", ".join(f"`{c}` **{results['drop_points'][c]:+.1f}**" for c in codecs if c != BASELINE)
         + "."
     )
-    flags = f" --threads {args.threads} --sets {args.sets} --codecs {' '.join(args.codecs)}" + (
-        f" --limit {args.limit}" if args.limit else ""
+    flags = (
+        f" --threads {args.threads} --sets {args.sets} --codecs {' '.join(args.codecs)}"
+        + (f" --limit {args.limit}" if args.limit else "")
+        + (f" --kv-dtype {args.kv_dtype}" if args.kv_dtype != "auto" else "")
     )
     compact = {k: v for k, v in results.items() if k != "detail"}
     update_section(
