@@ -9,7 +9,8 @@ a bank's codec on that bank's memories, coders are fitted on each knowledge base
 key metric comes from the queries of train-split questions, and held-out questions are asked.
 
 A row is `tc<bits>` for keys and values alike, `KEYS+VALUES` for one of each, and a part may be
-a FAISS factory string (trained on the same memories), e.g. `tc96+Residual2x10,PQ8`.
+a FAISS factory string (trained on the same memories), e.g. `tc96+Residual2x10,PQ8`, with `@head`
+for one quantizer per memory layer and kv head instead of per layer (`SQ8@head`).
 
     .venv/bin/python benchmarks/bench_codec_tc_qa.py --rows tc160 tc96 --sets fictional,factbook
 """
@@ -41,6 +42,14 @@ from memory3.retrieval.retriever import StoreRetriever
 from memory3.shipped import default_model
 
 PartCoder = Callable[[Memories], torch.Tensor]
+
+
+def head_slice(mem: Memories, head: int | None) -> Memories:
+    """The memories of one kv head (all of them for None), kept as a kv-head axis of size 1."""
+    if head is None:
+        return mem
+    h = slice(head, head + 1)
+    return Memories(mem.k[:, :, h], mem.v[:, :, h], mem.positions[:, :, h], mem.fingerprint)
 
 
 class CodedRetriever:
@@ -92,12 +101,21 @@ def main() -> int:
                 tc = TransformPartCoder(model, train, q_pre, int(spec[2:]), part)
                 coders[spec, part] = (tc, tc.code_bytes)
             else:
-                codec = train_codec(train, CodecConfig(kind="faiss", factory=spec, train_vectors=20000))
+                factory, _, per = spec.partition("@")
+                if per not in ("", "head"):
+                    ap.error(f"{spec!r}: a FAISS part is FACTORY or FACTORY@head (one quantizer per kv head)")
+                heads = range(train.k.shape[2]) if per else [None]
+                cfg = CodecConfig(kind="faiss", factory=factory, train_vectors=20000)
+                codecs = [train_codec(head_slice(train, h), cfg) for h in heads]
 
-                def through(mem: Memories, codec: Any = codec, part: str = part) -> torch.Tensor:
-                    return getattr(codec.decode(codec.encode(mem), mem.fingerprint), part)
+                def through(mem: Memories, codecs: Any = codecs, part: str = part) -> torch.Tensor:
+                    parts = []
+                    for h, codec in zip(heads, codecs, strict=True):
+                        one = head_slice(mem, h)
+                        parts.append(getattr(codec.decode(codec.encode(one), mem.fingerprint), part))
+                    return torch.cat(parts, dim=2)
 
-                coders[spec, part] = (through, float(codec.code_bytes))
+                coders[spec, part] = (through, float(codecs[0].code_bytes))
             print(
                 f"fitted {spec} for {part} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
             )
