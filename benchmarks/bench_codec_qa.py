@@ -35,12 +35,13 @@ from memory3.shipped import default_model
 BASELINE = "none (bf16)"
 
 
-def codecs_from(names: list[str]) -> dict[str, CodecConfig]:
+def codecs_from(names: list[str], train_vectors: int | None = None) -> dict[str, CodecConfig]:
     """["default", "Residual2x10,PQ8"] -> the codecs to compare, each against bf16 (always
     measured, last). A FAISS factory string may itself contain commas, so codecs are separate
-    arguments."""
+    arguments. `train_vectors`: vectors sampled per quantizer (None: the build's default)."""
+    kw = {} if train_vectors is None else {"train_vectors": train_vectors}
     out = {
-        name: CodecConfig() if name == "default" else CodecConfig(kind="faiss", factory=name)
+        name: CodecConfig(**kw) if name == "default" else CodecConfig(kind="faiss", factory=name, **kw)
         for name in names
         if name and name != "none"
     }
@@ -61,6 +62,9 @@ def main() -> int:
         help="codecs to compare with bf16, space-separated: 'default' or FAISS factory strings",
     )
     ap.add_argument(
+        "--train-vectors", type=int, default=None, help="vectors sampled per quantizer (default: the build's)"
+    )
+    ap.add_argument(
         "--kv-dtype", default="auto", help="KV cache dtype of generation (auto: as memory3 generate)"
     )
     ap.add_argument("--out", default="BENCHMARKS.md")
@@ -74,7 +78,7 @@ def main() -> int:
     loaded = load_pretrained(args.model)
     model, tok, mem_cfg = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
     qa_cfg = QAEvalConfig(modes=("memory",), batch_size=args.batch_size)
-    codecs = codecs_from(args.codecs)
+    codecs = codecs_from(args.codecs, args.train_vectors)
     rows, detail = [], {}
     for name in args.sets.split(","):
         path = resolve_set(name)
@@ -129,6 +133,7 @@ def main() -> int:
         "model": str(args.model),
         "memory_config": mem_cfg.to_dict(),
         "threads": args.threads,
+        "train_vectors": args.train_vectors or CodecConfig().train_vectors,
         "kv_dtype": str(resolve_kv_dtype(args.kv_dtype, model.dtype, model.device)).removeprefix("torch."),
         "rows": rows,
         "overall": overall,
@@ -151,6 +156,7 @@ def main() -> int:
         f" --threads {args.threads} --sets {args.sets} --codecs {' '.join(args.codecs)}"
         + (f" --limit {args.limit}" if args.limit else "")
         + (f" --kv-dtype {args.kv_dtype}" if args.kv_dtype != "auto" else "")
+        + (f" --train-vectors {args.train_vectors}" if args.train_vectors else "")
     )
     compact = {k: v for k, v in results.items() if k != "detail"}
     update_section(
