@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_codec_bound import TransformPartCoder, real_queries
+from bench_codec_bound import TransformPartCoder, parse_tc, real_queries
 
 from memory3.checkpoint import load_pretrained
 from memory3.data.qa import load_qa
@@ -98,7 +98,11 @@ def main() -> int:
         if (spec, part) not in coders:
             t0 = time.perf_counter()
             if spec.startswith("tc"):
-                tc = TransformPartCoder(model, train, q_pre, int(spec[2:]), part)
+                try:
+                    bits = parse_tc(spec)
+                except ValueError as e:
+                    ap.error(str(e))
+                tc = TransformPartCoder(model, train, q_pre, bits, part)
                 coders[spec, part] = (tc, tc.code_bytes)
             else:
                 factory, _, per = spec.partition("@")
