@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from memory3.config import KV_DTYPES, ModelConfig
 from memory3.device import cpu_has_native_bf16
+from memory3.kernels import fused_decode
 
 
 class RMSNorm(nn.Module):
@@ -248,7 +249,9 @@ class Attention(nn.Module):
             k = torch.cat((memory[0].to(k.dtype), k), dim=2)
             v = torch.cat((memory[1].to(v.dtype), v), dim=2)
         if cache is not None and cache.reads_all_slots(T):
-            y = matmul_attention(q, k, v, mask)
+            y = fused_decode(q, k, v, mask[:, 0, 0])
+            if y is None:  # no AVX-512, an unsupported head layout, or kernels turned off
+                y = matmul_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True
