@@ -77,6 +77,7 @@ def test_fused_decode_declines_what_it_does_not_take() -> None:
     assert kernels.fused_decode(q, k.transpose(1, 2).contiguous().transpose(1, 2), k, vis) is None
     kernels.set_enabled(False)
     try:
+        assert not kernels.available()
         assert kernels.fused_decode(q, k, k, vis) is None
     finally:
         kernels.set_enabled(None)

@@ -10,9 +10,15 @@ returns None and the caller keeps its PyTorch path; the reason is logged once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
 import os
+import platform
+import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -38,6 +44,40 @@ def enabled() -> bool:
     return os.environ.get("MEMORY3_KERNELS", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
+def available() -> bool:
+    """Whether `fused_decode` runs the compiled kernel here (compiling it now if it was not yet:
+    call it at start-up to pay the first build there rather than in the first decoding step)."""
+    return enabled() and _extension() is not None
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's instruction set, in the extension's name: a build for one CPU
+    (-march=native) is never loaded on another that shares the cache directory (an NFS home)."""
+    flags = platform.machine() + platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                flags += line
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """PyTorch builds extensions with `ninja` found on PATH. The `ninja` wheel installs it next to
+    this interpreter, which is not on PATH when a virtualenv's tools are run by path: add that
+    directory for the build only."""
+    here = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is not None or shutil.which("ninja", path=here) is None:
+        yield
+        return
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = here + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 @functools.cache
 def _extension() -> ModuleType | None:
     """The compiled module, or None (logged) where it cannot be had."""
@@ -51,7 +91,10 @@ def _extension() -> ModuleType | None:
 
     log.info("loading the fused decode attention kernel (compiled on first use, then cached by PyTorch)")
     try:
-        ext = cpp_extension.load("memory3_decode_attention", [str(_SOURCE)], extra_cflags=_FLAGS)
+        with _ninja_on_path():
+            ext = cpp_extension.load(
+                f"memory3_decode_attention_{_cpu_tag()}", [str(_SOURCE)], extra_cflags=_FLAGS
+            )
     except (RuntimeError, OSError, ImportError) as e:  # no compiler, no ninja, a failed build
         log.warning(
             "fused decode attention off: building %s failed (%s); decoding uses matmuls", _SOURCE.name, e
