@@ -110,8 +110,9 @@ class KVCache:
     ) -> None:
         mem_layers = set(config.memory_layers or ())
         self.mem_slots = mem_slots
-        # bfloat16 on a CPU: a decoding step attends with `matmul_attention` over the whole
-        # preallocated tensors (contiguous), the slots not yet written masked
+        # bfloat16 on a CPU: a decoding step attends over the whole preallocated tensors, the
+        # slots not yet written masked: with the fused kernel (memory3.kernels), which skips
+        # masked slots, or with `matmul_attention`, which needs them contiguous
         self.matmul = torch.device(device).type == "cpu" and dtype == torch.bfloat16
         self.max_len = max_len
         self.len = 0
@@ -197,7 +198,8 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     view is copied by the CPU matmul); mask (B, 1, T, S). The H/K query heads of each kv head are
     stacked as the rows of one matmul (grouped-query attention without copying keys); scores go
     to float32 for the mask and the softmax. For single-token steps on CPUs this beats SDPA,
-    whose bfloat16 kernel is slower than its float32 one, which reads twice the bytes.
+    whose bfloat16 kernel is slower than its float32 one, which reads twice the bytes. Decoding
+    uses it where the fused kernel (`memory3.kernels.fused_decode`, 2–4× faster) does not apply.
     """
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]

@@ -287,5 +287,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "Whether this build has the AVX-512 kernel");
   m.def("supports", &supports, "Whether the kernel takes H query heads over K kv heads of dim D");
-  m.def("decode_attention", &decode_attention, "Fused single-token attention over a bfloat16 KV cache");
+  // no Python object is touched inside: other Python threads (a server's) run meanwhile
+  m.def("decode_attention", &decode_attention, "Fused single-token attention over a bfloat16 KV cache",
+        py::call_guard<py::gil_scoped_release>());
 }
