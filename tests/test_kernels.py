@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from conftest import decode_with_memories
 from memory3 import kernels
-from memory3.model import KVCache, Memory3Model
+from memory3.model import Memory3Model
 
 needs_kernel = pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the fused kernel needs AVX-512"
@@ -88,31 +89,14 @@ def test_decoding_with_the_kernel_is_closer_to_float32_than_without(tiny: Memory
     """A bfloat16 cache with memories (one row's slots partly empty), left padding and junk in
     unwritten slots, against a float32 cache: the fused kernel's logits are within bfloat16
     precision, and closer than the matmul path's (which also rounds queries and probabilities)."""
-    cfg, B, N = tiny.config, 2, 6
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, 256, (B, 20), generator=g)
-    valid = torch.ones(B, 20, dtype=torch.bool)
-    valid[0, :4] = False
-    Lm = len(cfg.memory_layers or ())
-    mk = torch.randn(Lm, B, cfg.n_kv_head, N, cfg.head_dim, generator=g)
-    mv = torch.randn(Lm, B, cfg.n_kv_head, N, cfg.head_dim, generator=g)
-    mvalid = torch.ones(B, N, dtype=torch.bool)
-    mvalid[1, 2:] = False
     logits = {}
     for name, dtype, fused in (("f32", torch.float32, False), ("kernel", torch.bfloat16, True),
                                ("matmul", torch.bfloat16, False)):  # fmt: skip
         kernels.set_enabled(fused)
         try:
-            cache = KVCache(cfg, B, 32, N, dtype=dtype)
-            for t in cache.k + cache.v:
-                t.fill_(1e3)  # nothing unwritten may be read (the matmul path reads it masked)
-            with torch.no_grad():
-                steps = [tiny(ids[:, :12], token_valid=valid[:, :12], cache=cache)[:, -1:]]
-                cache.set_memory(mk, mv, mvalid)
-                steps += [tiny(ids[:, t : t + 1], cache=cache) for t in range(12, 20)]
+            logits[name], _ = decode_with_memories(tiny, dtype, seed=7, empty_from=2)
         finally:
             kernels.set_enabled(None)
-        logits[name] = torch.cat(steps, 1)
     want = logits["f32"]
     err = {name: (logits[name] - want).abs().max().item() for name in ("kernel", "matmul")}
     assert torch.isfinite(logits["kernel"]).all()

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 from transformers import LlamaForCausalLM
 
-from conftest import tiny_model
+from conftest import decode_with_memories, tiny_model
 from memory3.checkpoint import to_hf_llama
 from memory3.config import ModelConfig
 from memory3.device import cpu_has_native_bf16
@@ -76,27 +76,10 @@ def test_bfloat16_cache_decodes_like_float32(tiny: Memory3Model) -> None:
     """A bfloat16 KV cache (the CPU default for float32 models where bfloat16 is native) gives
     the float32 cache's logits to bfloat16 precision: left padding, memories with empty slots,
     and slots not yet written (filled with junk here) all masked."""
-    cfg, B, N = tiny.config, 2, 6
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, 256, (B, 20), generator=g)
-    valid = torch.ones(B, 20, dtype=torch.bool)
-    valid[0, :4] = False
-    Lm = len(cfg.memory_layers or ())
-    mk = torch.randn(Lm, B, cfg.n_kv_head, N, cfg.head_dim, generator=g)
-    mv = torch.randn(Lm, B, cfg.n_kv_head, N, cfg.head_dim, generator=g)
-    mvalid = torch.ones(B, N, dtype=torch.bool)
-    mvalid[1, 3:] = False
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
-        cache = KVCache(cfg, B, 32, N, dtype=dtype)
-        for t in cache.k + cache.v:
-            t.fill_(1e3)  # nothing unwritten may be read
-        with torch.no_grad():
-            steps = [tiny(ids[:, :12], token_valid=valid[:, :12], cache=cache)[:, -1:]]
-            cache.set_memory(mk, mv, mvalid)
-            steps += [tiny(ids[:, t : t + 1], cache=cache) for t in range(12, 20)]
+        logits[dtype], cache = decode_with_memories(tiny, dtype, seed=5, empty_from=3)
         assert cache.reads_all_slots(1) == (dtype == torch.bfloat16)
-        logits[dtype] = torch.cat(steps, 1)
     want, got = logits[torch.float32], logits[torch.bfloat16]
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() < 0.02 * want.abs().max()
