@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from memory3 import kernels
 from memory3.config import GenerationConfig, MemoryConfig
 from memory3.memory import layout
 from memory3.memory.write import Memories, MemoryFormatError, memory_fingerprint, reference_prefix_ids
@@ -101,6 +102,8 @@ class Generator:
         self.min_score = check_min_score(min_score)
         # the KV cache's dtype, which memories are read in too (model.resolve_kv_dtype)
         self.kv_dtype = resolve_kv_dtype(kv_dtype, model.dtype, model.device)
+        if self.kv_dtype == torch.bfloat16 and model.device.type == "cpu":
+            kernels.available()  # build the fused decode kernel now (once per CPU), not in a timed step
         self.tokenizer = tokenizer
         self.mem_cfg = memory_config or MemoryConfig()
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
