@@ -48,7 +48,8 @@ inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 // exp of 16 floats ≤ 0: x = n·ln2 + r, |r| ≤ ln2/2, exp(r) by its degree-6 Taylor polynomial
-// (relative error < 2e-7 there), scaled by 2^n. Below -87 the result flushes to 0.
+// (relative error < 2e-7 there), scaled by 2^n. Inputs below -87 (masked scores, -inf) give
+// exp(-87) ≈ 1.6e-38: a masked slot adds that to the softmax sum but is never read as a value.
 inline __m512 exp_ps(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
