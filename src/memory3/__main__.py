@@ -7,6 +7,7 @@ Each command is a plain function of parsed arguments; heavy imports happen insid
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -260,11 +261,26 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) prints the Python stack
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv is None:
+        _leave_torchrun_worker(code)
+    return code
+
+
+def _leave_torchrun_worker(code: int) -> None:
+    """End a torchrun worker without the interpreter's teardown. The commands have left the process
+    group (barrier, then destroy_process_group) and closed every file by now, yet gloo's threads
+    can still abort the process while it is torn down ("terminate called without an active
+    exception", PyTorch issue #190489), which turns a finished run into a failed one for torchrun."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":
