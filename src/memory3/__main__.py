@@ -7,6 +7,7 @@ Each command is a plain function of parsed arguments; heavy imports happen insid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) prints the Python stack
+    if argv is None:  # a real process (the console script, torchrun), not a call from Python
+        _print_python_stack_on_native_crash()
     try:
         code = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
@@ -270,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv is None:
         _leave_torchrun_worker(code)
     return code
+
+
+def _print_python_stack_on_native_crash() -> None:
+    """A crash in native code (SIGSEGV, SIGABRT) prints the Python stack of every thread. Skipped
+    when stderr is not a real file (captured by a test runner or a notebook): faulthandler writes
+    to a file descriptor."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # io.UnsupportedOperation
+        faulthandler.enable(file=sys.stderr)
 
 
 def _leave_torchrun_worker(code: int) -> None:
