@@ -257,3 +257,63 @@ def test_chunked_prefill_equals_the_one_pass_forward_for_each_prompt(mem_cfg) ->
             want = model(ids[b : b + 1, : p + L], pos[b : b + 1, : p + L], memory=memory)[0, -1]
             torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
     assert cache.len == T
+
+
+def test_prefill_from_a_written_prefix_equals_prefilling_it(mem_cfg) -> None:
+    """The prefix computed once by a batch-1 pass and copied into every row (KVCache.write_prefix,
+    what Generator does) gives the logits of prefilling it in every row; a cache holding anything
+    else is refused."""
+    model = tiny_model(seed=6)
+    cfg = model.config
+    n, J, S, p, R = mem_cfg.chunk_tokens, mem_cfg.memories_per_chunk, mem_cfg.kept_tokens, 3, 16
+    lens = [4, 2 * n + 1]
+    B, C, T = len(lens), 3, p + max(lens)
+    g = torch.Generator().manual_seed(1)
+    shape = (B * C * J, cfg.n_memory_layers, cfg.n_kv_head, S, cfg.head_dim)
+    positions = (torch.arange(S, dtype=torch.int32) + p).expand(shape[:4]).contiguous()
+    mem = Memories(torch.randn(shape, generator=g), torch.randn(shape, generator=g), positions, "t")
+    index = torch.arange(B * C * J).view(B, C, J)
+    ids = torch.randint(3, cfg.vocab_size, (B, T), generator=g)
+    ids[:, :p] = ids[0, :p]  # one prefix for every row
+    pos = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for b, L in enumerate(lens):
+        pos[b, :p], pos[b, p : p + L] = torch.arange(p), torch.arange(L) + p + R
+        valid[b, : p + L] = True
+    last = torch.tensor([p + L - 1 for L in lens])
+    with torch.no_grad():
+        want = prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, KVCache(cfg, B, T, J * S))
+        once = KVCache(cfg, 1, p)
+        model(ids[:1, :p], cache=once)
+        cache = KVCache(cfg, B, T, J * S)
+        cache.write_prefix([(k[:, :, :p], v[:, :, :p]) for k, v in zip(once.k, once.v, strict=True)])
+        assert cache.len == p
+        got = prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, cache)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="starts from an empty cache"):
+            prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, cache)
+        with pytest.raises(ValueError, match="needs an empty cache"):
+            cache.write_prefix([(k[:, :, :p], v[:, :, :p]) for k, v in zip(once.k, once.v, strict=True)])
+
+
+def test_generator_recomputes_its_prefix_when_the_weights_change(setup, tok) -> None:
+    """Generator keeps the prefix's keys/values between calls; a weight changed in place (a
+    training step) makes it compute them again, so memory-mode output equals a fresh Generator's."""
+    cfg = setup[1]
+    model = tiny_model(seed=12, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
+    gen = Generator(model, tok, memory_config=cfg, chat=False)
+    gen.set_retriever(InMemoryRetriever(FACTS, MemoryWriter(model, gen.prefix_ids, cfg), tok, BagOfWords()))
+    prompt, config = "Where is Quellmar?", GenerationConfig(max_new_tokens=6)
+    gen.generate(prompt, mode="memory", config=config)
+    before = gen._prefix_kv()
+    assert gen._prefix_kv() is before  # kept, not recomputed
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)
+    after = gen._prefix_kv()
+    assert after is not before and not torch.equal(after[0][0], before[0][0])
+    fresh = Generator(model, tok, memory_config=cfg, chat=False)
+    fresh.set_retriever(gen.retriever)
+    assert (
+        gen.generate(prompt, mode="memory", config=config)[0].token_ids
+        == fresh.generate(prompt, mode="memory", config=config)[0].token_ids
+    )

@@ -115,6 +115,7 @@ class Generator:
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.retriever: Retriever | None = None
+        self._prefix_cache: tuple[Any, list[tuple[Tensor, Tensor]]] | None = None
         self.timing = Timing()
         if retriever is not None:
             self.set_retriever(retriever)
@@ -130,6 +131,24 @@ class Generator:
                 f"(`memory3 build --model …`) or load the model that built it"
             )
         self.retriever = retriever
+
+    def _prefix_kv(self) -> list[tuple[Tensor, Tensor]]:
+        """The reference prefix's keys and values in every layer, (1, K, p, D) each, in the KV
+        cache's dtype. Every memory-mode sequence starts with the same p tokens at positions
+        0..p-1, which read no memory, so they are computed once rather than in every prefill;
+        again when the model's weights change (their identity or in-place version counters, as
+        a training step or load_state_dict bumps them)."""
+        params = tuple((id(t), t._version) for t in self.model.parameters())
+        key = (params, self.model.device, self.kv_dtype)
+        if self._prefix_cache is None or self._prefix_cache[0] != key:
+            p = len(self.prefix_ids)
+            cache = KVCache(self.model.config, 1, p, 0, self.model.device, self.kv_dtype)
+            ids = torch.tensor([self.prefix_ids], dtype=torch.long, device=self.model.device)
+            with torch.inference_mode():
+                self.model(ids, cache=cache, return_hidden=True)
+            kv = [(k[:, :, :p].clone(), v[:, :, :p].clone()) for k, v in zip(cache.k, cache.v, strict=True)]
+            self._prefix_cache = (key, kv)
+        return self._prefix_cache[1]
 
     # -- public API --------------------------------------------------------------------------
     def generate(
@@ -334,6 +353,8 @@ class Generator:
         if mode == "memory":
             mem, index, refs = self._prompt_memories(enc, k, leak_threshold, floor)
             t0 = time.perf_counter()
+            if p:
+                cache.write_prefix(self._prefix_kv())
             last_col = torch.tensor([p + L - 1 for L in lens], device=device)
             logits = prefill_chunks(
                 model, ids, pos, valid, mem, index, last_col, p, self.mem_cfg.chunk_tokens, cache
@@ -459,26 +480,27 @@ def prefill_chunks(
 ) -> Tensor:
     """Memory-mode prefill (§3.1) of prompts laid out as [prefix (p)][prompt][pad…] (B, T).
 
-    Chunk c of every prompt (columns p + c·n …) reads memories index[:, c] (B, C, J) into `mem`.
-    The prefix and chunk 0 go through one pass with chunk 0's memories in front of the context
-    (the prefix reads none); each later chunk's memories are then copied into the cache's memory
-    slots and its tokens read them beside the context so far. No query is scored against another
-    chunk's memories. Returns the logits (B, V) at columns `last` (B,), each prompt's last token."""
+    The prefix reads no memory: it goes through the model first, unless the cache already holds
+    it (`KVCache.write_prefix`, as `Generator` does with the prefix it computed once). Then chunk
+    c of every prompt (columns p + c·n …) reads memories index[:, c] (B, C, J) into `mem`: they
+    are copied into the cache's memory slots and the chunk's tokens read them beside the context
+    so far. No query is scored against another chunk's memories. Returns the logits (B, V) at
+    columns `last` (B,), each prompt's last token."""
     B, T = ids.shape
+    if cache.len == 0 and p:
+        cache.clear_memory()
+        model(ids[:, :p], pos[:, :p], token_valid=valid[:, :p], cache=cache, return_hidden=True)
+    elif cache.len != p:
+        raise ValueError(
+            f"the KV cache holds {cache.len} tokens: prefill_chunks starts from an empty cache "
+            f"or from one holding just the {p}-token prefix"
+        )
     hidden = torch.empty(B, model.config.hidden_size, device=ids.device, dtype=model.dtype)
-    first = min(p + chunk_tokens, T)
-    chunk_of = torch.full((B, first), -1, dtype=torch.long, device=ids.device)
-    chunk_of[:, p:] = 0
-    windows = [(0, first)] + [(s, min(s + chunk_tokens, T)) for s in range(first, T, chunk_tokens)]
-    for c, (start, end) in enumerate(windows):
-        if c == 0:
-            memory = layout.chunked(mem, index[:, :1], chunk_of)
-        else:
-            memory = None
-            cache.set_memory(*layout.gather(mem, index[:, c]))
+    for c, start in enumerate(range(p, T, chunk_tokens)):
+        end = min(start + chunk_tokens, T)
+        cache.set_memory(*layout.gather(mem, index[:, c]))
         cols = slice(start, end)
-        h = model(ids[:, cols], pos[:, cols], token_valid=valid[:, cols], memory=memory, cache=cache,
-                  return_hidden=True)  # fmt: skip
+        h = model(ids[:, cols], pos[:, cols], token_valid=valid[:, cols], cache=cache, return_hidden=True)
         rows = ((last >= start) & (last < end)).nonzero().flatten()
         hidden[rows] = h[rows, last[rows] - start]
     return model.lm_head(hidden)

@@ -22,6 +22,7 @@ masked, because the CPU matmul copies a strided slice before using it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,23 @@ class KVCache:
         self.mem_valid.zero_()
         self.mem_valid[:, :n] = valid
         self.has_memory = bool(valid.any())
+
+    def write_prefix(self, kv: Sequence[tuple[Tensor, Tensor]]) -> None:
+        """Start every row with the same p tokens: kv[i] = (k, v), (1, K, p, D) each, the keys and
+        values of layer i at positions 0..p-1 (e.g. computed once by a batch-1 pass)."""
+        if self.len:
+            raise ValueError(f"write_prefix needs an empty cache; this one holds {self.len} tokens")
+        if len(kv) != len(self.k):
+            raise ValueError(f"prefix keys/values for {len(kv)} layers, the cache has {len(self.k)}")
+        p = kv[0][0].shape[2]
+        if p > self.max_len:
+            raise ValueError(f"a {p}-token prefix does not fit a cache of {self.max_len} tokens")
+        for i, (k, v) in enumerate(kv):
+            off = self.offsets[i]
+            self.k[i][:, :, off : off + p] = k
+            self.v[i][:, :, off : off + p] = v
+        self.key_valid[:, :p] = True
+        self.len = p
 
     def clear_memory(self) -> None:
         self.mem_valid.zero_()
