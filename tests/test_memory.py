@@ -293,3 +293,33 @@ def test_memory_of_wrong_layer_count_is_refused() -> None:
     bad = MemoryInput(mi.k[:1], mi.v[:1], mi.visible)
     with pytest.raises(ValueError, match="memory layers"):
         model(ids, pos, memory=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_into_cache_equals_set_memory_of_the_gathered_memories(dtype: torch.dtype) -> None:
+    """layout.into_cache (memories copied straight into the cache's slots) reads like
+    set_memory(*layout.gather(...)): the same keys/values in every visible slot, the same
+    visibility, with absent memories (-1), padded slots inside a memory, and no memories at all."""
+    from memory3.memory import layout
+
+    model = tiny_model(seed=3)
+    cfg = model.config
+    M, S, B, J = 5, 4, 3, 2
+    g = torch.Generator().manual_seed(0)
+    shape = (M, cfg.n_memory_layers, cfg.n_kv_head, S, cfg.head_dim)
+    positions = torch.arange(S, dtype=torch.int32).expand(shape[:4]).clone()
+    positions[2, ..., -1] = -1  # memory 2 has a padded slot
+    mem = Memories(torch.randn(shape, generator=g), torch.randn(shape, generator=g), positions, "t")
+    index = torch.tensor([[0, 2], [4, -1], [-1, -1]])
+    want, got = KVCache(cfg, B, 8, J * S + 3, dtype=dtype), KVCache(cfg, B, 8, J * S + 3, dtype=dtype)
+    want.set_memory(*layout.gather(mem, index))
+    got.set_memory_valid(torch.ones(B, J * S + 3, dtype=torch.bool))  # stale: must be cleared
+    layout.into_cache(mem, index, got)
+    assert torch.equal(got.mem_valid, want.mem_valid) and got.has_memory
+    seen = want.mem_valid[:, None, :, None]  # (B, 1, N, 1): only visible slots must agree
+    for layer in want.mem_layer_ids:
+        for a, b in ((got.k[layer], want.k[layer]), (got.v[layer], want.v[layer])):
+            assert torch.equal(a[:, :, : want.mem_slots] * seen, b[:, :, : want.mem_slots] * seen)
+    empty = Memories(mem.k[:0], mem.v[:0], mem.positions[:0], "t")
+    layout.into_cache(empty, torch.full((B, J), -1), got)
+    assert not got.mem_valid.any() and not got.has_memory

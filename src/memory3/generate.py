@@ -362,7 +362,7 @@ class Generator:
             self.timing.prefill_s = time.perf_counter() - t0
             # the first decoded chunk keeps reading the memories of its prompt's last chunk
             last = index[torch.arange(B), torch.tensor([len(e.queries) - 1 for e in enc])]
-            cache.set_memory(*layout.gather(mem, last))
+            layout.into_cache(mem, last, cache)
         else:
             t0 = time.perf_counter()
             logits = model(ids, pos, token_valid=valid, cache=cache, last_only=True)[:, -1]
@@ -427,7 +427,7 @@ class Generator:
                 for b, h in zip(active, found, strict=True):
                     hits[b] = h
                     refs[b].append(h)
-                cache.set_memory(*layout.gather(*self._fetch(hits, k)))
+                layout.into_cache(*self._fetch(hits, k), cache)
             feed = torch.tensor([[t] for t in tok_list], device=device)
             logits = model(feed, next_pos[:, None], token_valid=step_valid, cache=cache, last_only=True)[
                 :, -1
@@ -498,7 +498,7 @@ def prefill_chunks(
     hidden = torch.empty(B, model.config.hidden_size, device=ids.device, dtype=model.dtype)
     for c, start in enumerate(range(p, T, chunk_tokens)):
         end = min(start + chunk_tokens, T)
-        cache.set_memory(*layout.gather(mem, index[:, c]))
+        layout.into_cache(mem, index[:, c], cache)
         cols = slice(start, end)
         h = model(ids[:, cols], pos[:, cols], token_valid=valid[:, cols], cache=cache, return_hidden=True)
         rows = ((last >= start) & (last < end)).nonzero().flatten()

@@ -133,14 +133,22 @@ class KVCache:
 
     def set_memory(self, k: Tensor, v: Tensor, valid: Tensor) -> None:
         """Replace the memories read by decoding: k, v (Lm, B, K, N, D), valid (B, N)."""
-        n = k.shape[3]
+        for j, (ks, vs) in enumerate(self.memory_slots(k.shape[3])):
+            ks.copy_(k[j])
+            vs.copy_(v[j])
+        self.set_memory_valid(valid)
+
+    def memory_slots(self, n: int) -> list[tuple[Tensor, Tensor]]:
+        """The first n memory slots of each memory layer: (B, K, n, D) views of the cache to write
+        memories into (`memory.layout.into_cache`); `set_memory_valid` then says which to read."""
         if n > self.mem_slots:
             raise ValueError(f"{n} memory slots given but the cache reserves {self.mem_slots}")
-        for j, layer in enumerate(self.mem_layer_ids):
-            self.k[layer][:, :, :n] = k[j]
-            self.v[layer][:, :, :n] = v[j]
+        return [(self.k[layer][:, :, :n], self.v[layer][:, :, :n]) for layer in self.mem_layer_ids]
+
+    def set_memory_valid(self, valid: Tensor) -> None:
+        """valid (B, n): which of the first n memory slots decoding reads; the others are not read."""
         self.mem_valid.zero_()
-        self.mem_valid[:, :n] = valid
+        self.mem_valid[:, : valid.shape[1]] = valid
         self.has_memory = bool(valid.any())
 
     def write_prefix(self, kv: Sequence[tuple[Tensor, Tensor]]) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from memory3.memory.write import Memories
-from memory3.model import MemoryInput
+from memory3.model import KVCache, MemoryInput
 
 
 def _place(mem: Memories, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,6 +48,25 @@ def gather(mem: Memories, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Returns k, v (Lm, G, K, J·S, D) and valid (G, J·S)."""
     G, J = index.shape
     return _place(mem, index.reshape(G, 1, J))
+
+
+def into_cache(mem: Memories, index: Tensor, cache: KVCache) -> None:
+    """`cache.set_memory(*gather(mem, index))` without the gathered tensor in between: memory
+    index[g, j] (G, J; -1 = none) is copied straight into slots j·S … +S of row g of the cache's
+    memory slots, one batched copy per memory layer. Slots of a -1 are not read (their contents
+    are left as they are). At batch 32 this saves allocating and touching 88 MB per retrieval."""
+    G, J = index.shape
+    K, S, D = mem.k.shape[2:]
+    present = (index >= 0).to(mem.k.device)
+    valid = present.repeat_interleave(S, dim=1)  # (G, J·S)
+    if mem.k.shape[0]:
+        rows = index.clamp(min=0).reshape(-1).to(mem.k.device)
+        valid &= mem.valid.to(mem.k.device)[rows].view(G, J * S)
+        for j, (ks, vs) in enumerate(cache.memory_slots(J * S)):
+            for dst, src in ((ks, mem.k), (vs, mem.v)):  # (G·J, K, S, D) → (G, K, J, S, D)
+                picked = src[:, j].index_select(0, rows).view(G, J, K, S, D)
+                dst.unflatten(2, (J, S)).copy_(picked.transpose(1, 2))
+    cache.set_memory_valid(valid)
 
 
 def chunked(mem: Memories, index: Tensor, chunk_of_token: Tensor) -> MemoryInput:
