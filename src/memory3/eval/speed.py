@@ -265,6 +265,14 @@ def bench_speed(
     }
 
 
+def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The median over rounds of a/b within each round. Every round runs every setting one after
+    the other, so on a shared machine whose speed drifts this compares runs made under the same
+    load, where the ratio of the two medians can pair a fast run of one with a slow run of the
+    other."""
+    return statistics.median(x / y for x, y in zip(a["runs"], b["runs"], strict=True))
+
+
 def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The headline: memory vs RAG and memory vs no retrieval, per batch size and cache (medians)."""
     by = {(r["mode"], r["cache"], r["batch"]): r for r in rows}
@@ -280,6 +288,7 @@ def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row["ttft_memory_over_rag"] = r["ttft_s"]["median"] / rag["ttft_s"]["median"]
         if none is not None:
             row["throughput_memory_over_none"] = r["throughput"]["median"] / none["throughput"]["median"]
+            row["throughput_memory_over_none_paired"] = paired_ratio(r["throughput"], none["throughput"])
             row["decode_memory_over_none"] = (
                 r["decode_tokens_per_s"]["median"] / none["decode_tokens_per_s"]["median"]
             )
