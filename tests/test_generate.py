@@ -317,3 +317,17 @@ def test_generator_recomputes_its_prefix_when_the_weights_change(setup, tok) -> 
         gen.generate(prompt, mode="memory", config=config)[0].token_ids
         == fresh.generate(prompt, mode="memory", config=config)[0].token_ids
     )
+
+
+def test_generator_of_a_model_made_under_inference_mode_computes_its_prefix_each_time(setup, tok) -> None:
+    """Weights created under torch.inference_mode keep no version counter, so a change to them
+    cannot be seen: the prefix is then computed in every call rather than kept."""
+    cfg, retr = setup[1], setup[3]
+    with torch.inference_mode():
+        model = tiny_model(seed=11, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
+    gen = Generator(model, tok, retriever=retr, memory_config=cfg, chat=False)
+    config = GenerationConfig(max_new_tokens=5)
+    first = gen.generate("Where is Quellmar?", mode="memory", config=config)[0].token_ids
+    assert gen._prefix_cache is None and gen._prefix_kv() is not gen._prefix_kv()
+    assert gen.generate("Where is Quellmar?", mode="memory", config=config)[0].token_ids == first
+    assert setup[2].generate("Where is Quellmar?", mode="memory", config=config)[0].token_ids == first

@@ -138,17 +138,21 @@ class Generator:
         0..p-1, which read no memory, so they are computed once rather than in every prefill;
         again when the model's weights change (their identity or in-place version counters, as
         a training step or load_state_dict bumps them)."""
-        params = tuple((id(t), t._version) for t in self.model.parameters())
-        key = (params, self.model.device, self.kv_dtype)
-        if self._prefix_cache is None or self._prefix_cache[0] != key:
-            p = len(self.prefix_ids)
-            cache = KVCache(self.model.config, 1, p, 0, self.model.device, self.kv_dtype)
-            ids = torch.tensor([self.prefix_ids], dtype=torch.long, device=self.model.device)
-            with torch.inference_mode():
-                self.model(ids, cache=cache, return_hidden=True)
-            kv = [(k[:, :, :p].clone(), v[:, :, :p].clone()) for k, v in zip(cache.k, cache.v, strict=True)]
-            self._prefix_cache = (key, kv)
-        return self._prefix_cache[1]
+        try:
+            params = tuple((id(t), t._version) for t in self.model.parameters())
+            key: Any = (params, self.model.device, self.model.dtype, self.kv_dtype)
+        except RuntimeError:  # weights made under inference_mode keep no version: never reuse
+            key = None
+        if key is not None and self._prefix_cache is not None and self._prefix_cache[0] == key:
+            return self._prefix_cache[1]
+        p = len(self.prefix_ids)
+        cache = KVCache(self.model.config, 1, p, 0, self.model.device, self.kv_dtype)
+        ids = torch.tensor([self.prefix_ids], dtype=torch.long, device=self.model.device)
+        with torch.inference_mode():
+            self.model(ids, cache=cache, return_hidden=True)
+        kv = [(k[:, :, :p].clone(), v[:, :, :p].clone()) for k, v in zip(cache.k, cache.v, strict=True)]
+        self._prefix_cache = None if key is None else (key, kv)
+        return kv
 
     # -- public API --------------------------------------------------------------------------
     def generate(
