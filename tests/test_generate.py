@@ -226,15 +226,12 @@ def test_memories_of_wrong_shape_are_refused(setup) -> None:
         g.generate("Quellmar")
 
 
-def test_chunked_prefill_equals_the_one_pass_forward_for_each_prompt(mem_cfg) -> None:
-    """prefill_chunks on a right-padded batch of prompts with 1, 2 and 3 chunks gives, for each
-    prompt, the last-token logits of the one-pass block-masked forward over that prompt alone."""
-    model = tiny_model(seed=5)
-    cfg = model.config
-    n, J, S, p, R = mem_cfg.chunk_tokens, mem_cfg.memories_per_chunk, mem_cfg.kept_tokens, 3, 16
-    lens = [5, 2 * n + 3, 3 * n]
+def _prefill_inputs(cfg, mem_cfg, lens: list[int], seed: int, p: int = 3, R: int = 16):
+    """prefill_chunks' arguments for right-padded prompts of `lens` tokens after one p-token
+    prefix, with random memories: 3 chunks of J memories each, -1 for chunks a prompt lacks."""
+    n, J, S = mem_cfg.chunk_tokens, mem_cfg.memories_per_chunk, mem_cfg.kept_tokens
     B, C, T = len(lens), 3, p + max(lens)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     shape = (B * C * J, cfg.n_memory_layers, cfg.n_kv_head, S, cfg.head_dim)
     positions = (torch.arange(S, dtype=torch.int32) + p).expand(shape[:4]).contiguous()
     mem = Memories(torch.randn(shape, generator=g), torch.randn(shape, generator=g), positions, "t")
@@ -242,13 +239,24 @@ def test_chunked_prefill_equals_the_one_pass_forward_for_each_prompt(mem_cfg) ->
     for b, L in enumerate(lens):  # chunks a prompt does not have read nothing (-1)
         index[b, -(-L // n) :] = -1
     ids = torch.randint(3, cfg.vocab_size, (B, T), generator=g)
+    ids[:, :p] = ids[0, :p]  # one prefix for every row, as in generation
     pos = torch.zeros(B, T, dtype=torch.long)
     valid = torch.zeros(B, T, dtype=torch.bool)
     for b, L in enumerate(lens):
         pos[b, :p], pos[b, p : p + L] = torch.arange(p), torch.arange(L) + p + R
         valid[b, : p + L] = True
-    cache = KVCache(cfg, B, T, J * S)
     last = torch.tensor([p + L - 1 for L in lens])
+    return ids, pos, valid, mem, index, last, p
+
+
+def test_chunked_prefill_equals_the_one_pass_forward_for_each_prompt(mem_cfg) -> None:
+    """prefill_chunks on a right-padded batch of prompts with 1, 2 and 3 chunks gives, for each
+    prompt, the last-token logits of the one-pass block-masked forward over that prompt alone."""
+    model = tiny_model(seed=5)
+    cfg, n, slots = model.config, mem_cfg.chunk_tokens, mem_cfg.memories_per_chunk * mem_cfg.kept_tokens
+    lens = [5, 2 * n + 3, 3 * n]
+    ids, pos, valid, mem, index, last, p = _prefill_inputs(cfg, mem_cfg, lens, seed=0)
+    cache = KVCache(cfg, len(lens), ids.shape[1], slots)
     with torch.no_grad():
         got = prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, cache)
         for b, L in enumerate(lens):
@@ -256,7 +264,7 @@ def test_chunked_prefill_equals_the_one_pass_forward_for_each_prompt(mem_cfg) ->
             memory = layout.chunked(mem, index[b : b + 1], chunk)
             want = model(ids[b : b + 1, : p + L], pos[b : b + 1, : p + L], memory=memory)[0, -1]
             torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
-    assert cache.len == T
+    assert cache.len == ids.shape[1]
 
 
 def test_prefill_from_a_written_prefix_equals_prefilling_it(mem_cfg) -> None:
@@ -264,36 +272,24 @@ def test_prefill_from_a_written_prefix_equals_prefilling_it(mem_cfg) -> None:
     what Generator does) gives the logits of prefilling it in every row; a cache holding anything
     else is refused."""
     model = tiny_model(seed=6)
-    cfg = model.config
-    n, J, S, p, R = mem_cfg.chunk_tokens, mem_cfg.memories_per_chunk, mem_cfg.kept_tokens, 3, 16
+    cfg, n, slots = model.config, mem_cfg.chunk_tokens, mem_cfg.memories_per_chunk * mem_cfg.kept_tokens
     lens = [4, 2 * n + 1]
-    B, C, T = len(lens), 3, p + max(lens)
-    g = torch.Generator().manual_seed(1)
-    shape = (B * C * J, cfg.n_memory_layers, cfg.n_kv_head, S, cfg.head_dim)
-    positions = (torch.arange(S, dtype=torch.int32) + p).expand(shape[:4]).contiguous()
-    mem = Memories(torch.randn(shape, generator=g), torch.randn(shape, generator=g), positions, "t")
-    index = torch.arange(B * C * J).view(B, C, J)
-    ids = torch.randint(3, cfg.vocab_size, (B, T), generator=g)
-    ids[:, :p] = ids[0, :p]  # one prefix for every row
-    pos = torch.zeros(B, T, dtype=torch.long)
-    valid = torch.zeros(B, T, dtype=torch.bool)
-    for b, L in enumerate(lens):
-        pos[b, :p], pos[b, p : p + L] = torch.arange(p), torch.arange(L) + p + R
-        valid[b, : p + L] = True
-    last = torch.tensor([p + L - 1 for L in lens])
+    ids, pos, valid, mem, index, last, p = _prefill_inputs(cfg, mem_cfg, lens, seed=1)
+    B, T = ids.shape
     with torch.no_grad():
-        want = prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, KVCache(cfg, B, T, J * S))
+        want = prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, KVCache(cfg, B, T, slots))
         once = KVCache(cfg, 1, p)
         model(ids[:1, :p], cache=once)
-        cache = KVCache(cfg, B, T, J * S)
-        cache.write_prefix([(k[:, :, :p], v[:, :, :p]) for k, v in zip(once.k, once.v, strict=True)])
+        prefix = [(k[:, :, :p], v[:, :, :p]) for k, v in zip(once.k, once.v, strict=True)]
+        cache = KVCache(cfg, B, T, slots)
+        cache.write_prefix(prefix)
         assert cache.len == p
         got = prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, cache)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="starts from an empty cache"):
             prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, cache)
         with pytest.raises(ValueError, match="needs an empty cache"):
-            cache.write_prefix([(k[:, :, :p], v[:, :, :p]) for k, v in zip(once.k, once.v, strict=True)])
+            cache.write_prefix(prefix)
 
 
 def test_generator_recomputes_its_prefix_when_the_weights_change(setup, tok) -> None:
