@@ -267,21 +267,24 @@ def test_chunked_prefill_equals_the_one_pass_forward_for_each_prompt(mem_cfg) ->
     assert cache.len == ids.shape[1]
 
 
-def test_prefill_from_a_written_prefix_equals_prefilling_it(mem_cfg) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_from_a_written_prefix_equals_prefilling_it(mem_cfg, dtype: torch.dtype) -> None:
     """The prefix computed once by a batch-1 pass and copied into every row (KVCache.write_prefix,
-    what Generator does) gives the logits of prefilling it in every row; a cache holding anything
-    else is refused."""
+    what Generator does) gives the logits of prefilling it in every row, with a float32 cache and
+    with the bfloat16 one generation uses on CPUs with native bfloat16; a cache holding anything
+    else, or a prompt with no token after the prefix, is refused."""
     model = tiny_model(seed=6)
     cfg, n, slots = model.config, mem_cfg.chunk_tokens, mem_cfg.memories_per_chunk * mem_cfg.kept_tokens
     lens = [4, 2 * n + 1]
     ids, pos, valid, mem, index, last, p = _prefill_inputs(cfg, mem_cfg, lens, seed=1)
     B, T = ids.shape
     with torch.no_grad():
-        want = prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, KVCache(cfg, B, T, slots))
-        once = KVCache(cfg, 1, p)
+        fresh = KVCache(cfg, B, T, slots, dtype=dtype)
+        want = prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, fresh)
+        once = KVCache(cfg, 1, p, dtype=dtype)
         model(ids[:1, :p], cache=once)
         prefix = [(k[:, :, :p], v[:, :, :p]) for k, v in zip(once.k, once.v, strict=True)]
-        cache = KVCache(cfg, B, T, slots)
+        cache = KVCache(cfg, B, T, slots, dtype=dtype)
         cache.write_prefix(prefix)
         assert cache.len == p
         got = prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, cache)
@@ -290,6 +293,8 @@ def test_prefill_from_a_written_prefix_equals_prefilling_it(mem_cfg) -> None:
             prefill_chunks(model, ids, pos, valid, mem, index, last, p, n, cache)
         with pytest.raises(ValueError, match="needs an empty cache"):
             cache.write_prefix(prefix)
+        with pytest.raises(ValueError, match="at least one token after"):
+            prefill_chunks(model, ids, pos, valid, mem, index, torch.tensor([p - 1, p]), p, n, fresh)
 
 
 def test_generator_recomputes_its_prefix_when_the_weights_change(setup, tok) -> None:

@@ -6,9 +6,9 @@ Memory mode lays a sequence out as
 share that interval. Every prompt of a batch starts right after the prefix, so their 64-token
 chunks line up; shorter prompts are padded on the right, and the padding is masked. Each chunk
 retrieves its own memories with its own text and reads only those. Prefill runs chunk by chunk
-through the KV cache (`prefill_chunks`): the prefix and chunk 0 first, then each chunk's memories
-are copied into the cache's memory slots and its tokens read them beside the context so far, so no
-query is ever scored against another chunk's memories. While decoding, the first 64 generated
+through the KV cache (`prefill_chunks`): the prefix first (computed once per Generator and copied
+into every row), then each chunk's memories are copied into the cache's memory slots and its tokens
+read them beside the context so far, so no query is ever scored against another chunk's memories. While decoding, the first 64 generated
 tokens keep the last prompt chunk's memories; after every 64 generated tokens the memories are
 replaced by those retrieved with these tokens. The "none" and "rag" modes pad on the left.
 """
@@ -115,7 +115,7 @@ class Generator:
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.retriever: Retriever | None = None
-        self._prefix_cache: tuple[Any, list[tuple[Tensor, Tensor]]] | None = None
+        self._prefix_cache: tuple[Any, list[tuple[Tensor, Tensor]], list[Tensor]] | None = None
         self.timing = Timing()
         if retriever is not None:
             self.set_retriever(retriever)
@@ -136,11 +136,22 @@ class Generator:
         """The reference prefix's keys and values in every layer, (1, K, p, D) each, in the KV
         cache's dtype. Every memory-mode sequence starts with the same p tokens at positions
         0..p-1, which read no memory, so they are computed once rather than in every prefill;
-        again when the model's weights change (their identity or in-place version counters, as
-        a training step or load_state_dict bumps them)."""
+        again when the prefix, the model's config, device or dtype, or its weights change: a
+        parameter replaced, or changed in place through autograd-visible ops (an optimizer step,
+        load_state_dict, merging LoRA), which bump its version counter. Edits through `.data` or
+        a module's plain attributes (a LoRA scale) are not seen: build a new Generator after
+        those."""
+        params = list(self.model.parameters())
         try:
-            params = tuple((id(t), t._version) for t in self.model.parameters())
-            key: Any = (params, self.model.device, self.model.dtype, self.kv_dtype)
+            versions = tuple((id(t), t._version) for t in params)
+            key: Any = (
+                versions,
+                tuple(self.prefix_ids),
+                self.model.config,
+                self.model.device,
+                self.model.dtype,
+                self.kv_dtype,
+            )
         except RuntimeError:  # weights made under inference_mode keep no version: never reuse
             key = None
         if key is not None and self._prefix_cache is not None and self._prefix_cache[0] == key:
@@ -151,7 +162,8 @@ class Generator:
         with torch.inference_mode():
             self.model(ids, cache=cache, return_hidden=True)
         kv = [(k[:, :, :p].clone(), v[:, :, :p].clone()) for k, v in zip(cache.k, cache.v, strict=True)]
-        self._prefix_cache = None if key is None else (key, kv)
+        # the parameters are held with the key, so that no new tensor can take a freed one's id
+        self._prefix_cache = None if key is None else (key, kv, params)
         return kv
 
     # -- public API --------------------------------------------------------------------------
@@ -491,6 +503,10 @@ def prefill_chunks(
     so far. No query is scored against another chunk's memories. Returns the logits (B, V) at
     columns `last` (B,), each prompt's last token."""
     B, T = ids.shape
+    if bool((last < p).any()) or bool((last >= T).any()):
+        raise ValueError(
+            f"every prompt needs at least one token after the {p}-token prefix, within {T} columns"
+        )
     if cache.len == 0 and p:
         cache.clear_memory()
         model(ids[:, :p], pos[:, :p], token_valid=valid[:, :p], cache=cache, return_hidden=True)
