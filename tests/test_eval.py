@@ -510,6 +510,24 @@ def test_bench_speed_kept_tokens_sets_the_memory_slots_read(tmp_path, tok) -> No
     res = json.loads(out.read_text())
     assert res["memory"]["kept_tokens"] == 4
     assert {r["mode"] for r in res["rows"]} == {"none", "memory"}
+    # a bank built with other kept tokens than the model's own is read with the bank's
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(FACTS.values()))
+    )
+    bank = tmp_path / "bank"
+    build = ["build", str(corpus), "--out", str(bank), "--model", str(ckpt), "--dtype", "float32"]
+    assert (
+        main([*build, "--codec", "none", "--embedder", "hashing-64", "--index", "flat", "--kept-tokens", "4"])
+        == 0
+    )
+    argv = ["bench", "speed", "--model", str(ckpt), "--dtype", "float32", "--store", str(bank)]
+    argv += ["--batch-sizes", "1", "--prompt-tokens", "16", "--new-tokens", "4", "--runs", "1"]
+    assert (
+        main([*argv, "--modes", "none,memory", "--caches", "warm", "--no-progress", "--out", str(out)]) == 0
+    )
+    res = json.loads(out.read_text())
+    assert res["memory"]["kept_tokens"] == 4 and res["rows"][1]["retrievals_per_sequence"] > 0
 
 
 def test_eval_qa_kept_tokens_writes_the_kb_with_them_and_records_it(tmp_path, tok, capsys) -> None:

@@ -323,7 +323,13 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     prompts = make_prompts(
         tok, [a.text for a in prompt_articles], max(config.batch_sizes), config.prompt_tokens
     )
-    mem_cfg = _memory_config(args, loaded)
+    if args.store is not None:  # a bank's memories were written with its own config
+        from memory3.config import MemoryConfig
+        from memory3.memory.store import read_manifest
+
+        mem_cfg = MemoryConfig.from_dict(read_manifest(Path(args.store))["memory"])
+    else:
+        mem_cfg = _memory_config(args, loaded)
     warm = None
     if args.store is None and any(m != "none" for m in config.modes):
         docs = [Document(a.doc_id, a.text, a.title) for a in kb_articles]
