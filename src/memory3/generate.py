@@ -7,10 +7,11 @@ share that interval. Every prompt of a batch starts right after the prefix, so t
 chunks line up; shorter prompts are padded on the right, and the padding is masked. Each chunk
 retrieves its own memories with its own text and reads only those. Prefill runs chunk by chunk
 through the KV cache (`prefill_chunks`): the prefix first (computed once per Generator and copied
-into every row), then each chunk's memories are copied into the cache's memory slots and its tokens
-read them beside the context so far, so no query is ever scored against another chunk's memories. While decoding, the first 64 generated
-tokens keep the last prompt chunk's memories; after every 64 generated tokens the memories are
-replaced by those retrieved with these tokens. The "none" and "rag" modes pad on the left.
+into every row), then each chunk's memories are copied into the cache's memory slots and its
+tokens read them beside the context so far, so no query is ever scored against another chunk's
+memories. While decoding, the first 64 generated tokens keep the last prompt chunk's memories;
+after every 64 generated tokens the memories are replaced by those retrieved with these tokens.
+The "none" and "rag" modes pad on the left.
 """
 
 from __future__ import annotations
