@@ -98,6 +98,7 @@ def test_memory_generation_equals_full_recompute_with_the_same_memories(setup, t
     n_prompt_chunks = -(-len(ids) // cfg.chunk_tokens)
     refs = [[h.ref_id for h in hits] for hits in out.references]
     assert len(out.token_ids) == 21 and len(refs) == n_prompt_chunks + 2  # swaps after 8 and 16 tokens
+    assert (gen.timing.generated_tokens, gen.timing.decode_steps) == (21, 20)  # token 1 comes from prefill
     p, R = len(gen.prefix_ids), cfg.reference_tokens
     with torch.no_grad():
         for n in range(len(out.token_ids)):

@@ -66,7 +66,8 @@ class Timing:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     first_token_s: float = 0.0
-    generated_tokens: int = 0
+    generated_tokens: int = 0  # tokens kept in the outputs (stop tokens and finished rows excluded)
+    decode_steps: int = 0  # forward passes of the batch after the first token
 
 
 @dataclass
@@ -450,6 +451,7 @@ class Generator:
                 :, -1
             ]
             next_pos += 1
+            self.timing.decode_steps += 1
         self.timing.decode_s = time.perf_counter() - t_dec
         self.timing.generated_tokens = sum(len(o) for o in out)
         results = []
