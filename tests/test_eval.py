@@ -561,3 +561,20 @@ def test_publish_writes_all_results_and_a_section_without_the_bulky_keys(tmp_pat
     text = md.read_text()
     assert "old" not in text and "body" in text and "python x.py" in text and "kept" in text
     assert '"rows"' in text and "long answer" not in text
+
+
+def test_a_results_file_names_the_command_that_made_it(tmp_path, monkeypatch, capsys) -> None:
+    """`bench all --render-only` writes each section's Reproduce line from its JSON: a file made by
+    `memory3 eval qa --out` must name that command, not the `bench all` that renders it."""
+    import argparse
+    import sys
+
+    from memory3.eval import cli
+
+    out = tmp_path / "qa.json"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/memory3", "eval", "qa", "--threads", "2", "--out", str(out)])
+    cli._emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})
+    assert json.loads(out.read_text())["reproduce"] == f"memory3 eval qa --threads 2 --out {out}"
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # called from Python: no command to name
+    cli._emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})
+    assert "reproduce" not in json.loads(out.read_text())

@@ -84,6 +84,8 @@ def _emit(name: str, results: dict[str, Any], args: argparse.Namespace, summary:
     if getattr(args, "out", None):
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if _invoked_as_memory3():  # the section rendered from this file later names this command
+            results = {**results, "reproduce": _command_line()}
         path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
         log.info("wrote %s", path)
     if getattr(args, "report", None) or getattr(args, "figures", None):
@@ -91,10 +93,13 @@ def _emit(name: str, results: dict[str, Any], args: argparse.Namespace, summary:
     print(json.dumps(summary, indent=1, ensure_ascii=False))
 
 
+def _invoked_as_memory3() -> bool:
+    """Run as the `memory3` command or `python -m memory3` (not called from other Python code)."""
+    return bool(sys.argv) and "memory3" in sys.argv[0]
+
+
 def _command_line() -> str:
-    return (
-        "memory3 " + " ".join(sys.argv[1:]) if sys.argv and "memory3" in sys.argv[0] else "memory3 bench all"
-    )
+    return "memory3 " + " ".join(sys.argv[1:]) if _invoked_as_memory3() else "memory3 bench all"
 
 
 def _context(args: argparse.Namespace) -> dict[str, Any]:
