@@ -122,7 +122,7 @@ def main() -> int:
     print(json.dumps(rows, indent=1))
     own = loaded.memory_config.kept_tokens
     body = (
-        f"Model `{args.model}` (trained and shipped with {own} kept tokens per head). Held-out questions "
+        f"Model `{args.model}` (its default: {own} kept tokens per head). Held-out questions "
         "of the evaluation harness, its knowledge base and retrieval (`memory3 eval qa`), memory-mode "
         "accuracy (answer contained) with memories rewritten at each number of kept tokens; RAG once per "
         "set. Goal of the training issue: memory ≥ 90% of RAG.\n\n" + table(rows)

@@ -64,7 +64,12 @@ RUNS = [
         "sft-smollm2-reader-20-k48-ctl",
         "J = shipped: I's control, the same continuation of G at 48 tokens (no quantizer, lr 1e-4) "
         "without the irrelevant-memory samples",
-        "J = shipped (48 tokens)",
+        "J = shipped (trained at 48, served at 32)",
+    ),
+    (
+        "sft-smollm2-reader-20-k32-from-j",
+        "K (not shipped): continuation of J at 32 tokens (no quantizer, lr 1e-4)",
+        "K, not shipped (32 tokens)",
     ),
 ]
 # The shipped adapter's lineage: each run continues from the one before it (its config's
@@ -156,7 +161,10 @@ def main() -> int:
         "the model does without memory: the irrelevant loss met the none loss, but the harness found it "
         "forgot general knowledge (none on the 300 Wikipedia questions: 28.7% against G's 33.3%). Its "
         "control J, the same 80 steps without those samples, did not (35.7%) and answers more held-out "
-        "questions with memory than G: J is shipped. "
+        "questions with memory than G: J is shipped. Run K continued J at 32 tokens for 80 steps; its "
+        "validation and probe matched J's, but on the harness (`benchmarks/results/qa-kept-run-k.json`) it "
+        "answered 202 of the 235 held-out questions at 32 tokens (Factbook 83 of 102) where J answers 205 "
+        "at 32 (89) and 208 at 48, so J is shipped and served at 32 tokens. "
         "2 CPU threads, fp32.\n\n"
         "Validation answer loss (per token) on entities kept out of training, with the gold memories, "
         "with 5 irrelevant ones and with none: the gap between gold and irrelevant is what reading buys.\n\n"

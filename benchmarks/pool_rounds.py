@@ -1,0 +1,96 @@
+"""Pool the rounds of several `memory3 bench speed` runs: memory/none throughput within each round
+(every round runs every setting in turn), grouped by the memory config each run read.
+
+On a shared machine one run of a few rounds moves by several points from the next; the median over
+the rounds of every run made with one setting is the steadier figure. Nothing is timed here: it
+reads the JSON the runs wrote.
+
+    python benchmarks/pool_rounds.py RUN.json [RUN.json ...] [--batch 32] [--report BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from memory3.eval.report import table, update_section
+
+
+def round_ratios(run: dict[str, Any], batch: int, cache: str) -> list[float]:
+    """memory/none throughput of each round of one run, at one batch size and memory cache."""
+    rows = [r for r in run["rows"] if r["batch"] == batch]
+    none = next((r for r in rows if r["mode"] == "none"), None)
+    memory = next((r for r in rows if r["mode"] == "memory" and r["cache"] == cache), None)
+    if none is None or memory is None:
+        return []
+    n, m = none["throughput"]["runs"], memory["throughput"]["runs"]
+    if len(n) != len(m):
+        raise ValueError(f"{len(m)} memory rounds against {len(n)} without memory: not one run's rounds")
+    return [b / a for a, b in zip(n, m, strict=True)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="JSON written by `memory3 bench speed --out` or `bench all`")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--caches", default="warm,cold", help="memory caches to pool (comma-separated)")
+    ap.add_argument("--report", help="update the section `speed-rounds` of this Markdown file")
+    args = ap.parse_args()
+    runs, pooled = [], {}
+    for path in args.runs:
+        run = json.loads(Path(path).read_text())
+        kept = run.get("memory", {}).get("kept_tokens")
+        for cache in args.caches.split(","):
+            r = round_ratios(run, args.batch, cache)
+            if not r:
+                continue
+            pooled.setdefault(kept, []).extend(r)
+            runs.append(
+                {
+                    "run": path,
+                    "kept tokens": kept,
+                    "cache": cache,
+                    "date": run.get("machine", {}).get("date", ""),
+                    "rounds": len(r),
+                    "memory/none by round": " ".join(f"{x:.3f}" for x in r),
+                    "median": statistics.median(r),
+                }
+            )
+    if not runs:
+        raise SystemExit(f"no run holds batch {args.batch} with both `none` and `memory` rows")
+    summary = [
+        {
+            "kept tokens": kept,
+            "rounds": len(r),
+            "median": statistics.median(r),
+            "min": min(r),
+            "max": max(r),
+            "rounds ≥ 0.95": sum(x >= 0.95 for x in r),
+        }
+        for kept, r in sorted(pooled.items(), key=lambda kv: kv[0] or 0)
+    ]
+    print(json.dumps({"runs": runs, "pooled": summary}, indent=1))
+    if args.report:
+        cmd = "python benchmarks/pool_rounds.py " + " ".join(args.runs) + f" --batch {args.batch}"
+        cmd += f" --caches {args.caches} --report {args.report}"
+        body = (
+            f"memory/none throughput at batch {args.batch} within each round of every speed run given "
+            "(each round runs both modes one after the other), pooled by tokens kept per head. No new "
+            "timing: the runs' own JSON.\n\n" + table(runs) + "\n\nPooled:\n\n" + table(summary)
+        )
+        update_section(
+            args.report,
+            "speed-rounds",
+            "Speed: memory/none over the rounds of several runs",
+            cmd,
+            body,
+            {"runs": runs, "pooled": summary},
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
