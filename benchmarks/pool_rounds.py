@@ -32,33 +32,52 @@ def round_ratios(run: dict[str, Any], batch: int, cache: str) -> list[float]:
     return [b / a for a, b in zip(n, m, strict=True)]
 
 
+# settings every pooled run must share: a ratio is only comparable under the same ones
+SAME = ("model", "dtype", "kv_dtype", "device", "threads")
+SAME_CONFIG = ("prompt_tokens", "new_tokens", "k")
+
+
+def settings(run: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(run.get(k) for k in SAME) + tuple(run.get("config", {}).get(k) for k in SAME_CONFIG)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="JSON written by `memory3 bench speed --out` or `bench all`")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--caches", default="warm,cold", help="memory caches to pool (comma-separated)")
+    ap.add_argument(
+        "--cache",
+        default="warm",
+        choices=("warm", "cold"),
+        help="memory cache whose rounds to pool (one: warm and cold of a round share its `none` run)",
+    )
     ap.add_argument("--report", help="update the section `speed-rounds` of this Markdown file")
     args = ap.parse_args()
-    runs, pooled = [], {}
+    runs, pooled, first = [], {}, None
     for path in args.runs:
         run = json.loads(Path(path).read_text())
-        kept = run.get("memory", {}).get("kept_tokens")
-        for cache in args.caches.split(","):
-            r = round_ratios(run, args.batch, cache)
-            if not r:
-                continue
-            pooled.setdefault(kept, []).extend(r)
-            runs.append(
-                {
-                    "run": path,
-                    "kept tokens": kept,
-                    "cache": cache,
-                    "date": run.get("machine", {}).get("date", ""),
-                    "rounds": len(r),
-                    "memory/none by round": " ".join(f"{x:.3f}" for x in r),
-                    "median": statistics.median(r),
-                }
+        first = first or (path, settings(run))
+        if settings(run) != first[1]:
+            raise SystemExit(
+                f"{path} ran with {dict(zip(SAME + SAME_CONFIG, settings(run), strict=True))}, "
+                f"{first[0]} with {dict(zip(SAME + SAME_CONFIG, first[1], strict=True))}: pool runs "
+                "of one setting only"
             )
+        kept = run.get("memory", {}).get("kept_tokens")
+        r = round_ratios(run, args.batch, args.cache)
+        if not r:
+            continue
+        pooled.setdefault(kept, []).extend(r)
+        runs.append(
+            {
+                "run": path,
+                "kept tokens": kept,
+                "date": run.get("machine", {}).get("date", ""),
+                "rounds": len(r),
+                "memory/none by round": " ".join(f"{x:.3f}" for x in r),
+                "median": statistics.median(r),
+            }
+        )
     if not runs:
         raise SystemExit(f"no run holds batch {args.batch} with both `none` and `memory` rows")
     summary = [
@@ -75,11 +94,14 @@ def main() -> int:
     print(json.dumps({"runs": runs, "pooled": summary}, indent=1))
     if args.report:
         cmd = "python benchmarks/pool_rounds.py " + " ".join(args.runs) + f" --batch {args.batch}"
-        cmd += f" --caches {args.caches} --report {args.report}"
+        cmd += f" --cache {args.cache} --report {args.report}"
         body = (
-            f"memory/none throughput at batch {args.batch} within each round of every speed run given "
-            "(each round runs both modes one after the other), pooled by tokens kept per head. No new "
-            "timing: the runs' own JSON.\n\n" + table(runs) + "\n\nPooled:\n\n" + table(summary)
+            f"memory/none throughput at batch {args.batch}, {args.cache} memory cache, within each round "
+            "of every speed run given (each round runs both modes one after the other), pooled by tokens "
+            "kept per head. No new timing: the runs' own JSON.\n\n"
+            + table(runs)
+            + "\n\nPooled:\n\n"
+            + table(summary)
         )
         update_section(
             args.report,

@@ -575,6 +575,10 @@ def test_a_results_file_names_the_command_that_made_it(tmp_path, monkeypatch, ca
     monkeypatch.setattr(sys, "argv", ["/venv/bin/memory3", "eval", "qa", "--threads", "2", "--out", str(out)])
     cli._emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})
     assert json.loads(out.read_text())["reproduce"] == f"memory3 eval qa --threads 2 --out {out}"
-    monkeypatch.setattr(sys, "argv", ["pytest"])  # called from Python: no command to name
-    cli._emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})
-    assert "reproduce" not in json.loads(out.read_text())
+    monkeypatch.setattr(sys, "argv", ["/src/memory3/__main__.py", "eval", "qa", "--out", str(out)])
+    cli._emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})  # python -m memory3
+    assert json.loads(out.read_text())["reproduce"] == f"memory3 eval qa --out {out}"
+    for caller in ("pytest", "/work/memory3/benchmarks/bench_x.py"):  # called from Python: no command
+        monkeypatch.setattr(sys, "argv", [caller])
+        cli._emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})
+        assert "reproduce" not in json.loads(out.read_text()), caller

@@ -59,7 +59,7 @@ def add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 def add_memory_args(p: argparse.ArgumentParser, what: str) -> None:
     """`--kept-tokens` and `--selection` (§3.3): how memories are sparsified, on top of the model's
-    own memory config (the shipped reader: 48 tokens, the paper's rule; other models: 8). `what`
+    own memory config (the shipped reader: 32 tokens, the paper's rule; other models: 8). `what`
     says where the command applies them."""
     from memory3.config import SELECTIONS
 

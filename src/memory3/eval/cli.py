@@ -95,7 +95,10 @@ def _emit(name: str, results: dict[str, Any], args: argparse.Namespace, summary:
 
 def _invoked_as_memory3() -> bool:
     """Run as the `memory3` command or `python -m memory3` (not called from other Python code)."""
-    return bool(sys.argv) and "memory3" in sys.argv[0]
+    if not sys.argv:
+        return False
+    exe = Path(sys.argv[0])
+    return exe.name == "memory3" or (exe.name == "__main__.py" and exe.parent.name == "memory3")
 
 
 def _command_line() -> str:
@@ -262,6 +265,11 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         "config": _asdict(config),
         "texts": args.texts,
         "kb": kb_desc,
+        "memory": {
+            "layers": len(model.memory_layers),
+            "kept_tokens": mem_cfg.kept_tokens,
+            "selection": mem_cfg.selection,
+        },
         "modes": {},
         **_context(args),
     }
