@@ -54,9 +54,9 @@ class CodecError(ValueError):
 # head dim. Chosen by what it costs in answers (`benchmarks/bench_codec_qa.py`, held-out questions,
 # memory mode, reader E): SQ8 changes none of 182 answers against bf16, while the
 # paper-style vector quantizer Residual2x10,PQ8 (11× smaller) loses 13.6 points even with E trained
-# through it. With the shipped reader J (48 tokens, bfloat16 KV cache) SQ8 changes 2 of 182 (1.1
-# points), SQ6 loses 1.6 and SQ4 5.5. Smaller codecs stay one `--codec` away for banks where bytes
-# matter more.
+# through it. With the shipped reader J at its default 32 tokens (bfloat16 KV cache) SQ8 loses 2
+# of 182 (1.1 points), SQ6 1.1 and SQ4 6.0; at 48 tokens SQ8 1.1, SQ6 1.6 and SQ4 5.5. Smaller codecs
+# stay one `--codec` away for banks where bytes matter more.
 DEFAULT_FACTORY = "SQ8"
 
 
