@@ -17,19 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from memory3.eval.report import table, update_section
+from memory3.eval.speed import round_ratios
 
 
-def round_ratios(run: dict[str, Any], batch: int, cache: str) -> list[float]:
+def memory_over_none(run: dict[str, Any], batch: int, cache: str) -> list[float]:
     """memory/none throughput of each round of one run, at one batch size and memory cache."""
     rows = [r for r in run["rows"] if r["batch"] == batch]
     none = next((r for r in rows if r["mode"] == "none"), None)
     memory = next((r for r in rows if r["mode"] == "memory" and r["cache"] == cache), None)
     if none is None or memory is None:
         return []
-    n, m = none["throughput"]["runs"], memory["throughput"]["runs"]
-    if len(n) != len(m):
-        raise ValueError(f"{len(m)} memory rounds against {len(n)} without memory: not one run's rounds")
-    return [b / a for a, b in zip(n, m, strict=True)]
+    return round_ratios(memory["throughput"], none["throughput"])
 
 
 # settings every pooled run must share: a ratio is only comparable under the same ones
@@ -64,7 +62,7 @@ def main() -> int:
                 "of one setting only"
             )
         kept = run.get("memory", {}).get("kept_tokens")
-        r = round_ratios(run, args.batch, args.cache)
+        r = memory_over_none(run, args.batch, args.cache)
         if not r:
             continue
         pooled.setdefault(kept, []).extend(r)

@@ -337,10 +337,9 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         tok, [a.text for a in prompt_articles], max(config.batch_sizes), config.prompt_tokens
     )
     if args.store is not None:  # a bank's memories were written with its own config
-        from memory3.config import MemoryConfig
-        from memory3.memory.store import read_manifest
+        from memory3.memory.store import read_memory_config
 
-        mem_cfg = MemoryConfig.from_dict(read_manifest(Path(args.store))["memory"])
+        mem_cfg = read_memory_config(args.store)
     else:
         mem_cfg = _memory_config(args, loaded)
     warm = None

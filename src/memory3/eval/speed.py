@@ -265,12 +265,19 @@ def bench_speed(
     }
 
 
+def round_ratios(a: dict[str, Any], b: dict[str, Any]) -> list[float]:
+    """a/b within each round, from two settings' per-round figures (`{"runs": [...]}`)."""
+    if len(a["runs"]) != len(b["runs"]):
+        raise ValueError(f"{len(a['runs'])} rounds against {len(b['runs'])}: not one run's rounds")
+    return [x / y for x, y in zip(a["runs"], b["runs"], strict=True)]
+
+
 def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
     """The median over rounds of a/b within each round. Every round runs every setting one after
     the other, so on a shared machine whose speed drifts this compares runs made under the same
     load, where the ratio of the two medians can pair a fast run of one with a slow run of the
     other."""
-    return statistics.median(x / y for x, y in zip(a["runs"], b["runs"], strict=True))
+    return statistics.median(round_ratios(a, b))
 
 
 def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -219,6 +219,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def read_memory_config(path: str | Path) -> MemoryConfig:
+    """How a store's memories were written (kept tokens, selection, …): a bank is read with these."""
+    return MemoryConfig.from_dict(read_manifest(path)["memory"])
+
+
 class _Shards:
     """Shard files: reads through read-only memory maps (remapped when a file grows), writes with
     pwrite + fsync."""

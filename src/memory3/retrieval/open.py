@@ -33,10 +33,10 @@ def open_retriever(
     if store is not None and kb is not None:
         raise ValueError("give either --store (a memory bank) or --kb (a small text file), not both")
     if store is not None:
-        from memory3.memory.store import read_manifest
+        from memory3.memory.store import read_memory_config
         from memory3.retrieval.retriever import StoreRetriever
 
-        have = MemoryConfig.from_dict(read_manifest(Path(store))["memory"])
+        have = read_memory_config(store)
         want = have.override(kept_tokens, selection)
         if want != have:
             raise ValueError(
