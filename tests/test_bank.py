@@ -385,3 +385,42 @@ def test_generate_kept_tokens_writes_a_kb_and_must_match_a_bank(tmp_path, model,
     assert json.loads(capsys.readouterr().out.splitlines()[0])["references"]
     with MemoryStore.open(bank) as s:  # refusing touched nothing
         assert s.verify().ok and s.manifest["memory"]["kept_tokens"] == 4
+
+
+def test_build_with_the_transform_codec_uses_the_models_calibration(tmp_path, model, tok, caplog) -> None:
+    """`--codec tc<bits>` fits a transform codec on the bank's memories, with its bits allocated
+    by the calibration saved beside the model, or by mean squared error with a warning that names
+    `memory3 train calibrate`; the bank verifies and answers through it."""
+    import numpy as np
+
+    from memory3.__main__ import main
+    from memory3.memory.transform import CALIBRATION_FILE, CodecCalibration
+
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in DOCS))
+    argv = ["build", str(corpus), "--model", str(ckpt), "--dtype", "float32", "--codec", "tc32"]
+    argv += ["--embedder", "hashing-64", "--index", "flat", "--kept-tokens", "4"]
+    with caplog.at_level("WARNING"):
+        assert main([*argv, "--out", str(tmp_path / "mse")]) == 0
+    assert "memory3 train calibrate" in caplog.text
+    Lm, K, D = len(model.memory_layers), model.config.n_kv_head, model.config.head_dim
+    fisher = np.zeros((Lm, K, D, D))
+    fisher[-1] = np.eye(D)  # only the last memory layer matters to this model's answers
+    CodecCalibration(fisher, fisher, {"test": True}).save(ckpt / CALIBRATION_FILE)
+    assert main([*argv, "--out", str(tmp_path / "fisher")]) == 0
+    for name, metric in (("mse", "mse"), ("fisher", "fisher")):
+        with MemoryStore.open(tmp_path / name) as s:
+            assert s.codec.config.kind == "transform" and s.codec.transform_meta["metric"] == metric
+            assert s.verify().ok
+            assert s.codec.record_bytes < s.codec.raw_bytes / 7  # 2 bits per number and positions
+    from memory3.checkpoint import load_pretrained
+
+    loaded = load_pretrained(ckpt)
+    retr = StoreRetriever.open(tmp_path / "fisher", loaded.model, tok)
+    got = retr.memories(retr.store.live_ids()[:2].tolist())
+    assert got.k[:, :-1].abs().sum() > 0  # layers without bits decode to their mean, not to zeros
+    out = Generator(loaded.model, tok, retr, retr.memory_config, chat=False)
+    answers = out.generate(["Where is Dresk?"], config=GenerationConfig(max_new_tokens=4))
+    assert len(answers[0].token_ids) > 0
+    retr.store.close()

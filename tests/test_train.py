@@ -17,7 +17,7 @@ import torch
 
 from conftest import free_port, run_checked, tiny_model
 from memory3.config import MemoryConfig
-from memory3.memory.write import MemoryWriter
+from memory3.memory.write import Memories, MemoryWriter
 from memory3.train.config import (
     LoopConfig,
     LoRAConfig,
@@ -427,7 +427,11 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
     assert second["train_total"]["runs"] == 2
 
 
-def test_sft_with_the_codec_in_the_loop_reads_quantized_memories_and_resumes_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("codec_spec", ["SQ4", "tc16"])
+def test_sft_with_the_codec_in_the_loop_reads_quantized_memories_and_resumes_exactly(
+    tmp_path: Path, codec_spec: str
+) -> None:
+    """With a transform codec the run also calibrates the model at each refit."""
     from memory3.memory.codec import CodecConfig, MemoryCodec
     from memory3.train.sft import Stage, run_sft
 
@@ -435,14 +439,17 @@ def test_sft_with_the_codec_in_the_loop_reads_quantized_memories_and_resumes_exa
         tmp_path,
         loop=LoopConfig(steps=4, log_every=1, checkpoint_every=100, bf16=False),
         stages=(Stage(1.0, 8, "half"),),
-        codec=CodecConfig(factory="SQ4", train_vectors=2000),
+        codec=dataclasses.replace(CodecConfig.parse(codec_spec), train_vectors=2000),
         codec_references=10,
         codec_refresh_every=2,
+        codec_calibration_groups=1,
     )
     run_sft(cfg, tmp_path / "straight")
     run_sft(cfg, tmp_path / "split", stop_after=3)  # interrupted between two codec refreshes
     codec = MemoryCodec.load(tmp_path / "split" / "checkpoint" / "codec")  # saved with the checkpoint
-    assert codec.config.factory == "SQ4" and codec.shape.dims[2] == 8
+    assert codec.config == cfg.codec and codec.shape.dims[2] == 8
+    if codec.config.kind == "transform":
+        assert codec.transform_meta["metric"] == "fisher"
     run_sft(cfg, tmp_path / "split")
     assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")
     exact = run_sft(dataclasses.replace(cfg, codec=None), tmp_path / "exact", stop_after=1)
@@ -633,3 +640,55 @@ def test_shipped_model_reads_facts_only_its_memory_holds() -> None:
         outs = gen.generate([q for q, _ in qa], mode=mode, config=GenerationConfig(max_new_tokens=24))
         right[mode] = sum(answer_contained(o.text, [a]) for o, (_, a) in zip(outs, qa, strict=True))
     assert right["memory"] >= 2 and right["none"] == 0, right
+
+
+def test_calibration_sums_the_outer_products_of_each_questions_gradient(tmp_path: Path) -> None:
+    """`fisher_matrices` equals a plain loop that asks each question alone, backpropagates its
+    summed answer loss to the memories' keys (rotated back to before RoPE) and values, and sums
+    g·gᵀ over questions and memory slots; the model's trainable flags and mode come back."""
+    import random
+
+    from memory3.memory.transform import rotate
+    from memory3.memory.write import reference_prefix_ids
+    from memory3.train.calibrate import fisher_matrices
+    from memory3.train.loop import batch_loss, load_base, set_memory_layers
+    from memory3.train.sft import SFTData, Stage, layers_for, memory_config_for
+
+    cfg = _tiny_sft_config(tmp_path, stages=(Stage(1.0, 8, "half"),))
+    model, tok = load_base(cfg.model, cfg.model_overrides, 0)
+    set_memory_layers(model, layers_for("half", model.config.n_layer))
+    apply_lora(model, cfg.lora)
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    mc = memory_config_for(cfg, cfg.stages[0])
+    data = SFTData(cfg, tok, tmp_path / "cache")
+    cal = fisher_matrices(model, tok, mc, groups=2, seed=3, data=data, progress=False)
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+
+    model.eval()
+    prefix = reference_prefix_ids(tok, model.config.bos_token_id, mc)
+    writer = MemoryWriter(model, prefix, mc)
+    rng = random.Random(3)
+    Fk = torch.zeros(cal.key_fisher.shape, dtype=torch.float64)
+    Fv = torch.zeros_like(Fk)
+    slots = 0
+    for _ in range(2):
+        group = data.group(rng)
+        with torch.no_grad():
+            mem = writer.write([data.reference_ids(r) for r in group.references])
+        for q in group.questions:
+            k = mem.k.detach().clone().requires_grad_(True)
+            v = mem.v.detach().clone().requires_grad_(True)
+            seqs, starts = data.qa_seqs([q])
+            b = text_batch(seqs, starts, prefix, mc.reference_tokens, 0)
+            loss, n = batch_loss(model, b, shared_memory(Memories(k, v, mem.positions, ""), b))
+            (loss * n).backward()
+            keep = (mem.positions >= 0)[..., None].double()
+            gk = rotate(k.grad, mem.positions, model.config.rope_theta, -1).double() * keep
+            gv = v.grad.double() * keep
+            Fk += torch.einsum("mlksd,mlkse->lkde", gk, gk)
+            Fv += torch.einsum("mlksd,mlkse->lkde", gv, gv)
+        slots += int(mem.valid.sum())
+    np.testing.assert_allclose(cal.key_fisher, (Fk / slots).numpy(), rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(cal.value_fisher, (Fv / slots).numpy(), rtol=1e-4, atol=1e-12)
+    assert cal.meta["groups"] == 2 and cal.meta["memory_config"]["kept_tokens"] == 8

@@ -42,6 +42,7 @@ from memory3.config import MemoryConfig
 from memory3.memory.codec import CodecConfig, MemoryCodec, train_codec
 from memory3.memory.ingest import Document, IngestStats, Reference, chunk_documents
 from memory3.memory.store import MemoryStore, RefMeta, merge_stores
+from memory3.memory.transform import CodecCalibration
 from memory3.memory.write import MemoryWriter, reference_prefix_ids
 from memory3.model import Memory3Model
 from memory3.retrieval.embed import get_embedder
@@ -100,7 +101,11 @@ def _digest(refs: list[Reference]) -> str:
 
 
 def _codec_for(
-    refs: list[Reference], writer: MemoryWriter, config: BuildConfig, progress: bool
+    refs: list[Reference],
+    writer: MemoryWriter,
+    config: BuildConfig,
+    progress: bool,
+    calibration: CodecCalibration | None = None,
 ) -> MemoryCodec:
     rng = random.Random(config.seed)
     sample = rng.sample(refs, min(len(refs), config.codec_train_references))
@@ -113,7 +118,14 @@ def _codec_for(
             mems.append(
                 writer.write([list(r.token_ids) for r in batch], config.batch_size).to("cpu", torch.float32)
             )
-    return train_codec(mems, config.codec)
+    if config.codec.kind == "transform" and calibration is None:
+        log.warning(
+            "codec %s without a calibration of this model: bits are allocated by mean squared error, "
+            "which costs far more answers; measure one with `memory3 train calibrate --model ...`",
+            config.codec.name,
+        )
+    theta = writer.model.config.rope_theta
+    return train_codec(mems, config.codec, rope_theta=theta, calibration=calibration)
 
 
 def build(
@@ -127,8 +139,10 @@ def build(
     stats: IngestStats | None = None,
     codec: MemoryCodec | None = None,
     index: bool = True,
+    calibration: CodecCalibration | None = None,
 ) -> BuildSummary:
-    """Build (or resume building) the memory bank at `out` from `docs`."""
+    """Build (or resume building) the memory bank at `out` from `docs`. `calibration`: the
+    model's, for a transform codec (`memory3.memory.transform.find_calibration`)."""
     t0 = time.perf_counter()
     out = Path(out)
     mem_cfg = memory_config or MemoryConfig()
@@ -157,7 +171,7 @@ def build(
                 "--out, or change documents with `memory3 store add/delete`"
             )
     else:
-        codec = codec or _codec_for(refs, writer, config, progress)
+        codec = codec or _codec_for(refs, writer, config, progress, calibration)
         store = MemoryStore.create(
             out, codec, writer.fingerprint, model.config, mem_cfg,
             extra={"source_digest": digest, "build": config.to_dict(), "references": len(refs)},
@@ -315,6 +329,7 @@ def build_distributed(
     memory_config: MemoryConfig | None = None,
     config: BuildConfig | None = None,
     progress: bool = True,
+    calibration: CodecCalibration | None = None,
 ) -> BuildSummary | None:
     """Under torchrun: each rank builds its share into `out.parts/rank-N`; rank 0 merges them.
     Returns the summary on rank 0, None elsewhere."""
@@ -335,7 +350,7 @@ def build_distributed(
             model, reference_prefix_ids(tokenizer, model.config.bos_token_id, mem_cfg), mem_cfg
         )
         refs = list(chunk_documents(docs, tokenizer, mem_cfg.reference_tokens))
-        _codec_for(refs, writer, config, progress).save(codec_dir)
+        _codec_for(refs, writer, config, progress, calibration).save(codec_dir)
     dist.barrier()
     codec = MemoryCodec.load(codec_dir)
     mine = [d for i, d in enumerate(docs) if i % world == rank]

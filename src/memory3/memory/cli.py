@@ -16,9 +16,7 @@ def _print(obj: Any) -> None:
 def _codec_config(args: argparse.Namespace) -> Any:
     from memory3.memory.codec import CodecConfig
 
-    if args.codec == "none":
-        return CodecConfig(kind="none")
-    return CodecConfig(kind="faiss", factory="" if args.codec == "default" else args.codec)
+    return CodecConfig.parse(args.codec)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -37,16 +35,25 @@ def cmd_build(args: argparse.Namespace) -> int:
         overlap_embedding=args.overlap_embedding,
     )
     mem_cfg = loaded.memory_config.override(args.kept_tokens, args.selection)
+    calibration = None
+    if config.codec.kind == "transform":
+        from memory3.memory.transform import find_calibration
+
+        calibration = find_calibration(loaded.path)
     stats = IngestStats()
     docs = read_documents(args.source, stats)
     if args.limit:
         docs = itertools.islice(docs, args.limit)  # stops reading there (the counts say so too)
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        summary = build_distributed(list(docs), args.out, loaded.model, loaded.tokenizer, mem_cfg, config)
+        summary = build_distributed(
+            list(docs), args.out, loaded.model, loaded.tokenizer, mem_cfg, config, calibration=calibration
+        )
         if summary is not None:
             _print(summary.to_dict())
         return 0
-    summary = build(docs, args.out, loaded.model, loaded.tokenizer, mem_cfg, config, stats=stats)
+    summary = build(
+        docs, args.out, loaded.model, loaded.tokenizer, mem_cfg, config, stats=stats, calibration=calibration
+    )
     _print(summary.to_dict())
     return 0
 
@@ -120,8 +127,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--codec",
         default="default",
-        help="'default' (8-bit scalar quantizer per layer, 1/2 of bf16), 'none' (bf16), or a FAISS factory "
-        "string, e.g. 'Residual2x10,PQ8' (1/11 of bf16, at a cost in answers: see BENCHMARKS.md)",
+        help="'default' (8-bit scalar quantizer per layer, 1/2 of bf16), 'none' (bf16), 'tc<bits>' "
+        "(transform coding at <bits> per vector, e.g. tc96 = 1/10 of bf16, bits where the model's "
+        "calibration says answers need them), or a FAISS factory string, e.g. 'Residual2x10,PQ8' "
+        "(1/11 of bf16); smaller codecs cost answers: see BENCHMARKS.md",
     )
     p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf"))
     p.add_argument(

@@ -10,14 +10,16 @@ layers and heads (SPEC §2 [ours]) with `per_layer=False`; by default one pair p
 which measured clearly better at the same size. The paper used `OPQ20_80,Residual2x14,PQ8x10` for
 head dim 80 (14 bytes per vector); its equivalent for head dim 64 is `Residual2x10,PQ8` (11 bytes).
 The default is 8-bit scalar quantization (`DEFAULT_FACTORY`), chosen by what each costs in answers.
-kind="none" stores bf16 as is (exact for bf16-representable values).
+kind="none" stores bf16 as is (exact for bf16-representable values). kind="transform" is the
+transform coder of `memory3.memory.transform` (`--codec tc96`: 96 bits per key or value vector on
+average, 1/10 of bf16), with its bits allocated by the model's Fisher calibration when it has one.
 
 Positions are stored as uint8 `position + 1` (0 = empty slot) by default: references are written
 at positions p..p+127 behind a short prefix, so they fit in one byte; int16 is there for longer
 prefixes or references.
 
 A codec directory holds `codec.json` (config, shape, fingerprint) and one FAISS index file per
-quantizer (`faiss.write_index`, no pickle).
+quantizer (`faiss.write_index`, no pickle), or `transform.safetensors` for a transform codec.
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from memory3.memory.transform import CodecCalibration, TransformCoder, TransformError, rotate
 from memory3.memory.write import Memories, MemoryFormatError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "codec.json"
+TRANSFORM_FILE = "transform.safetensors"
 _UINT8_MAX_POSITION = 254  # uint8 stores position + 1; 0 is the empty slot
 
 
@@ -65,7 +69,9 @@ class CodecConfig:
     """How memory vectors are compressed.
 
     kind: "none" keeps bf16; "faiss" quantizes with `factory` (a `faiss.index_factory` string;
-      "" = `DEFAULT_FACTORY`, resolved when the codec is built).
+      "" = `DEFAULT_FACTORY`, resolved when the codec is built); "transform" codes with
+      `memory3.memory.transform` at `bits` per vector on average (at most `max_bits` per
+      coefficient), every memory layer and head with its own basis (per_layer is implied).
     per_layer: one key and one value quantizer per memory layer instead of one shared pair.
     train_vectors: key (and value) vectors sampled from the training memories, per quantizer.
     positions: "uint8" (positions 0..254) or "int16" (0..32767).
@@ -73,25 +79,57 @@ class CodecConfig:
       same vectors give the same codec).
     """
 
-    kind: Literal["none", "faiss"] = "faiss"
+    kind: Literal["none", "faiss", "transform"] = "faiss"
     factory: str = ""
     per_layer: bool = True
     train_vectors: int = 65536
     positions: Literal["uint8", "int16"] = "uint8"
     seed: int = 0
+    bits: int = 96
+    max_bits: int = 6
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "faiss"):
-            raise ValueError(f"codec kind must be 'none' or 'faiss', got {self.kind!r}")
-        if self.kind == "none" and self.factory:
-            raise ValueError(f"codec kind 'none' takes no factory, got {self.factory!r}: use kind='faiss'")
+        if self.kind not in ("none", "faiss", "transform"):
+            raise ValueError(f"codec kind must be 'none', 'faiss' or 'transform', got {self.kind!r}")
+        if self.kind != "faiss" and self.factory:
+            raise ValueError(
+                f"codec kind {self.kind!r} takes no factory, got {self.factory!r}: use kind='faiss'"
+            )
+        if self.kind == "transform":
+            if not 1 <= self.max_bits <= 8:
+                raise ValueError(f"max_bits must be 1..8, got {self.max_bits}")
+            if self.bits < 1:
+                raise ValueError(f"a transform codec needs bits >= 1 per vector, got {self.bits}")
         if self.positions not in ("uint8", "int16"):
             raise ValueError(f"positions must be 'uint8' or 'int16', got {self.positions!r}")
         if self.train_vectors < 1:
             raise ValueError(f"train_vectors must be positive, got {self.train_vectors}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields; `bits` and `max_bits` only for a transform codec, so that the records and
+        fingerprints of other codecs are what they were before the transform codec existed."""
+        d = dataclasses.asdict(self)
+        if self.kind != "transform":
+            del d["bits"], d["max_bits"]
+        return d
+
+    @property
+    def name(self) -> str:
+        """As `memory3 build --codec` spells it: none, a FAISS factory string, or tc<bits>."""
+        if self.kind == "transform":
+            return f"tc{self.bits}"
+        return "none" if self.kind == "none" else (self.factory or DEFAULT_FACTORY)
+
+    @classmethod
+    def parse(cls, spec: str) -> CodecConfig:
+        """`none`, `default`, `tc<bits>` (e.g. tc96) or a FAISS factory string (e.g. SQ8)."""
+        if spec == "none":
+            return cls(kind="none")
+        if spec == "default":
+            return cls(kind="faiss")
+        if spec.startswith("tc") and spec[2:].isdigit():
+            return cls(kind="transform", bits=int(spec[2:]))
+        return cls(kind="faiss", factory=spec)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CodecConfig:
@@ -203,7 +241,11 @@ class MemoryCodec:
         self._v: list[Any] = []
         self._fingerprint: str | None = None
         self._affine: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}  # see _sq8_affine
-        if config.kind == "faiss":
+        self._tc: TransformCoder | None = None
+        self.transform_meta: dict[str, Any] = {}  # how a transform codec's bits were allocated
+        if config.kind == "transform":
+            self._code = 0  # known once trained: see record_bytes
+        elif config.kind == "faiss":
             self._k, self._v = self._new_indexes(), self._new_indexes()
             try:
                 self._code = int(self._k[0].sa_code_size())
@@ -239,9 +281,18 @@ class MemoryCodec:
 
     # --- sizes ------------------------------------------------------------------------------
     @property
-    def code_bytes(self) -> int:
-        """Bytes per key (or value) vector."""
+    def code_bytes(self) -> float:
+        """Bytes per key (or value) vector (a transform codec's mean over keys and values)."""
+        if self.config.kind == "transform":
+            return (self.record_bytes - self.shape.vectors * self.position_bytes) / (2 * self.shape.vectors)
         return self._code
+
+    def _part_bytes(self, part: str) -> int:
+        if self.config.kind == "transform":
+            if self._tc is None:
+                raise CodecError("a transform codec's record size is known once it is trained: train_codec")
+            return self._tc.part_bytes(part, self.shape.slots)
+        return self.shape.vectors * self._code
 
     @property
     def position_bytes(self) -> int:
@@ -251,7 +302,7 @@ class MemoryCodec:
     def record_bytes(self) -> int:
         """Bytes per memory: K codes, V codes and positions."""
         n = self.shape.vectors
-        return 2 * n * self._code + n * self.position_bytes
+        return self._part_bytes("k") + self._part_bytes("v") + n * self.position_bytes
 
     @property
     def raw_bytes(self) -> int:
@@ -261,6 +312,8 @@ class MemoryCodec:
 
     @property
     def trained(self) -> bool:
+        if self.config.kind == "transform":
+            return self._tc is not None
         return all(ix.is_trained for ix in self._k + self._v)
 
     # --- training ---------------------------------------------------------------------------
@@ -269,6 +322,11 @@ class MemoryCodec:
         per_layer=True. Excluding empty (zero) slots is the caller's job (`train_codec` does it)."""
         if self.config.kind == "none":
             return self
+        if self.config.kind == "transform":
+            raise CodecError(
+                "a transform codec is fitted on whole memories (keys are coded before RoPE, which "
+                "needs their positions): use train_codec(memories, config, rope_theta=...)"
+            )
         for name, x, indexes in (("k_vectors", k_vectors, self._k), ("v_vectors", v_vectors, self._v)):
             x = _as_f32(x, name)
             want = "(Lm, N, D)" if self.config.per_layer else "(N, D)"
@@ -363,8 +421,13 @@ class MemoryCodec:
             pos_bytes = pos.astype("<i2").view(np.uint8).reshape(M, -1)
         k = _as_f32(mem.k, "memory keys")
         v = _as_f32(mem.v, "memory values")
-        with faiss_threads(self.threads):
-            k_codes, v_codes = self._encode_vectors(self._k, k), self._encode_vectors(self._v, v)
+        if self._tc is not None:
+            positions = mem.positions.detach().cpu()
+            k_codes = self._tc.encode("k", torch.from_numpy(k), positions)
+            v_codes = self._tc.encode("v", torch.from_numpy(v), positions)
+        else:
+            with faiss_threads(self.threads):
+                k_codes, v_codes = self._encode_vectors(self._k, k), self._encode_vectors(self._v, v)
         out = np.concatenate([k_codes, v_codes, pos_bytes], axis=1)
         assert out.shape == (M, self.record_bytes), (out.shape, self.record_bytes)
         return out
@@ -388,16 +451,22 @@ class MemoryCodec:
             raise CodecError(
                 f"records must be (M, {self.record_bytes}) uint8 for this codec, got {records.shape}"
             )
-        M, n, c = records.shape[0], self.shape.vectors, self._code
-        with faiss_threads(self.threads):
-            k = self._decode_vectors(self._k, records[:, : n * c])
-            v = self._decode_vectors(self._v, records[:, n * c : 2 * n * c])
-        raw_pos = np.ascontiguousarray(records[:, 2 * n * c :])
+        M = records.shape[0]
+        kb, vb = self._part_bytes("k"), self._part_bytes("v")
+        raw_pos = np.ascontiguousarray(records[:, kb + vb :])
         if self.config.positions == "uint8":
             pos = raw_pos.astype(np.int32) - 1
         else:
             pos = raw_pos.view("<i2").astype(np.int32)
         pos = pos.reshape(M, *self.shape.dims[:3])
+        if self._tc is not None:
+            positions = torch.from_numpy(pos)
+            k = self._tc.decode("k", records[:, :kb], positions).numpy()
+            v = self._tc.decode("v", records[:, kb : kb + vb], positions).numpy()
+        else:
+            with faiss_threads(self.threads):
+                k = self._decode_vectors(self._k, records[:, :kb])
+                v = self._decode_vectors(self._v, records[:, kb : kb + vb])
         empty = pos < 0
         if empty.any():
             k[empty], v[empty] = 0.0, 0.0  # as the writer leaves them
@@ -407,6 +476,9 @@ class MemoryCodec:
 
     # --- identity and files -----------------------------------------------------------------
     def _index_bytes(self) -> list[bytes]:
+        if self._tc is not None:
+            state = self._tc.state()
+            return [name.encode() + state[name].numpy().tobytes() for name in sorted(state)]
         import faiss
 
         return [faiss.serialize_index(ix).tobytes() for ix in self._k + self._v]
@@ -424,16 +496,21 @@ class MemoryCodec:
         return self._fingerprint
 
     def _describe(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "shape": dataclasses.asdict(self.shape),
             "record_bytes": self.record_bytes,
         }
+        if self._tc is not None:
+            d["transform"] = {"rope_theta": self._tc.rope_theta, **self.transform_meta}
+        return d
 
     def _files(self) -> list[str]:
         if self.config.kind == "none":
             return []
+        if self.config.kind == "transform":
+            return [TRANSFORM_FILE]
         if not self.config.per_layer:
             return ["k.faiss", "v.faiss"]
         n = self.shape.layers
@@ -447,8 +524,13 @@ class MemoryCodec:
         self._check_trained()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        for name, ix in zip(self._files(), self._k + self._v, strict=True):
-            faiss.write_index(ix, str(path / name))
+        if self._tc is not None:
+            from safetensors.torch import save_file
+
+            save_file(self._tc.state(), str(path / TRANSFORM_FILE))
+        else:
+            for name, ix in zip(self._files(), self._k + self._v, strict=True):
+                faiss.write_index(ix, str(path / name))
         meta = {**self._describe(), "files": self._files(), "fingerprint": self.fingerprint}
         tmp = path / (CONFIG_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -472,13 +554,29 @@ class MemoryCodec:
         codec = cls(CodecConfig.from_dict(meta["config"]), MemoryShape(**meta["shape"]), threads)
         if meta["files"] != codec._files():
             raise CodecError(f"{meta_file}: lists files {meta['files']}, expected {codec._files()}")
-        indexes = []
         for name in meta["files"]:
             if not (path / name).is_file():
                 raise CodecError(f"{path / name}: codec file missing")
-            indexes.append(faiss.read_index(str(path / name)))
-        half = len(indexes) // 2
-        codec._k, codec._v = indexes[:half], indexes[half:]
+        if codec.config.kind == "transform":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            info = meta.get("transform") or {}
+            try:
+                tensors = load_file(str(path / TRANSFORM_FILE))
+                shape = codec.shape
+                codec._tc = TransformCoder(
+                    (shape.layers, shape.kv_heads, shape.head_dim), float(info["rope_theta"]), tensors
+                )
+            except (SafetensorError, TransformError, KeyError, OSError) as e:
+                raise CodecError(
+                    f"{path}: the transform codec is damaged ({e}); restore the codec directory or rebuild"
+                ) from None
+            codec.transform_meta = {k: v for k, v in info.items() if k != "rope_theta"}
+        else:
+            indexes = [faiss.read_index(str(path / name)) for name in meta["files"]]
+            half = len(indexes) // 2
+            codec._k, codec._v = indexes[:half], indexes[half:]
         codec._affine.clear()
         if codec.record_bytes != meta["record_bytes"] or codec.fingerprint != meta["fingerprint"]:
             raise CodecError(
@@ -489,6 +587,10 @@ class MemoryCodec:
         return codec
 
     def __repr__(self) -> str:
+        if self.config.kind == "transform":
+            metric = self.transform_meta.get("metric", "untrained")
+            size = f"{self.record_bytes} B/memory" if self.trained else "untrained"
+            return f"MemoryCodec({self.config.name}, {metric}, {self.shape.dims}, {size})"
         kind = self.config.factory if self.config.kind == "faiss" else "bf16"
         layers = ", per layer" if self.config.per_layer else ""
         return f"MemoryCodec({kind}{layers}, {self.shape.dims}, {self.record_bytes} B/memory)"
@@ -523,21 +625,82 @@ def sample_vectors(
 
 
 def train_codec(
-    memories: Memories | Iterable[Memories], config: CodecConfig, threads: int | None = None
+    memories: Memories | Iterable[Memories],
+    config: CodecConfig,
+    threads: int | None = None,
+    rope_theta: float | None = None,
+    calibration: CodecCalibration | None = None,
 ) -> MemoryCodec:
     """A codec trained on the key/value vectors of sampled memories (§3.3: codecs are trained on
-    K/V vectors of uniformly sampled references)."""
+    K/V vectors of uniformly sampled references). A transform codec needs the model's
+    `rope_theta` (it codes keys before RoPE) and uses the model's `calibration` when given."""
     batches = [memories] if isinstance(memories, Memories) else list(memories)
     if not batches:
         raise ValueError("no memories to train the codec on")
     codec = MemoryCodec(config, MemoryShape.of(batches[0]), threads)
     if config.kind == "none":
         return codec
+    if config.kind == "transform":
+        return _train_transform(codec, batches, rope_theta, calibration)
     k, v = sample_vectors(batches, config.train_vectors, config.per_layer, config.seed)
     log.info(
         "training codec %s on %d key and value vectors", config.factory or codec.config.factory, k.shape[-2]
     )
     return codec.train(k, v)
+
+
+def _train_transform(
+    codec: MemoryCodec,
+    batches: list[Memories],
+    rope_theta: float | None,
+    calibration: CodecCalibration | None,
+) -> MemoryCodec:
+    config = codec.config
+    if rope_theta is None:
+        raise CodecError("a transform codec codes keys before RoPE: pass train_codec(..., rope_theta=...)")
+    ks, vs = [], []
+    for mem in batches:
+        pre = rotate(mem.k.detach().float().cpu(), mem.positions.cpu(), rope_theta, -1)
+        valid = mem.positions.cpu() >= 0  # (M, Lm, K, S); every layer and head keeps as many
+        Lm, K, D = pre.shape[1], pre.shape[2], pre.shape[-1]
+        per_unit = valid.permute(1, 2, 0, 3).reshape(Lm, K, -1)
+        n = int(per_unit[0, 0].sum())
+        ks.append(pre.permute(1, 2, 0, 3, 4).reshape(Lm, K, -1, D)[per_unit].reshape(Lm, K, n, D))
+        vs.append(
+            mem.v.detach()
+            .float()
+            .cpu()
+            .permute(1, 2, 0, 3, 4)
+            .reshape(Lm, K, -1, D)[per_unit]
+            .reshape(Lm, K, n, D)
+        )
+    k, v = torch.cat(ks, 2), torch.cat(vs, 2)
+    if k.shape[2] > config.train_vectors:
+        pick = torch.from_numpy(
+            np.sort(
+                np.random.default_rng(config.seed).choice(k.shape[2], config.train_vectors, replace=False)
+            )
+        )
+        k, v = k[:, :, pick], v[:, :, pick]
+    log.info(
+        "fitting transform codec %s on %d key and value vectors per layer and head (%s)",
+        config.name,
+        k.shape[2],
+        "Fisher calibration" if calibration is not None else "no calibration: mean squared error",
+    )
+    try:
+        codec._tc = TransformCoder.fit(k, v, config.bits, rope_theta, calibration, config.max_bits)
+    except TransformError as e:
+        raise CodecError(str(e)) from None
+    codec.transform_meta = {
+        "metric": "fisher" if calibration is not None else "mse",
+        "calibration": calibration.meta if calibration is not None else None,
+        "bits_per_vector": {
+            p: codec._tc.bits_per_slot(p) / (codec.shape.layers * codec.shape.kv_heads) for p in ("k", "v")
+        },
+    }
+    codec._fingerprint = None
+    return codec
 
 
 def straight_through(mem: Memories, codec: MemoryCodec) -> Memories:

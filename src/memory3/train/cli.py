@@ -1,4 +1,4 @@
-"""`memory3 train warmup|continual|sft|pair|probe`: the recipes behind the command line.
+"""`memory3 train warmup|continual|sft|pair|calibrate|probe`: the recipes behind the command line.
 
 Each recipe takes a JSON config (see configs/train/) and an output directory; running the same
 command again resumes from the last checkpoint in that directory. Data parallel:
@@ -93,6 +93,25 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from memory3.memory.transform import CALIBRATION_FILE
+    from memory3.train.calibrate import fisher_matrices, layer_sensitivity
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = _load(args.model)
+    mem = loaded.memory_config.override(args.kept_tokens, None)
+    cal = fisher_matrices(loaded.model, loaded.tokenizer, mem, args.groups, args.seed, args.config)
+    cal.meta["model"] = str(args.model)
+    out = cal.save(Path(args.out) if args.out else loaded.path / CALIBRATION_FILE)
+    print(json.dumps({"calibration": str(out), **cal.meta, "layer_sensitivity": layer_sensitivity(cal)}))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from memory3.train.adapters import adapter_from_run
 
@@ -135,6 +154,23 @@ def register(sub: Any) -> None:
         "--command", default="", help="the commands that made the run, recorded as given (overrides --config)"
     )
     e.set_defaults(func=cmd_export)
+
+    c = tsub.add_parser(
+        "calibrate",
+        help="measure what a model's answers are sensitive to in its memories (for --codec tc<bits>)",
+    )
+    c.add_argument("--model", default="smollm2-135m-instruct-memory3", help="model or adapter directory")
+    c.add_argument("--groups", type=int, default=48, help="SFT groups of questions (about 24 each)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--config", default="sft-smollm2-reader-20-k48-ctl.json", help="SFT config: its data mix")
+    c.add_argument(
+        "--kept-tokens", type=int, default=None, help="tokens kept per head (default: the model's)"
+    )
+    c.add_argument(
+        "--out", default="", help="default: codec_calibration.safetensors in the model's directory"
+    )
+    c.add_argument("--threads", type=int, default=0)
+    c.set_defaults(func=cmd_calibrate)
 
     r = tsub.add_parser("probe", help="quick held-out accuracy: memory / none / RAG, gold among 5")
     r.add_argument("--model", default="smollm2-135m-instruct", help="model, checkpoint or adapter directory")

@@ -122,9 +122,12 @@ class SFTConfig:
     # (straight-through gradients), so that the model learns to read quantized memories. The codec
     # is trained on `codec_references` references written by the model being trained, again every
     # `codec_refresh_every` steps (its memories drift as it trains) and whenever a stage changes.
+    # A transform codec (kind "transform") is fitted with the model's Fisher calibration, measured
+    # on `codec_calibration_groups` training groups each time the codec is refitted.
     codec: CodecConfig | None = None
     codec_references: int = 200
     codec_refresh_every: int = 50
+    codec_calibration_groups: int = 32
 
     def __post_init__(self) -> None:
         if not self.stages or abs(self.stages[-1].until - 1.0) > 1e-9:
@@ -507,8 +510,21 @@ def fit_codec(model: Any, data: SFTData, writer: MemoryWriter, config: SFTConfig
     model.eval()
     with autocast(config.loop.bf16, model.device):
         mem = writer.write([data.reference_ids(r) for r in refs[: config.codec_references]])
+    calibration = None
+    if config.codec.kind == "transform":
+        from memory3.train.calibrate import fisher_matrices
+
+        calibration = fisher_matrices(
+            model,
+            data.tok,
+            writer.config,
+            config.codec_calibration_groups,
+            seed=step,
+            data=data,
+            progress=False,
+        )
     model.train(was)
-    codec = train_codec(mem, config.codec)
+    codec = train_codec(mem, config.codec, rope_theta=model.config.rope_theta, calibration=calibration)
     log.info("step %d: codec %s trained on %d references", step, codec, config.codec_references)
     return codec
 

@@ -1,0 +1,353 @@
+"""Transform coding of memories: a few bits per number, spent where the answers need them.
+
+The codec behind `CodecConfig(kind="transform", bits=B)` (`--codec tc<B>`). For every memory layer,
+kv head and part (keys before RoPE, values) — a *unit* — vectors x are coded as
+
+    c = (x − μ) · F        coefficients in an eigenbasis (F = G^½ · V)
+    ĉ_j = Lloyd_j(c_j)     one scalar quantizer of b_j bits per coefficient (b_j may be 0)
+    x̂ = ĉ · F⁻¹ + μ
+
+where V diagonalises the covariance of (x − μ)·G^½ and G is the metric errors are counted in.
+With a model's `CodecCalibration` G is the Fisher matrix of the answer loss with respect to that
+unit's vectors (measured on question answering, `memory3 train calibrate`), so ½·eᵀGe is the rise
+of the loss an error e causes; bits then go one at a time, over every coefficient of every unit
+of keys and values together, to the one whose quantizer lowers the expected loss most. Layers and
+heads the answers barely read get few bits or none. Without a calibration G is the identity and
+each part gets `bits` per vector (plain mean squared error; measured much worse in answers).
+
+Codes are bit-packed per memory: for each unit in (part, layer, head) order, each slot's
+coefficients, `b_j` bits each, most significant first. Every memory of a codec takes the same
+number of bytes, so records stay fixed-size. Keys are coded before RoPE (their statistics do not
+depend on the position then) and rotated back with the positions stored in the record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memory3.model import apply_rope, rope_cos_sin
+
+PARTS = ("k", "v")
+CALIBRATION_FILE = "codec_calibration.safetensors"
+
+
+class TransformError(ValueError):
+    """A transform codec or calibration that is damaged or does not fit the memories given."""
+
+
+def rotate(k: torch.Tensor, positions: torch.Tensor, theta: float, sign: int) -> torch.Tensor:
+    """(M, Lm, K, S, D) keys rotated by their positions' RoPE angles (sign 1: to after RoPE) or
+    back (sign -1: to before RoPE). Empty slots (position -1) are rotated by angle 0."""
+    M, Lm, K, S, D = k.shape
+    cos, sin = rope_cos_sin(positions.clamp(min=0).reshape(1, -1), D, theta, torch.float32)
+    out = apply_rope(k.float().reshape(1, 1, -1, D), cos, sign * sin)
+    return out.reshape(M, Lm, K, S, D)
+
+
+@dataclass
+class CodecCalibration:
+    """What a model's answers are sensitive to, for a transform codec: per memory layer and kv head
+    the Fisher matrix (D × D) of the answer loss with respect to a memory's key vector (before
+    RoPE) and value vector, averaged over the memory slots read. `meta` says how it was measured."""
+
+    key_fisher: np.ndarray  # (Lm, K, D, D)
+    value_fisher: np.ndarray  # (Lm, K, D, D)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("key_fisher", "value_fisher"):
+            a = getattr(self, name)
+            if a.ndim != 4 or a.shape[-1] != a.shape[-2]:
+                raise TransformError(f"calibration {name} must be (Lm, K, D, D), got {a.shape}")
+            if not np.isfinite(a).all():
+                raise TransformError(f"calibration {name} holds NaN or inf: measure it again")
+        if self.key_fisher.shape != self.value_fisher.shape:
+            raise TransformError(
+                f"calibration key and value Fisher shapes differ: {self.key_fisher.shape} and "
+                f"{self.value_fisher.shape}"
+            )
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(Lm, K, D)."""
+        Lm, K, D, _ = self.key_fisher.shape
+        return Lm, K, D
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "key_fisher": np.ascontiguousarray(self.key_fisher, dtype=np.float32),
+            "value_fisher": np.ascontiguousarray(self.value_fisher, dtype=np.float32),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(self.meta, sort_keys=True)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CodecCalibration:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no codec calibration here; measure one with `memory3 train calibrate`"
+            )
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            return cls(
+                f.get_tensor("key_fisher").astype(np.float64),
+                f.get_tensor("value_fisher").astype(np.float64),
+                meta,
+            )
+
+
+def find_calibration(model_path: str | Path | None) -> CodecCalibration | None:
+    """The calibration saved beside a model (`codec_calibration.safetensors` in its directory)."""
+    if model_path is None:
+        return None
+    f = Path(model_path) / CALIBRATION_FILE
+    return CodecCalibration.load(f) if f.is_file() else None
+
+
+def lloyd_1d(x: torch.Tensor, levels: int, iters: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd quantizers of `levels` levels for each row of x (C, N), all rows at once: the sorted
+    levels (C, levels) and each row's mean squared error (C,). Started at quantiles; a cell of a
+    sorted row is a contiguous range, so its sum comes from prefix sums."""
+    C, N = x.shape
+    xs = x.double().sort(dim=1).values
+    zero = torch.zeros(C, 1, dtype=torch.float64)
+    p1 = torch.cat([zero, xs.cumsum(1)], 1)
+    p2 = torch.cat([zero, (xs * xs).cumsum(1)], 1)
+    if levels == 1:
+        mean = p1[:, -1:] / N
+        return mean, (p2[:, -1] / N - mean[:, 0] ** 2).clamp(min=0)
+    at = ((torch.arange(levels, dtype=torch.float64) + 0.5) / levels * N).long().clamp(max=N - 1)
+    lv = xs[:, at]
+
+    def cells(lv: torch.Tensor) -> torch.Tensor:
+        mids = (lv[:, 1:] + lv[:, :-1]) / 2
+        cut = torch.searchsorted(xs, mids.contiguous())
+        return torch.cat([torch.zeros(C, 1, dtype=torch.long), cut, torch.full((C, 1), N)], 1)
+
+    for _ in range(iters):
+        e = cells(lv)
+        sums = p1.gather(1, e[:, 1:]) - p1.gather(1, e[:, :-1])
+        counts = (e[:, 1:] - e[:, :-1]).double()
+        lv = torch.where(counts > 0, sums / counts.clamp(min=1), lv).sort(dim=1).values
+    e = cells(lv)
+    s1 = p1.gather(1, e[:, 1:]) - p1.gather(1, e[:, :-1])
+    s2 = p2.gather(1, e[:, 1:]) - p2.gather(1, e[:, :-1])
+    counts = (e[:, 1:] - e[:, :-1]).double()
+    mse = (s2 - 2 * lv * s1 + lv * lv * counts).sum(1) / N
+    return lv, mse.clamp(min=0)
+
+
+class TransformCoder:
+    """The fitted transform codec of both parts. Tensors per part, with U = Lm·K units:
+    mean (U, D), forward and inverse (U, D, D), bits (U, D) int, levels (U, D, L) and
+    boundaries (U, D, L − 1) with L = 2^max_bits (unused levels repeat the last one, unused
+    boundaries are +inf)."""
+
+    def __init__(
+        self, dims: tuple[int, int, int], rope_theta: float, tensors: dict[str, torch.Tensor]
+    ) -> None:
+        self.dims, self.rope_theta = dims, float(rope_theta)
+        Lm, K, D = dims
+        U = Lm * K
+        self.t = {name: t.contiguous() for name, t in tensors.items()}
+        for p in PARTS:
+            want = {
+                f"{p}.mean": (U, D),
+                f"{p}.forward": (U, D, D),
+                f"{p}.inverse": (U, D, D),
+                f"{p}.bits": (U, D),
+            }
+            for name, shape in want.items():
+                if name not in self.t or tuple(self.t[name].shape) != shape:
+                    got = tuple(self.t[name].shape) if name in self.t else None
+                    raise TransformError(f"transform codec tensor {name}: want {shape}, got {got}")
+            if self.t[f"{p}.levels"].shape[:2] != (U, D):
+                raise TransformError(f"transform codec tensor {p}.levels does not fit {U} units of {D}")
+        self._plans: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # --- fitting ---------------------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        bits: int,
+        rope_theta: float,
+        calibration: CodecCalibration | None = None,
+        max_bits: int = 6,
+        ridge: float = 1e-3,
+    ) -> TransformCoder:
+        """Fit on (Lm, K, N, D) key vectors before RoPE and value vectors of real slots: `bits`
+        per vector on average over keys and values. With a calibration, errors are weighed by its
+        Fisher matrices (plus `ridge` × their mean eigenvalue, so that no direction is free) and
+        bits are allocated over both parts at once; without, by mean squared error, per part."""
+        Lm, K, N, D = keys.shape
+        if values.shape != keys.shape:
+            raise TransformError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
+        if calibration is not None and calibration.dims != (Lm, K, D):
+            raise TransformError(
+                f"the calibration is for memories of (layers, kv heads, head dim) {calibration.dims}, "
+                f"these are {(Lm, K, D)}: calibrate this model and memory config"
+            )
+        if N < 2:
+            raise TransformError(f"{N} vectors per unit: a transform codec needs at least 2 to fit")
+        U, L = Lm * K, 2**max_bits
+        tensors: dict[str, torch.Tensor] = {}
+        errs, tables = [], []
+        for p, x in zip(PARTS, (keys, values), strict=True):
+            x = x.double().reshape(U, N, D)
+            mean = x.mean(1)
+            if calibration is None:
+                G = torch.eye(D, dtype=torch.float64).expand(U, D, D)
+            else:
+                fisher = calibration.key_fisher if p == "k" else calibration.value_fisher
+                F = torch.from_numpy(np.asarray(fisher, dtype=np.float64)).reshape(U, D, D)
+                F = (F + F.transpose(1, 2)) / 2
+                scale = torch.diagonal(F, dim1=1, dim2=2).mean(1).clamp(min=1e-30)
+                G = F + ridge * scale[:, None, None] * torch.eye(D, dtype=torch.float64)
+            g, W = torch.linalg.eigh(G)
+            g = g.clamp(min=1e-12 * g.max(1, keepdim=True).values)
+            root = W @ torch.diag_embed(g.sqrt()) @ W.transpose(1, 2)
+            inv_root = W @ torch.diag_embed(g.rsqrt()) @ W.transpose(1, 2)
+            y = (x - mean[:, None]) @ root
+            cov = y.transpose(1, 2) @ y / max(N - 1, 1)
+            _, V = torch.linalg.eigh(cov)
+            forward, inverse = root @ V, V.transpose(1, 2) @ inv_root
+            c = ((x - mean[:, None]) @ forward).transpose(1, 2).reshape(U * D, N)  # rows: (unit, coef)
+            fits = [lloyd_1d(c, 2**b) for b in range(max_bits + 1)]
+            errs.append(torch.stack([e for _, e in fits], 1))  # (U·D, max_bits + 1)
+            tables.append([lv for lv, _ in fits])
+            tensors[f"{p}.mean"], tensors[f"{p}.forward"], tensors[f"{p}.inverse"] = mean, forward, inverse
+        if calibration is not None:  # one allocation over both parts: errors are in loss units
+            alloc = _allocate(torch.cat(errs), bits * 2 * U, max_bits).reshape(2, U, D)
+        else:
+            alloc = torch.stack([_allocate(e, bits * U, max_bits) for e in errs]).reshape(2, U, D)
+        for i, p in enumerate(PARTS):
+            b = alloc[i].reshape(-1)
+            levels = torch.empty(U * D, L, dtype=torch.float64)
+            for nb in range(max_bits + 1):
+                rows = b == nb
+                lv = tables[i][nb][rows]
+                levels[rows] = torch.cat([lv, lv[:, -1:].expand(-1, L - lv.shape[1])], 1)
+            tensors[f"{p}.bits"] = alloc[i].to(torch.int32)
+            tensors[f"{p}.levels"] = levels.reshape(U, D, L)
+        return cls((Lm, K, D), rope_theta, {k: _stored(v) for k, v in tensors.items()})
+
+    # --- sizes -----------------------------------------------------------------------------
+    def bits_per_slot(self, part: str) -> int:
+        """Bits of one slot's vector summed over the units: a memory of S slots takes
+        ceil(S · this / 8) bytes for this part."""
+        return int(self.t[f"{part}.bits"].sum())
+
+    def part_bytes(self, part: str, slots: int) -> int:
+        return math.ceil(slots * self.bits_per_slot(part) / 8)
+
+    # --- coding ----------------------------------------------------------------------------
+    def _plan(self, part: str, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each bit of a memory's code, in stream order (unit, slot, the unit's coefficients,
+        most significant bit first): the flat (unit, slot, coefficient) index it belongs to and
+        its shift."""
+        key = (part, slots)
+        if key not in self._plans:
+            bits = self.t[f"{part}.bits"].long().reshape(-1)  # (U·D,)
+            D = self.dims[2]
+            coef = torch.repeat_interleave(torch.arange(len(bits)), bits)  # per bit of one slot
+            first = torch.cumsum(bits, 0) - bits
+            k = torch.arange(len(coef))
+            shift = bits[coef] - 1 - (k - first[coef])
+            unit, j = coef // D, coef % D
+            per_unit = bits.reshape(-1, D).sum(1)
+            unit_first = (torch.cumsum(per_unit, 0) - per_unit)[unit]  # the unit's first bit, per bit
+            s = torch.arange(slots)[None]
+            where = slots * unit_first[:, None] + s * per_unit[unit][:, None] + (k - unit_first)[:, None]
+            flat = torch.empty(len(coef) * slots, dtype=torch.long)
+            shifts = torch.empty(len(coef) * slots, dtype=torch.long)
+            flat[where.reshape(-1)] = ((unit[:, None] * slots + s) * D + j[:, None]).reshape(-1)
+            shifts[where.reshape(-1)] = shift[:, None].expand(-1, slots).reshape(-1)
+            self._plans[key] = (flat, shifts)
+        return self._plans[key]
+
+    def encode(self, part: str, x: torch.Tensor, positions: torch.Tensor) -> np.ndarray:
+        """(M, Lm, K, S, D) keys after RoPE or values -> (M, part_bytes) uint8 codes."""
+        M, Lm, K, S, D = x.shape
+        U = Lm * K
+        if (Lm, K, D) != self.dims:
+            raise TransformError(f"memories of (Lm, K, D) {(Lm, K, D)} do not fit this codec {self.dims}")
+        if part == "k":
+            x = rotate(x, positions, self.rope_theta, -1)
+        x = x.double().reshape(M, U, S, D)
+        c = torch.einsum(
+            "musd,ude->muse",
+            x - self.t[f"{part}.mean"].double()[None, :, None],
+            self.t[f"{part}.forward"].double(),
+        )
+        b = self.t[f"{part}.levels"]
+        mids = ((b[..., 1:] + b[..., :-1]) / 2).double()
+        lv_bits = self.t[f"{part}.bits"].long()
+        used = torch.arange(mids.shape[-1])[None, None] < (2**lv_bits - 1)[..., None]
+        bounds = torch.where(used, mids, torch.full_like(mids, float("inf")))  # (U, D, L-1)
+        rows = c.permute(1, 3, 0, 2).reshape(U * D, M * S).contiguous()
+        idx = torch.searchsorted(bounds.reshape(U * D, -1).contiguous(), rows)  # (U·D, M·S)
+        idx = idx.reshape(U, D, M, S).permute(2, 0, 3, 1).reshape(M, -1)  # (M, U·S·D)
+        flat, shift = self._plan(part, S)
+        stream = ((idx[:, flat] >> shift) & 1).to(torch.uint8).numpy()
+        return np.packbits(stream, axis=1)
+
+    def decode(self, part: str, codes: np.ndarray, positions: torch.Tensor) -> torch.Tensor:
+        """(M, part_bytes) uint8 codes and (M, Lm, K, S) positions -> (M, Lm, K, S, D) float32
+        keys after RoPE or values."""
+        M, Lm, K, S = positions.shape
+        U, D = Lm * K, self.dims[2]
+        flat, shift = self._plan(part, S)
+        idx = torch.zeros(M, U * S * D, dtype=torch.float32)
+        if len(flat):
+            stream = torch.from_numpy(np.unpackbits(np.ascontiguousarray(codes), axis=1, count=len(flat)))
+            idx.index_add_(1, flat, stream.float() * (2**shift).float())
+        L = self.t[f"{part}.levels"].shape[-1]
+        unit_coef = (torch.arange(U)[:, None, None] * D + torch.arange(D)[None, None]).expand(U, S, D)
+        lookup = unit_coef.reshape(1, -1) * L + idx.long()
+        c = self.t[f"{part}.levels"].float().reshape(-1)[lookup].reshape(M, U, S, D)
+        x = torch.einsum("musd,ude->muse", c, self.t[f"{part}.inverse"].float())
+        x = (x + self.t[f"{part}.mean"].float()[None, :, None]).reshape(M, Lm, K, S, D)
+        if part == "k":
+            x = rotate(x, positions, self.rope_theta, 1)
+        return x
+
+    # --- identity --------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.t)
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """Bases and levels are kept in float32 (what decoding computes in); bits as int32."""
+    return t.to(torch.int32) if not t.is_floating_point() else t.to(torch.float32)
+
+
+def _allocate(err: torch.Tensor, budget: int, max_bits: int) -> torch.Tensor:
+    """Greedy bit allocation: `budget` bits, one at a time, each to the row whose error drops most
+    with one more bit. err (R, max_bits + 1) -> bits (R,)."""
+    R = err.shape[0]
+    bits = torch.zeros(R, dtype=torch.long)
+    gain = err[:, 0] - err[:, 1]
+    for _ in range(min(budget, R * max_bits)):
+        r = int(gain.argmax())
+        bits[r] += 1
+        b = int(bits[r])
+        gain[r] = err[r, b] - err[r, b + 1] if b < max_bits else -math.inf
+    return bits

@@ -1,0 +1,218 @@
+"""The transform codec (`--codec tc<bits>`): Lloyd quantizers against theory and a plain loop, the
+bit packing against a plain bitstream, round trips, error that falls with more bits, keys coded
+before RoPE, bits that follow the calibration, files that describe themselves and refuse damage."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from memory3.memory.codec import CodecConfig, CodecError, MemoryCodec, MemoryShape, train_codec
+from memory3.memory.transform import (
+    CodecCalibration,
+    TransformCoder,
+    TransformError,
+    find_calibration,
+    lloyd_1d,
+    rotate,
+)
+from memory3.memory.write import Memories
+from test_codec import random_memories
+
+THETA = 10000.0
+SHAPE = MemoryShape(layers=2, kv_heads=2, slots=4, head_dim=16)
+
+
+def _units(M: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Lm, K, N, D) pre-RoPE keys and values with unequal variances per dimension."""
+    g = torch.Generator().manual_seed(seed)
+    Lm, K, _, D = SHAPE.dims
+    scale = torch.linspace(0.2, 2.0, D)
+    return torch.randn(Lm, K, M, D, generator=g) * scale, torch.randn(Lm, K, M, D, generator=g)
+
+
+def _lloyd_loop(x: np.ndarray, k: int, iters: int = 15) -> tuple[np.ndarray, float]:
+    """Lloyd's algorithm one step at a time, from the same quantile start."""
+    xs = np.sort(x)
+    levels = xs[np.minimum(((np.arange(k) + 0.5) / k * len(x)).astype(int), len(x) - 1)].astype(np.float64)
+    for _ in range(iters):
+        cell = np.argmin(np.abs(xs[:, None] - levels[None]), axis=1)
+        for i in range(k):
+            if (cell == i).any():
+                levels[i] = xs[cell == i].mean()
+        levels.sort()
+    cell = np.argmin(np.abs(xs[:, None] - levels[None]), axis=1)
+    return levels, float(((xs - levels[cell]) ** 2).mean())
+
+
+def test_lloyd_quantizers_match_theory_and_a_plain_loop() -> None:
+    x = torch.randn(2, 40000, generator=torch.Generator().manual_seed(0))
+    _, e1 = lloyd_1d(x, 2, iters=30)
+    _, e2 = lloyd_1d(x, 4, iters=30)
+    # Lloyd-Max for a unit Gaussian: 0.3634 at 1 bit, 0.1175 at 2 bits
+    assert np.allclose(e1.numpy(), 0.3634, atol=0.01) and np.allclose(e2.numpy(), 0.1175, atol=0.005)
+    small = torch.randn(3, 500, generator=torch.Generator().manual_seed(1)) ** 3  # skewed
+    for k in (1, 2, 8):
+        levels, mse = lloyd_1d(small, k)
+        for row in range(3):
+            want_levels, want_mse = _lloyd_loop(small[row].double().numpy(), k)
+            np.testing.assert_allclose(levels[row].numpy(), want_levels, rtol=1e-9, atol=1e-12)
+            assert mse[row].item() == pytest.approx(want_mse, rel=1e-9, abs=1e-12)
+
+
+def test_codes_are_the_plain_bitstream_of_the_nearest_levels() -> None:
+    keys, values = _units(300, seed=2)
+    tc = TransformCoder.fit(keys, values, 20, THETA)
+    mem = random_memories(3, SHAPE, seed=3, short=0)
+    for part, x in (("k", mem.k), ("v", mem.v)):
+        codes = tc.encode(part, x, mem.positions)
+        pre = rotate(x, mem.positions, THETA, -1) if part == "k" else x
+        U, D = SHAPE.layers * SHAPE.kv_heads, SHAPE.head_dim
+        pre = pre.double().reshape(3, U, SHAPE.slots, D)
+        bits = tc.t[f"{part}.bits"]
+        for m in range(3):
+            stream: list[int] = []
+            for u in range(U):
+                c = (pre[m, u] - tc.t[f"{part}.mean"][u].double()) @ tc.t[f"{part}.forward"][u].double()
+                for s in range(SHAPE.slots):
+                    for j in range(D):
+                        b = int(bits[u, j])
+                        if b == 0:
+                            continue
+                        lv = tc.t[f"{part}.levels"][u, j, : 2**b].double()
+                        i = int(torch.argmin((c[s, j] - lv).abs()))
+                        stream += [(i >> (b - 1 - t)) & 1 for t in range(b)]
+            want = np.packbits(np.array(stream, dtype=np.uint8))
+            assert np.array_equal(codes[m], want), (part, m)
+        assert codes.shape == (3, tc.part_bytes(part, SHAPE.slots))
+
+
+def test_decoding_is_exact_on_representable_vectors_and_error_falls_with_bits() -> None:
+    train = random_memories(300, SHAPE, seed=1)
+    test = random_memories(40, SHAPE, seed=4)
+    errors = []
+    for bits in (8, 16, 32, 64):
+        codec = train_codec(train, CodecConfig(kind="transform", bits=bits), rope_theta=THETA)
+        records = codec.encode(test)
+        assert records.shape == (40, codec.record_bytes)
+        dec = codec.decode(records, "x")
+        assert torch.equal(dec.positions, test.positions)
+        empty = test.positions < 0
+        assert bool(empty.any()) and dec.k[empty].abs().max() == 0 and dec.v[empty].abs().max() == 0
+        # decoded vectors are representable: coding them again gives the same codes and vectors
+        again = codec.encode(dec)
+        assert np.array_equal(again, records)
+        torch.testing.assert_close(codec.decode(again, "x").k, dec.k, rtol=0, atol=1e-5)
+        real = ~empty
+        errors.append(float((dec.k - test.k)[real].norm() / test.k[real].norm()))
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
+    assert errors[-1] < 0.15  # 4 bits per number on Gaussian-like vectors
+
+
+def test_keys_are_coded_before_rope_so_their_position_does_not_change_the_code() -> None:
+    keys, values = _units(300, seed=5)
+    tc = TransformCoder.fit(keys, values, 24, THETA)
+    g = torch.Generator().manual_seed(6)
+    pre = torch.randn(1, *SHAPE.dims, generator=g)
+    at = [torch.full((1, *SHAPE.dims[:3]), p, dtype=torch.int32) for p in (3, 90)]
+    codes = [tc.encode("k", rotate(pre, pos, THETA, 1), pos) for pos in at]
+    assert np.array_equal(codes[0], codes[1])
+    a, b = (rotate(tc.decode("k", c, pos), pos, THETA, -1) for c, pos in zip(codes, at, strict=True))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_bits_follow_the_calibration() -> None:
+    """A layer whose memories the answers never read gets no bits; the loss-weighted error of the
+    calibrated codec is below that of plain mean-squared-error allocation at the same size."""
+    keys, values = _units(400, seed=7)
+    Lm, K, D = SHAPE.layers, SHAPE.kv_heads, SHAPE.head_dim
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(K, D, D, generator=g, dtype=torch.float64)
+    F = torch.zeros(Lm, K, D, D, dtype=torch.float64)
+    F[1] = A @ A.transpose(1, 2) / D  # only layer 1 matters
+    cal = CodecCalibration(F.numpy(), (2 * F).numpy(), {"test": True})
+    fisher = TransformCoder.fit(keys, values, 32, THETA, cal)
+    mse = TransformCoder.fit(keys, values, 32, THETA)
+    for part in ("k", "v"):
+        bits = fisher.t[f"{part}.bits"].reshape(Lm, K, D)
+        assert int(bits[0].sum()) == 0 and int(bits[1].sum()) > 0
+    total = fisher.bits_per_slot("k") + fisher.bits_per_slot("v")
+    assert total == mse.bits_per_slot("k") + mse.bits_per_slot("v") == 2 * 32 * Lm * K
+    test_k, test_v = _units(50, seed=9)
+    mem_pos = torch.full((50, Lm, K, SHAPE.slots), 7, dtype=torch.int32)[:, :, :, :1].expand(50, Lm, K, 1)
+    x = {
+        "k": rotate(test_k.permute(2, 0, 1, 3)[:, :, :, None], mem_pos, THETA, 1),
+        "v": test_v.permute(2, 0, 1, 3)[:, :, :, None],
+    }
+
+    def loss_rise(coder: TransformCoder) -> float:
+        rise = 0.0
+        for part, Fp in (("k", F), ("v", 2 * F)):
+            dec = coder.decode(part, coder.encode(part, x[part], mem_pos), mem_pos)
+            e = dec - x[part]
+            if part == "k":
+                e = rotate(dec, mem_pos, THETA, -1) - rotate(x[part], mem_pos, THETA, -1)
+            e = e[:, :, :, 0].double()  # (N, Lm, K, D)
+            rise += float(torch.einsum("nlkd,lkde,nlke->", e, Fp, e))
+        return rise
+
+    assert loss_rise(fisher) < 0.5 * loss_rise(mse)
+
+
+def test_calibration_files_round_trip_and_wrong_shapes_are_refused(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 2, 16, 16))
+    cal = CodecCalibration(
+        a @ a.transpose(0, 1, 3, 2), np.eye(16)[None, None].repeat(2, 0).repeat(2, 1), {"g": 3}
+    )
+    cal.save(tmp_path / "codec_calibration.safetensors")
+    back = find_calibration(tmp_path)
+    assert back is not None and back.meta == {"g": 3}
+    np.testing.assert_allclose(back.key_fisher, cal.key_fisher, rtol=1e-6)
+    assert find_calibration(tmp_path / "elsewhere") is None
+    with pytest.raises(FileNotFoundError, match="memory3 train calibrate"):
+        CodecCalibration.load(tmp_path / "missing.safetensors")
+    keys, values = _units(50, seed=1)
+    small = CodecCalibration(np.zeros((1, 2, 16, 16)), np.zeros((1, 2, 16, 16)))
+    with pytest.raises(TransformError, match="calibrate this model"):
+        TransformCoder.fit(keys, values, 16, THETA, small)
+    with pytest.raises(TransformError, match="NaN"):
+        CodecCalibration(np.full((1, 1, 4, 4), np.nan), np.zeros((1, 1, 4, 4)))
+
+
+def test_transform_codec_files_describe_themselves_and_refuse_damage(tmp_path) -> None:
+    assert CodecConfig.parse("tc96") == CodecConfig(kind="transform", bits=96)
+    assert CodecConfig.parse("SQ8").factory == "SQ8" and CodecConfig.parse("none").kind == "none"
+    # other codecs' configs (and so the fingerprints of existing banks) carry no transform fields
+    assert "bits" not in CodecConfig(kind="faiss").to_dict()
+    with pytest.raises(ValueError, match="takes no factory"):
+        CodecConfig(kind="transform", factory="SQ8")
+    train = random_memories(200, SHAPE, seed=1)
+    with pytest.raises(CodecError, match="rope_theta"):
+        train_codec(train, CodecConfig(kind="transform", bits=16))
+    codec = train_codec(train, CodecConfig(kind="transform", bits=16), rope_theta=THETA)
+    with pytest.raises(CodecError, match="train_codec"):
+        codec.train(np.zeros((2, 10, 16), np.float32), np.zeros((2, 10, 16), np.float32))
+    assert "tc16" in repr(codec) and "mse" in repr(codec)
+    test = random_memories(10, SHAPE, seed=2)
+    records = codec.encode(test)
+    codec.save(tmp_path / "codec")
+    meta = json.loads((tmp_path / "codec" / "codec.json").read_text())
+    assert meta["transform"]["rope_theta"] == THETA and meta["transform"]["metric"] == "mse"
+    loaded = MemoryCodec.load(tmp_path / "codec")
+    assert loaded.fingerprint == codec.fingerprint and np.array_equal(loaded.encode(test), records)
+    out = loaded.decode(records, "x")
+    assert isinstance(out, Memories) and out.k.shape == test.k.shape
+    f = tmp_path / "codec" / "transform.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-3] ^= 0x40  # a level or basis entry changes
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CodecError, match="changed or damaged"):
+        MemoryCodec.load(tmp_path / "codec")
+    f.write_bytes(b"not a safetensors file")
+    with pytest.raises(CodecError, match="damaged"):
+        MemoryCodec.load(tmp_path / "codec")
