@@ -44,9 +44,10 @@ from memory3.checkpoint import load_pretrained
 from memory3.eval.report import machine, table, update_section
 from memory3.memory import layout
 from memory3.memory.build import BuildConfig, build
-from memory3.memory.codec import codec_report, train_codec
+from memory3.memory.codec import CodecConfig, codec_report, train_codec
 from memory3.memory.ingest import Document, chunk_documents
 from memory3.memory.store import MemoryStore, RefMeta
+from memory3.memory.transform import find_calibration
 from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
 from memory3.retrieval.embed import get_embedder
 from memory3.retrieval.index import IndexConfig, VectorIndex
@@ -132,6 +133,11 @@ def main() -> int:
         help="model whose memory config is measured: the bundled base model (the paper's 15 layers x "
         "8 tokens) or a trained one such as smollm2-135m-instruct-memory3",
     )
+    ap.add_argument(
+        "--codec",
+        default="default",
+        help="the bank's codec, as `memory3 build --codec` takes it (tc<bits> uses the model's calibration)",
+    )
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument(
         "--json",
@@ -147,8 +153,11 @@ def main() -> int:
     args = ap.parse_args()
     own = args.model != BASE_MODEL  # another model gets its own results file and section
     slug = Path(args.model).name
+    tag = "" if args.codec == "default" else "-" + args.codec.replace(",", "_")  # another codec: its own file
     if args.json is None:
-        args.json = f"benchmarks/results/bank-{slug}.json" if own else "benchmarks/results/bank.json"
+        args.json = (
+            f"benchmarks/results/bank-{slug}{tag}.json" if own else f"benchmarks/results/bank{tag}.json"
+        )
     parts = set(args.parts.split(",")) - {"codec"}  # the codec report always runs
     if not parts <= {"build", "latency"}:
         raise SystemExit(f"--parts {args.parts}: choose from build, latency, codec")
@@ -177,7 +186,9 @@ def main() -> int:
     results["memory"] = {"layers": len(model.memory_layers), "kept_tokens": mc.kept_tokens}
     prefix = reference_prefix_ids(tok, model.config.bos_token_id, mc)
     writer = MemoryWriter(model, prefix, mc)
-    bc = BuildConfig()
+    bc = BuildConfig(codec=CodecConfig.parse(args.codec))
+    calibration = find_calibration(loaded.path) if bc.codec.kind == "transform" else None
+    results["codec_calibration"] = None if calibration is None else calibration.meta
 
     # ---- 1. build throughput against the matmul bound
     docs = wiki_docs(n_docs)
@@ -187,7 +198,7 @@ def main() -> int:
         writer.write(refs[:16], bc.batch_size)  # warm up
         mem = writer.write(refs, bc.batch_size)
     t0 = time.perf_counter()
-    codec = train_codec([mem], bc.codec)
+    codec = train_codec([mem], bc.codec, rope_theta=model.config.rope_theta, calibration=calibration)
     t_codec = time.perf_counter() - t0
     n = len(refs)
     # Rounds of (bound, writer, build without index, whole build) side by side, so that a change
@@ -268,7 +279,7 @@ def main() -> int:
         f"layers' matmuls alone on the same batches (goal: build ≥ 70% of it). Codec training on these "
         f"memories took {b['codec_train_s']:.1f} s.\n\n"
         + table(b["rows"])
-        + f"\n\nDefault codec `{c['codec']}`: **{c['bytes_per_memory']:,} B per memory** vs "
+        + f"\n\n{'Default codec' if not tag else 'Codec'} `{c['codec']}`: **{c['bytes_per_memory']:,} B per memory** vs "
         f"{c['bf16_bytes_per_memory']:,} B in bf16 ({c['compression']:.1f}× smaller); relative error "
         f"keys {c['k_rel_error']:.3f}, values {c['v_rel_error']:.3f}; memory-layer attention output "
         f"{c['attn_rel_error']:.3f} (reading another chunk's memories instead: "
@@ -292,6 +303,9 @@ def main() -> int:
     if own:
         flags += f" --model {args.model}"
         name, title = f"bank-{slug}", f"Memory bank: build, codec, retrieval latency ({slug})"
+    if tag:
+        flags += f" --codec {args.codec}"
+        name, title = name + tag, title[:-1] + f", codec {args.codec})"
     update_section(args.out, name, title, "python benchmarks/bench_bank.py" + flags, body, results)
     return 0
 

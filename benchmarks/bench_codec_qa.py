@@ -12,6 +12,7 @@ bank. Retrieval is the same for both (same vectors, exact index), so the differe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from memory3.eval.report import machine, table, update_section
 from memory3.generate import Generator
 from memory3.memory.build import BuildConfig, build
 from memory3.memory.codec import CodecConfig
+from memory3.memory.transform import find_calibration
 from memory3.model import resolve_kv_dtype
 from memory3.retrieval.index import IndexConfig
 from memory3.retrieval.retriever import StoreRetriever
@@ -35,15 +37,19 @@ from memory3.shipped import default_model
 BASELINE = "none (bf16)"
 
 
+SECTIONS = {
+    "codec-qa": "Memory codec: effect on question answering",
+    "codec-qa-tc": "Memory codec: the transform codec in answers",
+}
+
+
 def codecs_from(names: list[str], train_vectors: int | None = None) -> dict[str, CodecConfig]:
     """["default", "Residual2x10,PQ8"] -> the codecs to compare, each against bf16 (always
     measured, last). A FAISS factory string may itself contain commas, so codecs are separate
     arguments. `train_vectors`: vectors sampled per quantizer (None: the build's default)."""
     kw = {} if train_vectors is None else {"train_vectors": train_vectors}
     out = {
-        name: CodecConfig(**kw) if name == "default" else CodecConfig(kind="faiss", factory=name, **kw)
-        for name in names
-        if name and name != "none"
+        name: dataclasses.replace(CodecConfig.parse(name), **kw) for name in names if name and name != "none"
     }
     return {**out, BASELINE: CodecConfig(kind="none")}
 
@@ -59,7 +65,7 @@ def main() -> int:
         "--codecs",
         nargs="+",
         default=["default"],
-        help="codecs to compare with bf16, space-separated: 'default' or FAISS factory strings",
+        help="codecs to compare with bf16, space-separated: 'default', tc<bits> or FAISS factory strings",
     )
     ap.add_argument(
         "--train-vectors", type=int, default=None, help="vectors sampled per quantizer (default: the build's)"
@@ -69,6 +75,12 @@ def main() -> int:
     )
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--json", default="benchmarks/results/codec_qa.json")
+    ap.add_argument(
+        "--section",
+        default="codec-qa",
+        help="BENCHMARKS.md section to write: codec-qa (the default codec's), or codec-qa-tc for the "
+        "transform codec's",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,6 +91,7 @@ def main() -> int:
     model, tok, mem_cfg = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
     qa_cfg = QAEvalConfig(modes=("memory",), batch_size=args.batch_size)
     codecs = codecs_from(args.codecs, args.train_vectors)
+    calibration = find_calibration(loaded.path)  # what `memory3 build --codec tc<bits>` uses
     rows, detail = [], {}
     for name in args.sets.split(","):
         path = resolve_set(name)
@@ -90,7 +103,7 @@ def main() -> int:
             for codec_name, codec in codecs.items():
                 bank = Path(tmp) / codec_name.split()[0].replace(",", "_")
                 cfg = BuildConfig(codec=codec, index=IndexConfig(kind="flat"))
-                summary = build(docs, bank, model, tok, mem_cfg, cfg, progress=False)
+                summary = build(docs, bank, model, tok, mem_cfg, cfg, progress=False, calibration=calibration)
                 retr = StoreRetriever.open(bank, model, tok)
                 t0 = time.perf_counter()
                 gen = Generator(model, tok, retr, mem_cfg, kv_dtype=args.kv_dtype)
@@ -146,7 +159,11 @@ def main() -> int:
     body = (
         f"Model `{args.model}`, held-out questions answered with explicit memory from banks of the same "
         f"references built with each codec and in bf16 (same embedder, exact index, so the same hits). "
-        f"Goal: at most 1 point lower with the default codec.\n\n"
+        + (
+            "Goal: at most 1 point lower with the default codec.\n\n"
+            if args.section == "codec-qa"
+            else "Goal: a codec at most 1/10 of bf16 that loses at most 1 point.\n\n"
+        )
         + table(rows)
         + f"\n\nOverall ({total} questions), points lost to each codec against bf16: "
         + ", ".join(f"`{c}` **{results['drop_points'][c]:+.1f}**" for c in codecs if c != BASELINE)
@@ -159,10 +176,14 @@ def main() -> int:
         + (f" --train-vectors {args.train_vectors}" if args.train_vectors else "")
     )
     compact = {k: v for k, v in results.items() if k != "detail"}
+    if args.model != default_model():
+        flags += f" --model {args.model}"
+    if args.section != "codec-qa":
+        flags += f" --section {args.section} --json {args.json}"
+    title = SECTIONS.get(args.section, f"Memory codec: effect on question answering ({args.section})")
     update_section(
-        args.out, "codec-qa", "Memory codec: effect on question answering",
-        "python benchmarks/bench_codec_qa.py" + flags, body, compact,
-    )  # fmt: skip
+        args.out, args.section, title, "python benchmarks/bench_codec_qa.py" + flags, body, compact
+    )
     return 0
 
 

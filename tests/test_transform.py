@@ -76,16 +76,21 @@ def test_codes_are_the_plain_bitstream_of_the_nearest_levels() -> None:
         bits = tc.t[f"{part}.bits"]
         for m in range(3):
             stream: list[int] = []
-            for u in range(U):
-                c = (pre[m, u] - tc.t[f"{part}.mean"][u].double()) @ tc.t[f"{part}.forward"][u].double()
+            coef = torch.stack(
+                [
+                    (pre[m, u] - tc.t[f"{part}.mean"][u].double()) @ tc.t[f"{part}.forward"][u].double()
+                    for u in range(U)
+                ]
+            )  # (U, S, D)
+            for width in range(1, 9):  # each width in turn, then each slot, then units and coefficients
                 for s in range(SHAPE.slots):
-                    for j in range(D):
-                        b = int(bits[u, j])
-                        if b == 0:
-                            continue
-                        lv = tc.t[f"{part}.levels"][u, j, : 2**b].double()
-                        i = int(torch.argmin((c[s, j] - lv).abs()))
-                        stream += [(i >> (b - 1 - t)) & 1 for t in range(b)]
+                    for u in range(U):
+                        for j in range(D):
+                            if int(bits[u, j]) != width:
+                                continue
+                            lv = tc.t[f"{part}.levels"][u, j, : 2**width].double()
+                            i = int(torch.argmin((coef[u, s, j] - lv).abs()))
+                            stream += [(i >> (width - 1 - t)) & 1 for t in range(width)]
             want = np.packbits(np.array(stream, dtype=np.uint8))
             assert np.array_equal(codes[m], want), (part, m)
         assert codes.shape == (3, tc.part_bytes(part, SHAPE.slots))

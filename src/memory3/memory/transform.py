@@ -15,8 +15,8 @@ of keys and values together, to the one whose quantizer lowers the expected loss
 heads the answers barely read get few bits or none. Without a calibration G is the identity and
 each part gets `bits` per vector (plain mean squared error; measured much worse in answers).
 
-Codes are bit-packed per memory: for each unit in (part, layer, head) order, each slot's
-coefficients, `b_j` bits each, most significant first. Every memory of a codec takes the same
+Codes are bit-packed per memory and part: for each bit width b in turn, each slot's codes of the
+coefficients (over all units) coded with b bits, most significant bit first. Every memory of a codec takes the same
 number of bytes, so records stay fixed-size. Keys are coded before RoPE (their statistics do not
 depend on the position then) and rotated back with the positions stored in the record.
 """
@@ -91,6 +91,7 @@ class CodecCalibration:
         }
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"meta": json.dumps(self.meta, sort_keys=True)})
+        tmp.chmod(0o644)  # readable as the model files beside it are
         tmp.replace(path)
         return path
 
@@ -179,7 +180,8 @@ class TransformCoder:
                     raise TransformError(f"transform codec tensor {name}: want {shape}, got {got}")
             if self.t[f"{p}.levels"].shape[:2] != (U, D):
                 raise TransformError(f"transform codec tensor {p}.levels does not fit {U} units of {D}")
-        self._plans: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layout: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- fitting ---------------------------------------------------------------------------
     @classmethod
@@ -259,75 +261,86 @@ class TransformCoder:
         return math.ceil(slots * self.bits_per_slot(part) / 8)
 
     # --- coding ----------------------------------------------------------------------------
-    def _plan(self, part: str, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each bit of a memory's code, in stream order (unit, slot, the unit's coefficients,
-        most significant bit first): the flat (unit, slot, coefficient) index it belongs to and
-        its shift."""
-        key = (part, slots)
-        if key not in self._plans:
-            bits = self.t[f"{part}.bits"].long().reshape(-1)  # (U·D,)
-            D = self.dims[2]
-            coef = torch.repeat_interleave(torch.arange(len(bits)), bits)  # per bit of one slot
-            first = torch.cumsum(bits, 0) - bits
-            k = torch.arange(len(coef))
-            shift = bits[coef] - 1 - (k - first[coef])
-            unit, j = coef // D, coef % D
-            per_unit = bits.reshape(-1, D).sum(1)
-            unit_first = (torch.cumsum(per_unit, 0) - per_unit)[unit]  # the unit's first bit, per bit
-            s = torch.arange(slots)[None]
-            where = slots * unit_first[:, None] + s * per_unit[unit][:, None] + (k - unit_first)[:, None]
-            flat = torch.empty(len(coef) * slots, dtype=torch.long)
-            shifts = torch.empty(len(coef) * slots, dtype=torch.long)
-            flat[where.reshape(-1)] = ((unit[:, None] * slots + s) * D + j[:, None]).reshape(-1)
-            shifts[where.reshape(-1)] = shift[:, None].expand(-1, slots).reshape(-1)
-            self._plans[key] = (flat, shifts)
-        return self._plans[key]
+    def _groups(self, part: str) -> list[tuple[int, torch.Tensor]]:
+        """The coefficients coded with each bit width b ≥ 1, as flat unit·D + j indices:
+        [(b, columns)], b ascending. A memory's code is, for each width in turn, each slot's codes
+        of those columns, b bits each, most significant first."""
+        if part not in self._layout:
+            bits = self.t[f"{part}.bits"].reshape(-1)
+            self._layout[part] = [
+                (b, torch.nonzero(bits == b).reshape(-1))
+                for b in range(1, int(bits.max()) + 1)
+                if (bits == b).any()
+            ]
+        return self._layout[part]
 
-    def encode(self, part: str, x: torch.Tensor, positions: torch.Tensor) -> np.ndarray:
-        """(M, Lm, K, S, D) keys after RoPE or values -> (M, part_bytes) uint8 codes."""
+    def _pre(self, part: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(M, Lm, K, S, D) keys after RoPE or values -> coefficients (M, S, U·D), float64."""
         M, Lm, K, S, D = x.shape
         U = Lm * K
+        if part == "k":
+            x = self._rotate(x, positions, -1)
+        x = x.double().reshape(M, U, S, D).transpose(0, 1).reshape(U, M * S, D)
+        c = torch.bmm(x - self.t[f"{part}.mean"].double()[:, None], self.t[f"{part}.forward"].double())
+        return c.reshape(U, M, S, D).permute(1, 2, 0, 3).reshape(M, S, U * D)
+
+    def encode(self, part: str, x: torch.Tensor, positions: torch.Tensor) -> np.ndarray:
+        """(M, Lm, K, S, D) keys after RoPE or values -> (M, part_bytes) uint8 codes: each
+        coefficient's nearest level."""
+        M, Lm, K, S, D = x.shape
         if (Lm, K, D) != self.dims:
             raise TransformError(f"memories of (Lm, K, D) {(Lm, K, D)} do not fit this codec {self.dims}")
-        if part == "k":
-            x = rotate(x, positions, self.rope_theta, -1)
-        x = x.double().reshape(M, U, S, D)
-        c = torch.einsum(
-            "musd,ude->muse",
-            x - self.t[f"{part}.mean"].double()[None, :, None],
-            self.t[f"{part}.forward"].double(),
-        )
-        b = self.t[f"{part}.levels"]
-        mids = ((b[..., 1:] + b[..., :-1]) / 2).double()
-        lv_bits = self.t[f"{part}.bits"].long()
-        used = torch.arange(mids.shape[-1])[None, None] < (2**lv_bits - 1)[..., None]
-        bounds = torch.where(used, mids, torch.full_like(mids, float("inf")))  # (U, D, L-1)
-        rows = c.permute(1, 3, 0, 2).reshape(U * D, M * S).contiguous()
-        idx = torch.searchsorted(bounds.reshape(U * D, -1).contiguous(), rows)  # (U·D, M·S)
-        idx = idx.reshape(U, D, M, S).permute(2, 0, 3, 1).reshape(M, -1)  # (M, U·S·D)
-        flat, shift = self._plan(part, S)
-        stream = ((idx[:, flat] >> shift) & 1).to(torch.uint8).numpy()
-        return np.packbits(stream, axis=1)
+        c = self._pre(part, x, positions)
+        levels = self.t[f"{part}.levels"].double().reshape(-1, self.t[f"{part}.levels"].shape[-1])
+        chunks = []
+        for b, cols in self._groups(part):
+            lv = levels[cols, : 2**b]  # (C, 2^b), sorted
+            bounds = ((lv[:, 1:] + lv[:, :-1]) / 2).contiguous()
+            rows = c[:, :, cols].permute(2, 0, 1).reshape(len(cols), M * S).contiguous()
+            code = torch.searchsorted(bounds, rows).reshape(len(cols), M, S).permute(1, 2, 0)  # (M, S, C)
+            shifts = torch.arange(b - 1, -1, -1)
+            chunks.append(((code[..., None] >> shifts) & 1).reshape(M, -1))
+        if not chunks:
+            return np.zeros((M, 0), dtype=np.uint8)
+        return np.packbits(torch.cat(chunks, 1).to(torch.uint8).numpy(), axis=1)
 
     def decode(self, part: str, codes: np.ndarray, positions: torch.Tensor) -> torch.Tensor:
         """(M, part_bytes) uint8 codes and (M, Lm, K, S) positions -> (M, Lm, K, S, D) float32
         keys after RoPE or values."""
         M, Lm, K, S = positions.shape
         U, D = Lm * K, self.dims[2]
-        flat, shift = self._plan(part, S)
-        idx = torch.zeros(M, U * S * D, dtype=torch.float32)
-        if len(flat):
-            stream = torch.from_numpy(np.unpackbits(np.ascontiguousarray(codes), axis=1, count=len(flat)))
-            idx.index_add_(1, flat, stream.float() * (2**shift).float())
-        L = self.t[f"{part}.levels"].shape[-1]
-        unit_coef = (torch.arange(U)[:, None, None] * D + torch.arange(D)[None, None]).expand(U, S, D)
-        lookup = unit_coef.reshape(1, -1) * L + idx.long()
-        c = self.t[f"{part}.levels"].float().reshape(-1)[lookup].reshape(M, U, S, D)
-        x = torch.einsum("musd,ude->muse", c, self.t[f"{part}.inverse"].float())
-        x = (x + self.t[f"{part}.mean"].float()[None, :, None]).reshape(M, Lm, K, S, D)
+        levels = self.t[f"{part}.levels"]
+        L = levels.shape[-1]
+        flat = levels.reshape(-1)
+        c = levels[..., 0].reshape(1, 1, U * D).repeat(M, S, 1)  # coefficients without bits: one level
+        groups = self._groups(part)
+        n = sum(b * len(cols) for b, cols in groups) * S
+        stream = torch.from_numpy(np.unpackbits(np.ascontiguousarray(codes), axis=1, count=n))
+        at = 0
+        for b, cols in groups:
+            size = S * len(cols) * b
+            bits = stream[:, at : at + size].reshape(M, S, len(cols), b).float()
+            at += size
+            code = bits @ (2.0 ** torch.arange(b - 1, -1, -1))  # (M, S, C), exact small integers
+            c[:, :, cols] = torch.take(flat, cols * L + code.long())
+        c = c.reshape(M, S, U, D).permute(2, 0, 1, 3).reshape(U, M * S, D)
+        x = torch.baddbmm(self.t[f"{part}.mean"][:, None], c, self.t[f"{part}.inverse"])
+        x = x.reshape(Lm, K, M, S, D).permute(2, 0, 1, 3, 4)
         if part == "k":
-            x = rotate(x, positions, self.rope_theta, 1)
-        return x
+            x = self._rotate(x, positions, 1)
+        return x.contiguous()
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor, sign: int) -> torch.Tensor:
+        """`rotate` with cos/sin tables kept per position (positions are small integers)."""
+        top = int(positions.max()) + 1 if positions.numel() else 1
+        if self._rope is None or self._rope[0].shape[0] < top:
+            cos, sin = rope_cos_sin(
+                torch.arange(max(top, 256))[None], self.dims[2], self.rope_theta, torch.float32
+            )
+            self._rope = (cos[0, 0], sin[0, 0])
+        cos, sin = self._rope
+        at = positions.clamp(min=0).long()
+        return apply_rope(x.float(), cos[at], sign * sin[at])
 
     # --- identity --------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
