@@ -450,6 +450,10 @@ def test_sft_with_the_codec_in_the_loop_reads_quantized_memories_and_resumes_exa
     assert codec.config == cfg.codec and codec.shape.dims[2] == 8
     if codec.config.kind == "transform":
         assert codec.transform_meta["metric"] == "fisher"
+        from memory3.memory.transform import find_calibration
+
+        cal = find_calibration(tmp_path / "straight" / "adapter")  # beside the exported model
+        assert cal is not None and cal.meta["memory_config"]["kept_tokens"] == 8
     run_sft(cfg, tmp_path / "split")
     assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")
     exact = run_sft(dataclasses.replace(cfg, codec=None), tmp_path / "exact", stop_after=1)

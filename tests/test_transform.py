@@ -82,13 +82,13 @@ def test_codes_are_the_plain_bitstream_of_the_nearest_levels() -> None:
                     for u in range(U)
                 ]
             )  # (U, S, D)
-            for width in range(1, 9):  # each width in turn, then each slot, then units and coefficients
-                for s in range(SHAPE.slots):
-                    for u in range(U):
-                        for j in range(D):
-                            if int(bits[u, j]) != width:
-                                continue
-                            lv = tc.t[f"{part}.levels"][u, j, : 2**width].double()
+            for width in range(1, 9):  # each width in turn, its coefficients in unit order, each slot
+                for u in range(U):
+                    for j in range(D):
+                        if int(bits[u, j]) != width:
+                            continue
+                        lv = tc.t[f"{part}.levels"][u, j, : 2**width].double()
+                        for s in range(SHAPE.slots):
                             i = int(torch.argmin((coef[u, s, j] - lv).abs()))
                             stream += [(i >> (width - 1 - t)) & 1 for t in range(width)]
             want = np.packbits(np.array(stream, dtype=np.uint8))

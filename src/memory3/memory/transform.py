@@ -15,8 +15,8 @@ of keys and values together, to the one whose quantizer lowers the expected loss
 heads the answers barely read get few bits or none. Without a calibration G is the identity and
 each part gets `bits` per vector (plain mean squared error; measured much worse in answers).
 
-Codes are bit-packed per memory and part: for each bit width b in turn, each slot's codes of the
-coefficients (over all units) coded with b bits, most significant bit first. Every memory of a codec takes the same
+Codes are bit-packed per memory and part: for each bit width b in turn, the coefficients (over all
+units) coded with b bits, for each its code in every slot, most significant bit first. Every memory of a codec takes the same
 number of bytes, so records stay fixed-size. Keys are coded before RoPE (their statistics do not
 depend on the position then) and rotated back with the positions stored in the record.
 """
@@ -180,7 +180,7 @@ class TransformCoder:
                     raise TransformError(f"transform codec tensor {name}: want {shape}, got {got}")
             if self.t[f"{p}.levels"].shape[:2] != (U, D):
                 raise TransformError(f"transform codec tensor {p}.levels does not fit {U} units of {D}")
-        self._layout: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self._layout: dict[str, _Layout] = {}
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- fitting ---------------------------------------------------------------------------
@@ -261,28 +261,33 @@ class TransformCoder:
         return math.ceil(slots * self.bits_per_slot(part) / 8)
 
     # --- coding ----------------------------------------------------------------------------
-    def _groups(self, part: str) -> list[tuple[int, torch.Tensor]]:
-        """The coefficients coded with each bit width b ≥ 1, as flat unit·D + j indices:
-        [(b, columns)], b ascending. A memory's code is, for each width in turn, each slot's codes
-        of those columns, b bits each, most significant first."""
+    def _groups(self, part: str) -> _Layout:
+        """How a part's codes are laid out: per bit width b ≥ 1 in turn, the coefficients (flat
+        unit·D + j indices, ascending) coded with b bits; for each, each slot's code, most
+        significant bit first. Decoding stacks the groups (after the coefficients without bits)
+        and puts them back in unit order with one index_select."""
         if part not in self._layout:
-            bits = self.t[f"{part}.bits"].reshape(-1)
-            self._layout[part] = [
-                (b, torch.nonzero(bits == b).reshape(-1))
-                for b in range(1, int(bits.max()) + 1)
-                if (bits == b).any()
-            ]
+            bits = self.t[f"{part}.bits"].reshape(-1).long()
+            levels = self.t[f"{part}.levels"].reshape(bits.numel(), -1)
+            zero = torch.nonzero(bits == 0).reshape(-1)
+            groups = []
+            for b in range(1, int(bits.max()) + 1):
+                cols = torch.nonzero(bits == b).reshape(-1)
+                if len(cols):
+                    groups.append((b, cols, levels[cols, : 2**b].contiguous()))  # (C, 2^b) levels
+            order = torch.cat([zero, *[g[1] for g in groups]])
+            self._layout[part] = _Layout(groups, levels[zero, 0].contiguous(), torch.argsort(order))
         return self._layout[part]
 
     def _pre(self, part: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(M, Lm, K, S, D) keys after RoPE or values -> coefficients (M, S, U·D), float64."""
+        """(M, Lm, K, S, D) keys after RoPE or values -> coefficients (U·D, M, S), float64."""
         M, Lm, K, S, D = x.shape
         U = Lm * K
         if part == "k":
             x = self._rotate(x, positions, -1)
         x = x.double().reshape(M, U, S, D).transpose(0, 1).reshape(U, M * S, D)
         c = torch.bmm(x - self.t[f"{part}.mean"].double()[:, None], self.t[f"{part}.forward"].double())
-        return c.reshape(U, M, S, D).permute(1, 2, 0, 3).reshape(M, S, U * D)
+        return c.reshape(U, M, S, D).permute(0, 3, 1, 2).reshape(U * D, M, S)
 
     def encode(self, part: str, x: torch.Tensor, positions: torch.Tensor) -> np.ndarray:
         """(M, Lm, K, S, D) keys after RoPE or values -> (M, part_bytes) uint8 codes: each
@@ -291,13 +296,12 @@ class TransformCoder:
         if (Lm, K, D) != self.dims:
             raise TransformError(f"memories of (Lm, K, D) {(Lm, K, D)} do not fit this codec {self.dims}")
         c = self._pre(part, x, positions)
-        levels = self.t[f"{part}.levels"].double().reshape(-1, self.t[f"{part}.levels"].shape[-1])
         chunks = []
-        for b, cols in self._groups(part):
-            lv = levels[cols, : 2**b]  # (C, 2^b), sorted
+        for b, cols, table in self._groups(part).groups:
+            lv = table.double()  # sorted levels
             bounds = ((lv[:, 1:] + lv[:, :-1]) / 2).contiguous()
-            rows = c[:, :, cols].permute(2, 0, 1).reshape(len(cols), M * S).contiguous()
-            code = torch.searchsorted(bounds, rows).reshape(len(cols), M, S).permute(1, 2, 0)  # (M, S, C)
+            code = torch.searchsorted(bounds, c[cols].reshape(len(cols), M * S).contiguous())
+            code = code.reshape(len(cols), M, S).transpose(0, 1)  # (M, C, S)
             shifts = torch.arange(b - 1, -1, -1)
             chunks.append(((code[..., None] >> shifts) & 1).reshape(M, -1))
         if not chunks:
@@ -309,25 +313,24 @@ class TransformCoder:
         keys after RoPE or values."""
         M, Lm, K, S = positions.shape
         U, D = Lm * K, self.dims[2]
-        levels = self.t[f"{part}.levels"]
-        L = levels.shape[-1]
-        flat = levels.reshape(-1)
-        c = levels[..., 0].reshape(1, 1, U * D).repeat(M, S, 1)  # coefficients without bits: one level
-        groups = self._groups(part)
-        n = sum(b * len(cols) for b, cols in groups) * S
+        layout = self._groups(part)
+        n = sum(b * len(cols) for b, cols, _ in layout.groups) * S
         stream = torch.from_numpy(np.unpackbits(np.ascontiguousarray(codes), axis=1, count=n))
+        blocks = [layout.constant[:, None, None].expand(-1, M, S)]  # coefficients without bits
         at = 0
-        for b, cols in groups:
+        for b, cols, table in layout.groups:
             size = S * len(cols) * b
-            bits = stream[:, at : at + size].reshape(M, S, len(cols), b).float()
+            bits = stream[:, at : at + size].reshape(M, len(cols), S, b).transpose(0, 1)  # (C, M, S, b)
             at += size
-            code = bits @ (2.0 ** torch.arange(b - 1, -1, -1))  # (M, S, C), exact small integers
-            c[:, :, cols] = torch.take(flat, cols * L + code.long())
-        c = c.reshape(M, S, U, D).permute(2, 0, 1, 3).reshape(U, M * S, D)
-        x = torch.baddbmm(self.t[f"{part}.mean"][:, None], c, self.t[f"{part}.inverse"])
+            code = bits[..., 0].long()
+            for t in range(1, b):
+                code = code * 2 + bits[..., t]
+            blocks.append(torch.gather(table, 1, code.reshape(len(cols), M * S)).reshape(-1, M, S))
+        c = torch.cat(blocks).index_select(0, layout.unit_order).reshape(U, D, M * S)
+        x = torch.baddbmm(self.t[f"{part}.mean"][:, None], c.transpose(1, 2), self.t[f"{part}.inverse"])
         x = x.reshape(Lm, K, M, S, D).permute(2, 0, 1, 3, 4)
         if part == "k":
-            x = self._rotate(x, positions, 1)
+            return self._rotate(x, positions, 1)
         return x.contiguous()
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor, sign: int) -> torch.Tensor:
@@ -339,12 +342,21 @@ class TransformCoder:
             )
             self._rope = (cos[0, 0], sin[0, 0])
         cos, sin = self._rope
-        at = positions.clamp(min=0).long()
-        return apply_rope(x.float(), cos[at], sign * sin[at])
+        at = positions.clamp(min=0).reshape(-1).long()
+        D = self.dims[2]
+        out = apply_rope(x.float().reshape(-1, D), cos.index_select(0, at), sign * sin.index_select(0, at))
+        return out.reshape(x.shape)
 
     # --- identity --------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
         return dict(self.t)
+
+
+@dataclass
+class _Layout:
+    groups: list[tuple[int, torch.Tensor, torch.Tensor]]  # (b, columns, their (C, 2^b) levels)
+    constant: torch.Tensor  # the one level of each coefficient without bits
+    unit_order: torch.Tensor  # rows of [no-bit coefficients, groups...] -> flat unit·D + j order
 
 
 def _stored(t: torch.Tensor) -> torch.Tensor:

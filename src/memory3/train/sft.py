@@ -435,7 +435,18 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
             save_training(out, model, opt, state, _codec_saver(codec))
         return out
     if d.main:
-        export(model, tok, config, out, state)
+        shipped = export(model, tok, config, out, state)
+        if config.codec is not None and config.codec.kind == "transform":
+            # a model trained through a transform codec is built with one: leave its calibration
+            # beside it, where `memory3 build --codec tc<bits>` finds it
+            from memory3.memory.transform import CALIBRATION_FILE
+            from memory3.train.calibrate import fisher_matrices
+
+            mc = memory_config_for(config, config.stages[-1])
+            cal = fisher_matrices(
+                model, tok, mc, config.codec_calibration_groups, seed=state.step, data=data, progress=False
+            )
+            cal.save(shipped / CALIBRATION_FILE)
         if config.probe_questions:
             from memory3.train.probe import probe
 
