@@ -32,18 +32,12 @@ from memory3.train.layout import Batch, text_batch
 from memory3.train.loop import batch_loss
 from memory3.train.sft import SFTConfig, SFTData
 
-DEFAULT_CONFIG = "sft-smollm2-reader-20-k48-ctl.json"  # the shipped reader's last run: its data mix
-
-
-def _config_path(config: str | Path) -> Path:
-    """A config file, or a name among the repository's `configs/train/`."""
-    path = Path(config).expanduser()
-    if path.exists():
-        return path
-    repo = Path(__file__).resolve().parents[3] / "configs" / "train" / str(config)
-    if repo.exists():
-        return repo
-    raise FileNotFoundError(f"{config}: no such SFT config; give a path to one (configs/train/*.json)")
+# The question mix of the shipped reader's last runs (configs/train/sft-smollm2-reader-20-k48-ctl.json):
+# 45% of the groups on train-split Factbook countries, 30% fill-in-the-blank on train-split
+# Wikipedia articles, the rest on invented entities; 24 questions a group. Only `SFTData` is used.
+SHIPPED_MIX = SFTConfig(
+    factbook_fraction=0.45, wikipedia_fraction=0.3, questions_per_group=24, text_per_step=0
+)
 
 
 def fisher_matrices(
@@ -52,18 +46,19 @@ def fisher_matrices(
     memory_config: MemoryConfig,
     groups: int = 48,
     seed: int = 0,
-    config: str | Path = DEFAULT_CONFIG,
+    config: str | Path | None = None,
     data: SFTData | None = None,
     progress: bool = True,
 ) -> CodecCalibration:
     """The Fisher matrices of `groups` SFT groups' questions (drawn from `data`, or from the data
-    of the SFT `config` read with `memory_config`). The model's trainable flags and mode are
+    of the SFT `config` file, by default the shipped reader's mix, read with `memory_config`). The model's trainable flags and mode are
     restored afterwards, so a model in training can be calibrated between steps."""
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     t0 = time.perf_counter()
     if data is None:
-        cfg = dataclasses.replace(load_config(SFTConfig, _config_path(config)), memory=memory_config)
+        base = SHIPPED_MIX if config is None else load_config(SFTConfig, config)
+        cfg = dataclasses.replace(base, memory=memory_config)
         cache = Path.home() / ".cache" / "memory3" / "runs" / ".cache"
         data = SFTData(cfg, tokenizer, cache)
     prefix = reference_prefix_ids(tokenizer, model.config.bos_token_id, memory_config)

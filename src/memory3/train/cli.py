@@ -162,7 +162,11 @@ def register(sub: Any) -> None:
     c.add_argument("--model", default="smollm2-135m-instruct-memory3", help="model or adapter directory")
     c.add_argument("--groups", type=int, default=48, help="SFT groups of questions (about 24 each)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--config", default="sft-smollm2-reader-20-k48-ctl.json", help="SFT config: its data mix")
+    c.add_argument(
+        "--config",
+        default=None,
+        help="an SFT config file whose question mix to use (default: the shipped reader's)",
+    )
     c.add_argument(
         "--kept-tokens", type=int, default=None, help="tokens kept per head (default: the model's)"
     )
