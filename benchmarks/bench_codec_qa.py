@@ -148,6 +148,7 @@ def main() -> int:
         "threads": args.threads,
         "train_vectors": args.train_vectors or CodecConfig().train_vectors,
         "kv_dtype": str(resolve_kv_dtype(args.kv_dtype, model.dtype, model.device)).removeprefix("torch."),
+        "codec_calibration": None if calibration is None else calibration.meta,
         "rows": rows,
         "overall": overall,
         "drop_points": {c: 100 * (overall[BASELINE] - overall[c]) for c in codecs},
