@@ -40,6 +40,7 @@ BASELINE = "none (bf16)"
 SECTIONS = {
     "codec-qa": "Memory codec: effect on question answering",
     "codec-qa-tc": "Memory codec: the transform codec in answers",
+    "codec-qa-tc-run-l": "Memory codec: the transform codec in answers, read by run L (trained through it)",
 }
 
 

@@ -71,6 +71,12 @@ RUNS = [
         "K (not shipped): continuation of J at 32 tokens (no quantizer, lr 1e-4)",
         "K, not shipped (32 tokens)",
     ),
+    (
+        "sft-smollm2-reader-20-k32-tc96",
+        "L (not shipped): continuation of J at 32 tokens through the transform codec tc96 (1/10 of bf16; "
+        "bits by the model's Fisher calibration, both refitted every 40 steps), lr 1e-4",
+        "L, not shipped (32 tokens; probe reads exact memories)",
+    ),
 ]
 # The shipped adapter's lineage: each run continues from the one before it (its config's
 # init_adapter); the other runs branched off and were not shipped.
@@ -164,7 +170,11 @@ def main() -> int:
         "questions with memory than G: J is shipped. Run K continued J at 32 tokens for 80 steps; its "
         "validation and probe matched J's, but on the harness (`benchmarks/results/qa-kept-run-k.json`) it "
         "answered 202 of the 235 held-out questions at 32 tokens (Factbook 83 of 102) where J answers 205 "
-        "at 32 (89) and 208 at 48, so J is shipped and served at 32 tokens. "
+        "at 32 (89) and 208 at 48, so J is shipped and served at 32 tokens. Run L continued J at 32 tokens "
+        "reading its memories through the transform codec tc96 (1/10.3 of bf16): with banks of that codec it "
+        "loses 1.1 points against its own bf16 banks where J loses 1.6, but it answers fewer held-out "
+        "questions (`benchmarks/results/codec_qa_tc96_run_l.json`: 158 of 182 with tc96 and 160 in bf16, "
+        "against J's 160 and 163; on Factbook 84 in bf16 against J's 89), so J stays shipped. "
         "2 CPU threads, fp32.\n\n"
         "Validation answer loss (per token) on entities kept out of training, with the gold memories, "
         "with 5 irrelevant ones and with none: the gap between gold and irrelevant is what reading buys.\n\n"
