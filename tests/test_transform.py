@@ -221,3 +221,12 @@ def test_transform_codec_files_describe_themselves_and_refuse_damage(tmp_path) -
     f.write_bytes(b"not a safetensors file")
     with pytest.raises(CodecError, match="damaged"):
         MemoryCodec.load(tmp_path / "codec")
+
+
+def test_the_storage_table_sizes_a_transform_codec_as_the_store_writes_it() -> None:
+    from memory3.eval.storage import codec_size
+
+    codec = train_codec(random_memories(200, SHAPE, seed=1), CodecConfig.parse("tc16"), rope_theta=THETA)
+    # each part rounds up to whole bytes per memory: at most 2 bytes over 2·Lm·K·S vectors
+    slack = 2 / (2 * SHAPE.vectors)
+    assert codec_size("tc16", SHAPE.head_dim).bytes_per_vector == pytest.approx(codec.code_bytes, abs=slack)

@@ -7,6 +7,9 @@ Lm × 2 × K × S vectors of head-dim D. A codec stores each such vector in some
 - "default": the memory bank's default FAISS codec (`memory3.memory.codec.DEFAULT_FACTORY`);
 - "faiss:<factory string>": a FAISS vector codec; its `sa_code_size()` is the bytes per vector
   (the paper's `OPQ20_80,Residual2x14,PQ8x10` stores 80 values in 14 bytes);
+- "tc<bits>": the transform codec (`memory3.memory.transform`), bits/8 bytes per vector on
+  average over keys and values (its allocation spends the whole budget; a record rounds each
+  part up to whole bytes);
 - "fp16" / "fp32": 2·D / 4·D bytes (for comparison).
 
 Compared with the full KV cache of the same reference (every layer, every kv head, all of its
@@ -25,7 +28,7 @@ from memory3.config import MemoryConfig, ModelConfig
 
 KIB = 1024
 PAPER_CODEC = "faiss:OPQ20_80,Residual2x14,PQ8x10"
-DEFAULT_CODECS = ("none", "default", PAPER_CODEC)
+DEFAULT_CODECS = ("none", "default", "tc96", PAPER_CODEC)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ def codec_size(name: str, head_dim: int) -> CodecSize:
         return CodecSize(name, 4 * head_dim, "float32, uncompressed")
     from memory3.memory.codec import CodecConfig, MemoryCodec, MemoryShape
 
+    if name.startswith("tc") and name[2:].isdigit():
+        bits = int(name[2:])
+        return CodecSize(name, bits / 8, f"transform codec, {bits} bits a vector, allocated by calibration")
     if name in ("none", "bf16"):
         config = CodecConfig(kind="none")
     elif name == "default":
@@ -77,7 +83,9 @@ def codec_size(name: str, head_dim: int) -> CodecSize:
     elif name.startswith("faiss:"):
         config = CodecConfig(kind="faiss", factory=name.removeprefix("faiss:"))
     else:
-        raise ValueError(f"unknown codec {name!r}: use none, default, fp16, fp32 or faiss:<factory string>")
+        raise ValueError(
+            f"unknown codec {name!r}: use none, default, tc<bits>, fp16, fp32 or faiss:<factory string>"
+        )
     codec = MemoryCodec(config, MemoryShape(1, 1, 1, head_dim))
     note = "bf16, uncompressed" if config.kind == "none" else f"FAISS {codec.config.factory}"
     return CodecSize(name, float(codec.code_bytes), note)
