@@ -214,9 +214,9 @@ def test_transform_codec_files_describe_themselves_and_refuse_damage(tmp_path) -
     assert isinstance(out, Memories) and out.k.shape == test.k.shape
     f = tmp_path / "codec" / "transform.safetensors"
     raw = bytearray(f.read_bytes())
-    raw[-3] ^= 0x40  # a level or basis entry changes
+    raw[-3] ^= 0x40  # a stored number changes
     f.write_bytes(bytes(raw))
-    with pytest.raises(CodecError, match="changed or damaged"):
+    with pytest.raises(CodecError, match="damaged"):
         MemoryCodec.load(tmp_path / "codec")
     f.write_bytes(b"not a safetensors file")
     with pytest.raises(CodecError, match="damaged"):
@@ -230,3 +230,36 @@ def test_the_storage_table_sizes_a_transform_codec_as_the_store_writes_it() -> N
     # each part rounds up to whole bytes per memory: at most 2 bytes over 2·Lm·K·S vectors
     slack = 2 / (2 * SHAPE.vectors)
     assert codec_size("tc16", SHAPE.head_dim).bytes_per_vector == pytest.approx(codec.code_bytes, abs=slack)
+
+
+def test_a_calibration_left_beside_other_weights_is_refused(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from memory3.memory.transform import CALIBRATION_FILE, weights_digest_of
+
+    save_file({"w": torch.ones(3)}, str(tmp_path / "adapter.safetensors"))
+    cal = CodecCalibration(
+        np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4, 4)), {"weights": weights_digest_of(tmp_path)}
+    )
+    cal.save(tmp_path / CALIBRATION_FILE)
+    assert find_calibration(tmp_path) is not None
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "adapter.safetensors"))  # retrained weights
+    with pytest.raises(TransformError, match="memory3 train calibrate --model"):
+        find_calibration(tmp_path)
+
+
+def test_gradients_rotated_back_are_the_gradients_of_the_keys_before_rope() -> None:
+    """What `memory3 train calibrate` does with a post-RoPE key's gradient equals autograd
+    through the model's own RoPE."""
+    from memory3.model import apply_rope, rope_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(2, 1, 1, 3, 16, generator=g, requires_grad=True)
+    pos = torch.tensor([[[[4, 9, 77]]], [[[0, 3, 120]]]])
+    cos, sin = rope_cos_sin(pos.reshape(1, -1), 16, THETA, torch.float32)
+    post = apply_rope(pre.reshape(1, 1, -1, 16), cos, sin).reshape(pre.shape)
+    weight = torch.randn(post.shape, generator=g)
+    post_leaf = post.detach().requires_grad_(True)
+    (post_leaf * weight).sum().backward()
+    (post * weight).sum().backward()
+    torch.testing.assert_close(rotate(post_leaf.grad, pos, THETA, -1), pre.grad)

@@ -124,6 +124,15 @@ def _codec_for(
             "which costs far more answers; measure one with `memory3 train calibrate --model ...`",
             config.codec.name,
         )
+    measured = (calibration.meta.get("memory_config") or {}) if calibration is not None else {}
+    if measured.get("kept_tokens") not in (None, writer.config.kept_tokens):
+        log.warning(
+            "the model's codec calibration was measured with %s kept tokens, this bank keeps %d: its bit "
+            "allocation is an approximation here (`memory3 train calibrate --kept-tokens %d` measures it)",
+            measured["kept_tokens"],
+            writer.config.kept_tokens,
+            writer.config.kept_tokens,
+        )
     theta = writer.model.config.rope_theta
     return train_codec(mems, config.codec, rope_theta=theta, calibration=calibration)
 

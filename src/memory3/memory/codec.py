@@ -694,7 +694,10 @@ def _train_transform(
         raise CodecError(str(e)) from None
     codec.transform_meta = {
         "metric": "fisher" if calibration is not None else "mse",
-        "calibration": calibration.meta if calibration is not None else None,
+        # what was measured, not how long it took: the same calibration gives the same codec
+        "calibration": None
+        if calibration is None
+        else {k: v for k, v in calibration.meta.items() if k != "seconds"},
         "bits_per_vector": {
             p: codec._tc.bits_per_slot(p) / (codec.shape.layers * codec.shape.kv_heads) for p in ("k", "v")
         },

@@ -23,6 +23,7 @@ depend on the position then) and rotated back with the positions stored in the r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -113,12 +114,37 @@ class CodecCalibration:
             )
 
 
+def weights_digest_of(model_dir: str | Path) -> str:
+    """sha256 of a model directory's weight files (every `*.safetensors` but the calibration):
+    what a calibration was measured with, so that one left beside retrained weights is refused."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        if f.name == CALIBRATION_FILE:
+            continue
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def find_calibration(model_path: str | Path | None) -> CodecCalibration | None:
-    """The calibration saved beside a model (`codec_calibration.safetensors` in its directory)."""
+    """The calibration saved beside a model (`codec_calibration.safetensors` in its directory),
+    checked against the weights there when it recorded them."""
     if model_path is None:
         return None
     f = Path(model_path) / CALIBRATION_FILE
-    return CodecCalibration.load(f) if f.is_file() else None
+    if not f.is_file():
+        return None
+    cal = CodecCalibration.load(f)
+    want = cal.meta.get("weights")
+    if want is not None and want != weights_digest_of(model_path):
+        raise TransformError(
+            f"{f} was measured with other weights than those in {model_path} (weights {want}, now "
+            f"{weights_digest_of(model_path)}): measure it again with `memory3 train calibrate --model "
+            f"{model_path}`, or delete it to allocate bits by mean squared error"
+        )
+    return cal
 
 
 def lloyd_1d(x: torch.Tensor, levels: int, iters: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,9 +182,9 @@ def lloyd_1d(x: torch.Tensor, levels: int, iters: int = 15) -> tuple[torch.Tenso
 
 class TransformCoder:
     """The fitted transform codec of both parts. Tensors per part, with U = Lm·K units:
-    mean (U, D), forward and inverse (U, D, D), bits (U, D) int, levels (U, D, L) and
-    boundaries (U, D, L − 1) with L = 2^max_bits (unused levels repeat the last one, unused
-    boundaries are +inf)."""
+    mean (U, D), forward and inverse (U, D, D), bits (U, D) int and levels (U, D, L) with
+    L = 2^max_bits (a coefficient of b bits uses its first 2^b levels, sorted; the rest repeat the
+    last one)."""
 
     def __init__(
         self, dims: tuple[int, int, int], rope_theta: float, tensors: dict[str, torch.Tensor]
@@ -178,8 +204,15 @@ class TransformCoder:
                 if name not in self.t or tuple(self.t[name].shape) != shape:
                     got = tuple(self.t[name].shape) if name in self.t else None
                     raise TransformError(f"transform codec tensor {name}: want {shape}, got {got}")
-            if self.t[f"{p}.levels"].shape[:2] != (U, D):
+            levels = self.t.get(f"{p}.levels")
+            if levels is None or levels.ndim != 3 or levels.shape[:2] != (U, D):
                 raise TransformError(f"transform codec tensor {p}.levels does not fit {U} units of {D}")
+            bits = self.t[f"{p}.bits"]
+            if int(bits.min()) < 0 or 2 ** int(bits.max()) > levels.shape[-1]:
+                raise TransformError(
+                    f"transform codec tensor {p}.bits holds {int(bits.min())}..{int(bits.max())} bits "
+                    f"for {levels.shape[-1]} levels"
+                )
         self._layout: dict[str, _Layout] = {}
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -232,7 +265,7 @@ class TransformCoder:
             _, V = torch.linalg.eigh(cov)
             forward, inverse = root @ V, V.transpose(1, 2) @ inv_root
             c = ((x - mean[:, None]) @ forward).transpose(1, 2).reshape(U * D, N)  # rows: (unit, coef)
-            fits = [lloyd_1d(c, 2**b) for b in range(max_bits + 1)]
+            fits = [_lloyd_rows(c, 2**b) for b in range(max_bits + 1)]
             errs.append(torch.stack([e for _, e in fits], 1))  # (U·D, max_bits + 1)
             tables.append([lv for lv, _ in fits])
             tensors[f"{p}.mean"], tensors[f"{p}.forward"], tensors[f"{p}.inverse"] = mean, forward, inverse
@@ -357,6 +390,13 @@ class _Layout:
     groups: list[tuple[int, torch.Tensor, torch.Tensor]]  # (b, columns, their (C, 2^b) levels)
     constant: torch.Tensor  # the one level of each coefficient without bits
     unit_order: torch.Tensor  # rows of [no-bit coefficients, groups...] -> flat unit·D + j order
+
+
+def _lloyd_rows(x: torch.Tensor, levels: int, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lloyd_1d` over blocks of rows, so that fitting a whole model's coefficients at once does
+    not hold several float64 copies of all of them."""
+    parts = [lloyd_1d(x[i : i + rows], levels) for i in range(0, x.shape[0], rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _stored(t: torch.Tensor) -> torch.Tensor:

@@ -103,10 +103,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = _load(args.model)
+    from memory3.checkpoint import load_pretrained
+    from memory3.memory.transform import weights_digest_of
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    loaded = load_pretrained(args.model, device=args.device, dtype=dtype)
     mem = loaded.memory_config.override(args.kept_tokens, None)
     cal = fisher_matrices(loaded.model, loaded.tokenizer, mem, args.groups, args.seed, args.config)
     cal.meta["model"] = str(args.model)
+    cal.meta["weights"] = weights_digest_of(loaded.path)  # a calibration left beside other weights is refused
     out = cal.save(Path(args.out) if args.out else loaded.path / CALIBRATION_FILE)
     print(json.dumps({"calibration": str(out), **cal.meta, "layer_sensitivity": layer_sensitivity(cal)}))
     return 0
@@ -174,6 +179,8 @@ def register(sub: Any) -> None:
         "--out", default="", help="default: codec_calibration.safetensors in the model's directory"
     )
     c.add_argument("--threads", type=int, default=0)
+    c.add_argument("--device", default="cpu", help="e.g. cuda")
+    c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     c.set_defaults(func=cmd_calibrate)
 
     r = tsub.add_parser("probe", help="quick held-out accuracy: memory / none / RAG, gold among 5")

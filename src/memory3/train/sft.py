@@ -439,13 +439,14 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
         if config.codec is not None and config.codec.kind == "transform":
             # a model trained through a transform codec is built with one: leave its calibration
             # beside it, where `memory3 build --codec tc<bits>` finds it
-            from memory3.memory.transform import CALIBRATION_FILE
+            from memory3.memory.transform import CALIBRATION_FILE, weights_digest_of
             from memory3.train.calibrate import fisher_matrices
 
             mc = memory_config_for(config, config.stages[-1])
             cal = fisher_matrices(
                 model, tok, mc, config.codec_calibration_groups, seed=state.step, data=data, progress=False
             )
+            cal.meta["weights"] = weights_digest_of(shipped)
             cal.save(shipped / CALIBRATION_FILE)
         if config.probe_questions:
             from memory3.train.probe import probe
