@@ -41,6 +41,7 @@ SECTIONS = {
     "codec-qa": "Memory codec: effect on question answering",
     "codec-qa-tc": "Memory codec: the transform codec in answers",
     "codec-qa-tc-run-l": "Memory codec: the transform codec in answers, read by run L (trained through it)",
+    "codec-qa-tc99": "Memory codec: the largest transform codec within 1/10 of bf16 (tc99) in answers",
 }
 
 
