@@ -26,16 +26,14 @@ from memory3.checkpoint import load_pretrained
 from memory3.data.wikipedia import load_articles
 from memory3.eval.report import machine, table, update_section
 from memory3.memory.codec import CodecConfig, MemoryCodec, codec_report, train_codec
+from memory3.memory.transform import rotate
 from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
-from memory3.model import apply_rope, rope_cos_sin
 from memory3.shipped import default_model
 
 
 def rotate_keys(mem: Memories, theta: float, sign: int) -> Memories:
     """Keys rotated by their positions' RoPE angles (sign 1) or back to before RoPE (sign -1)."""
-    M, Lm, K, S, D = mem.k.shape
-    cos, sin = rope_cos_sin(mem.positions.clamp(min=0).reshape(1, -1), D, theta, torch.float32)
-    k = apply_rope(mem.k.float().reshape(1, 1, -1, D), cos, sign * sin).reshape(M, Lm, K, S, D)
+    k = rotate(mem.k, mem.positions, theta, sign)
     return Memories(k.to(mem.k.dtype), mem.v, mem.positions, mem.fingerprint)
 
 

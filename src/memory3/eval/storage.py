@@ -73,8 +73,9 @@ def codec_size(name: str, head_dim: int) -> CodecSize:
         return CodecSize(name, 4 * head_dim, "float32, uncompressed")
     from memory3.memory.codec import CodecConfig, MemoryCodec, MemoryShape
 
-    if name.startswith("tc") and name[2:].isdigit():
-        bits = int(name[2:])
+    parsed = CodecConfig.parse(name)
+    if parsed.kind == "transform":
+        bits = parsed.bits
         return CodecSize(name, bits / 8, f"transform codec, {bits} bits a vector, allocated by calibration")
     if name in ("none", "bf16"):
         config = CodecConfig(kind="none")

@@ -43,13 +43,29 @@ class TransformError(ValueError):
     """A transform codec or calibration that is damaged or does not fit the memories given."""
 
 
-def rotate(k: torch.Tensor, positions: torch.Tensor, theta: float, sign: int) -> torch.Tensor:
+def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE for positions 0..positions-1: two (positions, head_dim) tables."""
+    cos, sin = rope_cos_sin(torch.arange(positions)[None], head_dim, theta, torch.float32)
+    return cos[0, 0], sin[0, 0]
+
+
+def rotate(
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    theta: float,
+    sign: int,
+    tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(M, Lm, K, S, D) keys rotated by their positions' RoPE angles (sign 1: to after RoPE) or
-    back (sign -1: to before RoPE). Empty slots (position -1) are rotated by angle 0."""
-    M, Lm, K, S, D = k.shape
-    cos, sin = rope_cos_sin(positions.clamp(min=0).reshape(1, -1), D, theta, torch.float32)
-    out = apply_rope(k.float().reshape(1, 1, -1, D), cos, sign * sin)
-    return out.reshape(M, Lm, K, S, D)
+    back (sign -1: to before RoPE). Empty slots (position -1) are rotated by angle 0. `tables`:
+    `rope_tables` covering every position (made here when not given)."""
+    D = k.shape[-1]
+    at = positions.clamp(min=0).reshape(-1).long().to(k.device)
+    if tables is None:
+        tables = rope_tables(int(at.max()) + 1 if at.numel() else 1, D, theta)
+    cos, sin = (t.to(k.device) for t in tables)
+    out = apply_rope(k.float().reshape(-1, D), cos.index_select(0, at), sign * sin.index_select(0, at))
+    return out.reshape(k.shape)
 
 
 @dataclass
@@ -367,18 +383,11 @@ class TransformCoder:
         return x.contiguous()
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor, sign: int) -> torch.Tensor:
-        """`rotate` with cos/sin tables kept per position (positions are small integers)."""
+        """`rotate` with this codec's RoPE tables, kept (positions are small integers)."""
         top = int(positions.max()) + 1 if positions.numel() else 1
         if self._rope is None or self._rope[0].shape[0] < top:
-            cos, sin = rope_cos_sin(
-                torch.arange(max(top, 256))[None], self.dims[2], self.rope_theta, torch.float32
-            )
-            self._rope = (cos[0, 0], sin[0, 0])
-        cos, sin = self._rope
-        at = positions.clamp(min=0).reshape(-1).long()
-        D = self.dims[2]
-        out = apply_rope(x.float().reshape(-1, D), cos.index_select(0, at), sign * sin.index_select(0, at))
-        return out.reshape(x.shape)
+            self._rope = rope_tables(max(top, 256), self.dims[2], self.rope_theta)
+        return rotate(x, positions, self.rope_theta, sign, self._rope)
 
     # --- identity --------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from memory3.memory.transform import CodecCalibration, rotate
 from memory3.memory.write import MemoryWriter, reference_prefix_ids
 from memory3.model import MemoryInput
 from memory3.train.config import load_config
-from memory3.train.layout import Batch, text_batch
+from memory3.train.layout import Batch, shared_memory, text_batch
 from memory3.train.loop import batch_loss
 from memory3.train.sft import SFTConfig, SFTData
 
@@ -77,19 +77,18 @@ def fisher_matrices(
             group = data.group(rng)
             with torch.no_grad():
                 mem = writer.write([data.reference_ids(r) for r in group.references]).to(dtype=torch.float32)
-            M, S = mem.k.shape[0], mem.k.shape[3]
+            M = mem.k.shape[0]
             seqs, starts = data.qa_seqs(group.questions)
             b = text_batch(seqs, starts, prefix, memory_config.reference_tokens, pad)
             dev = model.device
             b = Batch(b.ids.to(dev), b.pos.to(dev), b.valid.to(dev), b.targets.to(dev), b.text_start)
             B = b.ids.shape[0]
 
-            k, v = _per_row(mem.k.to(dev), B), _per_row(mem.v.to(dev), B)
-            text = b.valid.clone()
-            text[:, : b.text_start] = False
-            visible = text[:, :, None] & mem.valid.to(dev).reshape(1, 1, M * S)
+            # every row reads its own copy of the memories, so each row's gradient is one question's
+            shared = shared_memory(mem.to(dev), b)
+            k, v = (x.detach().clone().requires_grad_(True) for x in (shared.k, shared.v))
             with torch.enable_grad():  # also when called under no_grad (a codec refit in training)
-                loss, n = batch_loss(model, b, MemoryInput(k, v, visible))
+                loss, n = batch_loss(model, b, MemoryInput(k, v, shared.visible))
                 (loss.float() * n).backward()  # a question's summed answer loss, not a token's mean
 
             pos = mem.positions.repeat(B, 1, 1, 1)
@@ -122,16 +121,9 @@ def fisher_matrices(
     return CodecCalibration(Fk / slots, Fv / slots, meta)
 
 
-def _per_row(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """(M, Lm, K, S, D) memories -> a (Lm, rows, K, M·S, D) leaf: each batch row reads its own
-    copy, so each row's gradient is one question's."""
-    M, Lm, K, S, D = x.shape
-    x = x.permute(1, 2, 0, 3, 4).reshape(Lm, 1, K, M * S, D).expand(Lm, rows, K, M * S, D)
-    return x.detach().clone().requires_grad_(True)
-
-
 def _per_memory(g: torch.Tensor, memories: int) -> torch.Tensor:
-    """A (Lm, B, K, M·S, D) gradient of `_per_row` -> (B·M, Lm, K, S, D), one memory per row."""
+    """A (Lm, B, K, M·S, D) gradient of `shared_memory`'s keys or values -> (B·M, Lm, K, S, D),
+    one memory per row."""
     Lm, B, K, N, D = g.shape
     S = N // memories
     g = g.float().cpu().reshape(Lm, B, K, memories, S, D)
