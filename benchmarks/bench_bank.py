@@ -19,7 +19,7 @@
    read cost does not depend on the count). Embedding the query text is reported apart.
 
 The bundled base model writes the paper's memories (15 layers × 8 tokens); `--model
-smollm2-135m-instruct-memory3` measures the shipped reader's (20 layers × 48 tokens).
+smollm2-135m-instruct-memory3` measures the shipped reader's (20 layers × 32 tokens).
 
     .venv/bin/python benchmarks/bench_bank.py [--quick] [--threads 1] [--parts build,latency] [--model NAME]
 """
@@ -286,8 +286,9 @@ def main() -> int:
         f"{c['attn_rel_error_other_memories']:.3f}).\n\n"
         "Retrieval + load + decode of 5 memories (query vector → ids → records from disk or cache → "
         "checksummed, decoded, laid out for the model). Cold: the OS page cache dropped and the LRU "
-        "cache emptied before every query; the store asks the kernel for the 5 records' pages at once "
-        "(madvise WILLNEED) before reading them. Warm: served from the LRU cache. Synthetic clustered vectors; "
+        "cache emptied before every query; the store asks the kernel for all 5 records at once "
+        "(fadvise WILLNEED), then reads them with pread. Warm: served from the LRU cache. Synthetic "
+        "clustered vectors; "
         f"{results['latency_queries']} queries. Embedding the query text with all-MiniLM-L6-v2 adds "
         f"{results['query_embedding_ms_p50']:.1f} ms (p50). Goal: p50 < 5 ms at 1M with the "
         "approximate index.\n\n" + table(results["latency"])

@@ -75,6 +75,11 @@ def main() -> int:
     ap.add_argument(
         "--kv-dtype", default="auto", help="KV cache dtype of generation (auto: as memory3 generate)"
     )
+    ap.add_argument(
+        "--calibration",
+        default=None,
+        help="for tc<bits> codecs: a calibration file (default: the one beside the model, as build uses)",
+    )
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--json", default="benchmarks/results/codec_qa.json")
     ap.add_argument(
@@ -93,7 +98,7 @@ def main() -> int:
     model, tok, mem_cfg = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
     qa_cfg = QAEvalConfig(modes=("memory",), batch_size=args.batch_size)
     codecs = codecs_from(args.codecs, args.train_vectors)
-    calibration = find_calibration(loaded.path)  # what `memory3 build --codec tc<bits>` uses
+    calibration = find_calibration(loaded.path, args.calibration)  # as `memory3 build --codec tc<bits>`
     rows, detail = [], {}
     for name in args.sets.split(","):
         path = resolve_set(name)

@@ -387,7 +387,9 @@ def test_generate_kept_tokens_writes_a_kb_and_must_match_a_bank(tmp_path, model,
         assert s.verify().ok and s.manifest["memory"]["kept_tokens"] == 4
 
 
-def test_build_with_the_transform_codec_uses_the_models_calibration(tmp_path, model, tok, caplog) -> None:
+def test_build_with_the_transform_codec_uses_the_models_calibration(
+    tmp_path, model, tok, caplog, capsys
+) -> None:
     """`--codec tc<bits>` fits a transform codec on the bank's memories, with its bits allocated
     by the calibration saved beside the model, or by mean squared error with a warning that names
     `memory3 train calibrate`; the bank verifies and answers through it."""
@@ -407,8 +409,18 @@ def test_build_with_the_transform_codec_uses_the_models_calibration(tmp_path, mo
     Lm, K, D = len(model.memory_layers), model.config.n_kv_head, model.config.head_dim
     fisher = np.zeros((Lm, K, D, D))
     fisher[-1] = np.eye(D)  # only the last memory layer matters to this model's answers
-    CodecCalibration(fisher, fisher, {"test": True}).save(ckpt / CALIBRATION_FILE)
+    cal = tmp_path / "cal.safetensors"
+    CodecCalibration(fisher, fisher, {"test": True}).save(cal)
+    assert main([*argv, "--out", str(tmp_path / "x"), "--calibration", str(tmp_path / "nothing")]) == 2
+    assert "no calibration at" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="for transform codecs"):
+        main([*argv, "--codec", "default", "--out", str(tmp_path / "x"), "--calibration", str(cal)])
+    assert not (tmp_path / "x").exists()
+    assert main([*argv, "--out", str(tmp_path / "given"), "--calibration", str(cal)]) == 0
+    cal.rename(ckpt / CALIBRATION_FILE)  # found beside the model
     assert main([*argv, "--out", str(tmp_path / "fisher")]) == 0
+    with MemoryStore.open(tmp_path / "given") as a, MemoryStore.open(tmp_path / "fisher") as b:
+        assert a.codec.fingerprint == b.codec.fingerprint
     for name, metric in (("mse", "mse"), ("fisher", "fisher")):
         with MemoryStore.open(tmp_path / name) as s:
             assert s.codec.config.kind == "transform" and s.codec.transform_meta["metric"] == metric

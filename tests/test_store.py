@@ -125,6 +125,7 @@ def test_pending_then_fill(tmp_path: Path) -> None:
         store.fill([ids[4], ids[0]], mem_for([4, 0]))
         assert store.live_ids().tolist() == [ids[0], ids[4]]
         assert_same(store.get([ids[0], ids[4]]), mem_for([0, 4]))
+        assert store.unbuilt([ids[4], ids[3], ids[0], ids[1]]) == [ids[1], ids[3]]
         with pytest.raises(StoreError, match="not pending"):
             store.fill([ids[0]], mem_for([0]))
         with pytest.raises(MemoryFormatError, match="2 memories given for 1"):
@@ -212,6 +213,27 @@ def test_corruption_detected(tmp_path: Path) -> None:
     (path / "shards" / "00000.bin").unlink()
     with MemoryStore.open(path) as store:
         assert any("00000.bin missing" in e for e in store.verify().errors)
+
+
+def test_a_shard_truncated_under_an_open_reader_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """Records are read with pread, so a shard cut short while a reader holds it open gives a
+    StoreCorruptError that says so (through a memory map it would be a SIGBUS); the records
+    before the cut still read, and the reader sees a file that grows again."""
+    path = tmp_path / "bank"
+    with new_store(path, rps=4) as store:
+        ids = store.add(refs_for("a", 6), mem_for(range(1, 7)))
+    shard = path / "shards" / "00001.bin"
+    with MemoryStore.open(path) as reader:
+        assert_same(reader.get(ids), mem_for(range(1, 7)))  # descriptors now open on both shards
+        full = shard.read_bytes()
+        with open(shard, "r+b") as f:
+            f.truncate(reader.record_size + 10)  # record 1 of shard 1 (ref 6) cut short
+        with pytest.raises(StoreCorruptError, match=r"00001.bin.*record 1 reaches byte .*truncated"):
+            reader.get(ids[4:])
+        assert_same(reader.get(ids[:5]), mem_for(range(1, 6)))
+        shard.write_bytes(full)  # the same file (inode) grows back
+        assert_same(reader.get(ids), mem_for(range(1, 7)))
+        assert reader.unbuilt(ids) == []
 
 
 # --- processes ------------------------------------------------------------------------------

@@ -246,6 +246,10 @@ def test_a_calibration_left_beside_other_weights_is_refused(tmp_path) -> None:
     save_file({"w": torch.zeros(3)}, str(tmp_path / "adapter.safetensors"))  # retrained weights
     with pytest.raises(TransformError, match="memory3 train calibrate --model"):
         find_calibration(tmp_path)
+    given = (tmp_path / CALIBRATION_FILE).rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(TransformError, match="other weights"):  # a file given by path is checked too
+        find_calibration(tmp_path, given)
+    assert find_calibration(None, given) is not None  # no model directory to check against
 
 
 def test_gradients_rotated_back_are_the_gradients_of_the_keys_before_rope() -> None:

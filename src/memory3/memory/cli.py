@@ -39,7 +39,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     if config.codec.kind == "transform":
         from memory3.memory.transform import find_calibration
 
-        calibration = find_calibration(loaded.path)
+        calibration = find_calibration(loaded.path, args.calibration)
+    elif args.calibration:
+        raise SystemExit(
+            f"--calibration is for transform codecs (--codec tc<bits>), not --codec {args.codec}"
+        )
     stats = IngestStats()
     docs = read_documents(args.source, stats)
     if args.limit:
@@ -131,6 +135,12 @@ def register(sub: Any) -> None:
         "(transform coding at <bits> per vector, e.g. tc96 = 1/10 of bf16, bits where the model's "
         "calibration says answers need them), or a FAISS factory string, e.g. 'Residual2x10,PQ8' "
         "(1/11 of bf16); smaller codecs cost answers: see BENCHMARKS.md",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="for --codec tc<bits>: a calibration file from `memory3 train calibrate` (default: "
+        "codec_calibration.safetensors beside the model, if there is one)",
     )
     p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf"))
     p.add_argument(

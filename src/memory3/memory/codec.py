@@ -384,8 +384,10 @@ class MemoryCodec:
         affine = self._sq8_affine(indexes)
         if affine is not None:
             scale, offset = (torch.from_numpy(a)[None, :, None, :] for a in affine)
-            c = torch.from_numpy(np.ascontiguousarray(codes).reshape(M, len(indexes), -1, self._code))
-            return torch.addcmul(offset, c.float(), scale).numpy().reshape(full)  # (M, n, vectors, D)
+            # The codes as they lie in the records (rows may be strided views of a read buffer):
+            # no copy, and addcmul reads the uint8 codes directly, without a float temporary.
+            c = torch.from_numpy(codes).reshape(M, len(indexes), -1, self._code)
+            return torch.addcmul(offset, c, scale).numpy().reshape(full)  # (M, n, vectors, D)
         if len(indexes) == 1:
             return indexes[0].sa_decode(np.ascontiguousarray(codes).reshape(-1, self._code)).reshape(full)
         per = codes.reshape(M, len(indexes), -1, self._code)

@@ -33,7 +33,6 @@ import dataclasses
 import fcntl
 import json
 import logging
-import mmap
 import os
 import shutil
 import sqlite3
@@ -225,52 +224,57 @@ def read_memory_config(path: str | Path) -> MemoryConfig:
 
 
 class _Shards:
-    """Shard files: reads through read-only memory maps (remapped when a file grows), writes with
-    pwrite + fsync."""
+    """Shard files: reads with positioned reads (pread) into the caller's buffer, after asking
+    the kernel for every record at once; writes with pwrite + fsync. File descriptors stay open
+    per shard (a shard's file only grows while its rows are committed, and compaction writes to
+    new shard numbers)."""
 
     def __init__(self, root: Path, record_size: int) -> None:
         self.root = root
         self.rs = record_size
-        self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
+        self._fds: dict[int, int] = {}
 
     def path(self, shard: int) -> Path:
         return self.root / _shard_name(shard)
 
-    def read(self, shard: int, slots: np.ndarray) -> np.ndarray:
-        """(n, record_size) copies of the records at `slots` of a shard."""
-        need = (int(slots.max()) + 1) * self.rs
-        entry = self._maps.get(shard)
-        if entry is None or len(entry[0]) < need:
-            self._maps.pop(shard, None)  # the old map closes when its last view goes
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
             try:
-                with open(self.path(shard), "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size < need:
-                        raise StoreCorruptError(
-                            f"{self.path(shard)}: {size} bytes, but committed records reach byte {need}: "
-                            "the shard was truncated; run verify() and rebuild the missing references"
-                        )
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                fd = self._fds[shard] = os.open(self.path(shard), os.O_RDONLY)
             except FileNotFoundError:
                 raise StoreCorruptError(
                     f"{self.path(shard)}: shard file missing (if the store was just compacted, reopen it)"
                 ) from None
-            arr = np.frombuffer(mm, dtype=np.uint8, count=(len(mm) // self.rs) * self.rs).reshape(-1, self.rs)
-            entry = self._maps[shard] = (mm, arr)
-        self._prefetch(entry[0], slots)
-        return entry[1][slots]
+        return fd
 
-    def _prefetch(self, mm: mmap.mmap, slots: np.ndarray) -> None:
-        """Ask the kernel for every record's pages at once (MADV_WILLNEED) before copying them, so
-        that records not in the page cache are read from disk in parallel rather than one page
-        fault at a time (5 cold 248 kB records: 14 ms -> 2-4 ms here; see BENCHMARKS "Memory bank")."""
-        if not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
-            return  # not on this platform: page faults still read the records, one after another
-        page = mmap.PAGESIZE
-        for slot in np.unique(slots):
-            start = int(slot) * self.rs
-            aligned = start - start % page
-            mm.madvise(mmap.MADV_WILLNEED, aligned, start + self.rs - aligned)
+    def read(self, places: Sequence[tuple[int, int]], out: np.ndarray | None = None) -> np.ndarray:
+        """(n, record_size) copies of the records at `places` ((shard, slot) pairs, any shards).
+
+        Every record is requested from the kernel first (POSIX_FADV_WILLNEED), so that records
+        not in the page cache come from disk in parallel, across shards, rather than one after
+        another (5 cold 248 kB records in 5 shards: about 2 ms -> 0.8 ms here; see BENCHMARKS
+        "Memory bank"). Reading with pread rather than through a memory map also means a shard
+        truncated under a reader gives an error here, not a SIGBUS."""
+        out = np.empty((len(places), self.rs), dtype=np.uint8) if out is None else out
+        fds = [self._fd(shard) for shard, _ in places]
+        if hasattr(os, "posix_fadvise"):
+            for fd, (_, slot) in zip(fds, places, strict=True):
+                os.posix_fadvise(fd, slot * self.rs, self.rs, os.POSIX_FADV_WILLNEED)
+        for j, (fd, (shard, slot)) in enumerate(zip(fds, places, strict=True)):
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [out[j]], slot * self.rs)
+            else:  # platforms without preadv: one more copy
+                data = os.pread(fd, self.rs, slot * self.rs)
+                out[j, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+                n = len(data)
+            if n != self.rs:
+                raise StoreCorruptError(
+                    f"{self.path(shard)}: {os.fstat(fd).st_size} bytes, but committed record {slot} "
+                    f"reaches byte {(slot + 1) * self.rs}: the shard was truncated; run verify() and "
+                    "rebuild the missing references"
+                )
+        return out
 
     def write(self, shard: int, slot: int, records: np.ndarray) -> None:
         p = self.path(shard)
@@ -289,7 +293,13 @@ class _Shards:
             _fsync_dir(self.root)
 
     def forget(self) -> None:
-        self._maps.clear()
+        """Close every read descriptor (after compaction, and on close)."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.forget()
 
 
 def _with_crc(payload: np.ndarray) -> np.ndarray:
@@ -724,26 +734,23 @@ class MemoryStore:
         out: dict[int, tuple[Any, ...]] = {}
         uniq = sorted(set(ref_ids))
         conn = self._conn()
-        # One read transaction, so a batch sees one state of the store.
-        conn.execute("BEGIN")
+        # One read transaction, so a batch sees one state of the store (one SELECT is one already).
+        several = len(uniq) > _SQL_BATCH
+        if several:
+            conn.execute("BEGIN")
         try:
             for part in _chunks(uniq):
                 q = f"SELECT ref_id, {cols} FROM refs WHERE ref_id IN ({','.join('?' * len(part))})"
                 for row in conn.execute(q, list(part)):
                     out[int(row[0])] = tuple(row[1:])
         finally:
-            conn.execute("COMMIT")
+            if several:
+                conn.execute("COMMIT")
         return out
 
     def _read(self, ref_ids: Sequence[int], places: dict[int, tuple[int, int]]) -> np.ndarray:
         """Records (with header) of built refs, checksums checked."""
-        out = np.empty((len(ref_ids), self.record_size), dtype=np.uint8)
-        by_shard: dict[int, list[int]] = {}
-        for j, i in enumerate(ref_ids):
-            by_shard.setdefault(places[i][0], []).append(j)
-        for shard, js in by_shard.items():
-            slots = np.array([places[ref_ids[j]][1] for j in js])
-            out[js] = self._shards.read(shard, slots)
+        out = self._shards.read([places[i] for i in ref_ids])
         crc = out[:, :HEADER_BYTES].copy().view("<u4")[:, 0]
         for j in range(len(out)):
             if zlib.crc32(out[j, HEADER_BYTES:]) != crc[j]:
@@ -774,6 +781,13 @@ class MemoryStore:
     def get(self, ref_ids: Sequence[int], dtype: torch.dtype = torch.float32) -> Memories:
         """Decoded memories (CPU) of `ref_ids`, in order (§3.3: decompressed on the CPU)."""
         return self.codec.decode(self.get_records(ref_ids), self.memory_fingerprint, dtype)
+
+    def unbuilt(self, ref_ids: Sequence[int]) -> list[int]:
+        """The ids among `ref_ids` registered without a memory yet (pending), sorted. Cheaper than
+        `refs` when only that is wanted: a retriever asks it before every read from disk."""
+        with self._lock:
+            rows = self._rows([int(i) for i in ref_ids], "built")
+        return sorted(i for i, (built,) in rows.items() if not built)
 
     def refs(self, ref_ids: Sequence[int]) -> list[StoredRef]:
         """Metadata of references (deleted and pending ones too), in order."""
@@ -907,7 +921,7 @@ class MemoryStore:
                         errors.append(f"shard {p.name} record {sl} (ref {i}) lies past the end of the file")
                 for b in range(0, len(inside), 4096):
                     batch = inside[b : b + 4096]
-                    recs = self._shards.read(s, np.array([sl for _, sl in batch]))
+                    recs = self._shards.read([(s, sl) for _, sl in batch])
                     crcs = recs[:, :HEADER_BYTES].copy().view("<u4")[:, 0]
                     for (i, sl), rec, crc in zip(batch, recs, crcs, strict=True):
                         checked += 1

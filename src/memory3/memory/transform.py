@@ -144,21 +144,26 @@ def weights_digest_of(model_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def find_calibration(model_path: str | Path | None) -> CodecCalibration | None:
+def find_calibration(
+    model_path: str | Path | None, file: str | Path | None = None
+) -> CodecCalibration | None:
     """The calibration saved beside a model (`codec_calibration.safetensors` in its directory),
-    checked against the weights there when it recorded them."""
-    if model_path is None:
-        return None
-    f = Path(model_path) / CALIBRATION_FILE
-    if not f.is_file():
-        return None
-    cal = CodecCalibration.load(f)
+    or the one in `file`; checked against the model's weights when it recorded them."""
+    if file is None:
+        if model_path is None or not (Path(model_path) / CALIBRATION_FILE).is_file():
+            return None
+        file = Path(model_path) / CALIBRATION_FILE
+    elif not Path(file).is_file():
+        raise FileNotFoundError(
+            f"no calibration at {file}: measure one with `memory3 train calibrate --model MODEL --out {file}`"
+        )
+    cal = CodecCalibration.load(file)
     want = cal.meta.get("weights")
-    if want is not None and want != weights_digest_of(model_path):
+    if want is not None and model_path is not None and want != weights_digest_of(model_path):
         raise TransformError(
-            f"{f} was measured with other weights than those in {model_path} (weights {want}, now "
+            f"{file} was measured with other weights than those in {model_path} (weights {want}, now "
             f"{weights_digest_of(model_path)}): measure it again with `memory3 train calibrate --model "
-            f"{model_path}`, or delete it to allocate bits by mean squared error"
+            f"{model_path}`, or leave it out to allocate bits by mean squared error"
         )
     return cal
 

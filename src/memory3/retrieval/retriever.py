@@ -223,9 +223,10 @@ class StoreRetriever:
 
     def _cold_start(self, ref_ids: list[int]) -> None:
         """§3.1 cold start: write the memories of references retrieved before they were built."""
-        pending = [r for r in self.store.refs(ref_ids) if not r.built]
-        if not pending:
+        unbuilt = self.store.unbuilt(ref_ids)
+        if not unbuilt:
             return
+        pending = self.store.refs(unbuilt)
         if self.writer is None:
             raise ValueError(
                 "references without memories were retrieved; open the bank writable for cold start"
