@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from memory3.checkpoint import load_pretrained
@@ -43,6 +44,15 @@ SECTIONS = {
     "codec-qa-tc-run-l": "Memory codec: the transform codec in answers, read by run L (trained through it)",
     "codec-qa-tc99": "Memory codec: the largest transform codec within 1/10 of bf16 (tc99) in answers",
 }
+
+
+def paired_drop_ci(ok: list[bool], base: list[bool], z: float = 1.96) -> list[float]:
+    """95% interval, in points, of the accuracy lost against `base` on the same questions: the
+    mean of d_i = base_i - ok_i (in -1, 0, 1) plus or minus z standard errors. Questions both
+    answer alike add nothing to the mean but narrow the interval, as they should."""
+    d = np.array(base, dtype=float) - np.array(ok, dtype=float)
+    half = z * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
+    return [100 * (d.mean() - half), 100 * (d.mean() + half)]
 
 
 def codecs_from(names: list[str], train_vectors: int | None = None) -> dict[str, CodecConfig]:
@@ -100,12 +110,13 @@ def main() -> int:
     codecs = codecs_from(args.codecs, args.train_vectors)
     calibration = find_calibration(loaded.path, args.calibration)  # as `memory3 build --codec tc<bits>`
     rows, detail = [], {}
+    ok_all: dict[str, list[bool]] = {}  # per question, every set in turn
     for name in args.sets.split(","):
         path = resolve_set(name)
         items = select_items(load_qa(path), "heldout", args.limit)
         docs = kb_documents(path, items, "set")
         accs: dict[str, float] = {}
-        ok: dict[str, list[bool]] = {}  # per question, for the paired count below
+        ok = ok_all  # per question, for the paired count below
         with tempfile.TemporaryDirectory() as tmp:
             for codec_name, codec in codecs.items():
                 bank = Path(tmp) / codec_name.split()[0].replace(",", "_")
@@ -124,7 +135,7 @@ def main() -> int:
                     "eval_s": time.perf_counter() - t0,
                     "answers": [it.texts["memory"] for it in report.items],
                 }
-                ok[codec_name] = [it.contained["memory"] for it in report.items]
+                ok.setdefault(codec_name, []).extend(it.contained["memory"] for it in report.items)
                 rows.append(
                     {
                         "set": name,
@@ -139,10 +150,10 @@ def main() -> int:
                 retr.store.close()
         # paired: the same questions, so count the answers each codec turned wrong and right
         for row in rows[-len(codecs) :]:
-            c = row["codec"]
+            c, here = row["codec"], slice(-row["questions"], None)
             row["drop (points)"] = 100 * (accs[BASELINE] - accs[c])
-            row["lost"] = sum(b and not a for a, b in zip(ok[c], ok[BASELINE], strict=True))
-            row["gained"] = sum(a and not b for a, b in zip(ok[c], ok[BASELINE], strict=True))
+            row["lost"] = sum(b and not a for a, b in zip(ok[c][here], ok[BASELINE][here], strict=True))
+            row["gained"] = sum(a and not b for a, b in zip(ok[c][here], ok[BASELINE][here], strict=True))
     n = {r["set"]: r["questions"] for r in rows}
     total = sum(n.values())
     overall = {
@@ -159,6 +170,7 @@ def main() -> int:
         "rows": rows,
         "overall": overall,
         "drop_points": {c: 100 * (overall[BASELINE] - overall[c]) for c in codecs},
+        "drop_ci95": {c: paired_drop_ci(ok_all[c], ok_all[BASELINE]) for c in codecs if c != BASELINE},
         "detail": detail,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -174,14 +186,21 @@ def main() -> int:
         )
         + table(rows)
         + f"\n\nOverall ({total} questions), points lost to each codec against bf16: "
-        + ", ".join(f"`{c}` **{results['drop_points'][c]:+.1f}**" for c in codecs if c != BASELINE)
-        + "."
+        + ", ".join(
+            f"`{c}` **{results['drop_points'][c]:+.1f}** (paired 95% interval "
+            f"{results['drop_ci95'][c][0]:+.1f} to {results['drop_ci95'][c][1]:+.1f})"
+            for c in codecs
+            if c != BASELINE
+        )
+        + ". The interval is that of the mean per-question difference (codec wrong where bf16 was "
+        "right counts +1, the reverse -1), normal approximation."
     )
     flags = (
         f" --threads {args.threads} --sets {args.sets} --codecs {' '.join(args.codecs)}"
         + (f" --limit {args.limit}" if args.limit else "")
         + (f" --kv-dtype {args.kv_dtype}" if args.kv_dtype != "auto" else "")
         + (f" --train-vectors {args.train_vectors}" if args.train_vectors else "")
+        + (f" --calibration {args.calibration}" if args.calibration else "")
     )
     compact = {k: v for k, v in results.items() if k != "detail"}
     if args.model != default_model():

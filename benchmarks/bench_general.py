@@ -14,7 +14,12 @@ does hold the answer.
 
 "keeps": of the questions answered right without memory, the share each mode still answers right.
 
-    .venv/bin/python benchmarks/bench_general.py [--floors none 0.45] [--threads 2] [--model NAME]
+`--codec tc96` (or any `memory3 build --codec`) holds the memories as a bank with that codec
+would, fitted on the build's sample of references with the model's calibration: does a codec
+that spends no bits where the calibration's answers do not look change what unrelated memories
+do? Its results go to their own file and section.
+
+    .venv/bin/python benchmarks/bench_general.py [--floors none 0.45] [--threads 2] [--model NAME] [--codec C]
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ from memory3.eval.qa import (
 )
 from memory3.eval.report import machine, publish, table
 from memory3.generate import Generator
+from memory3.memory.codec import CodecConfig
 from memory3.memory.ingest import read_documents
+from memory3.memory.transform import find_calibration
 from memory3.retrieval.embed import get_embedder
 from memory3.shipped import default_model
 
@@ -102,14 +109,28 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's choice)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--limit", type=int, default=None, help="first N questions of each set (a quick look)")
+    ap.add_argument("--codec", default=None, help="hold memories through this codec (default: exact)")
+    ap.add_argument("--calibration", default=None, help="for tc<bits>: default, the one beside the model")
     ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/results/general.json")
+    ap.add_argument("--json", default=None, help="default benchmarks/results/general[-CODEC].json")
     args = ap.parse_args()
+    tag = "" if args.codec is None else "-" + args.codec.replace(",", "_")
+    args.json = args.json or f"benchmarks/results/general{tag}.json"
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_pretrained(args.model)
     model, tok, mem_cfg = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
     embedder = get_embedder()
+    codec = None if args.codec is None else CodecConfig.parse(args.codec)
+    calibration = (
+        find_calibration(loaded.path, args.calibration)
+        if codec is not None and codec.kind == "transform"
+        else None
+    )
+
+    def retriever_of(docs: list[Any]) -> Any:
+        return build_retriever(model, tok, docs, mem_cfg, embedder, codec=codec, calibration=calibration)
+
     rows: list[dict[str, Any]] = []
     answers: dict[str, list[str]] = {}
 
@@ -140,14 +161,14 @@ def main() -> int:
     docs = list(read_documents(args.kb))  # a file or directory of text, Markdown or JSONL
     asked = {it.doc_id for it in items}
     docs = [d for d in docs if d.doc_id not in asked]
-    run(items, build_retriever(model, tok, docs, mem_cfg, embedder), f"{path.stem}, unrelated KB")
+    run(items, retriever_of(docs), f"{path.stem}, unrelated KB")
     # 2. the harness's held-out sets with their own knowledge base
     for name in filter(None, args.sets.split(",")):
         p = resolve_set(name)
         held = select_items(load_qa(p), "heldout", args.limit)
         run(
             held,
-            build_retriever(model, tok, kb_documents(p, held, "set"), mem_cfg, embedder),
+            retriever_of(kb_documents(p, held, "set")),
             f"{name}, own KB",
         )
 
@@ -156,12 +177,20 @@ def main() -> int:
         "model": str(args.model),
         "memory_config": mem_cfg.to_dict(),
         "kb": args.kb,
+        "codec": args.codec,
+        "codec_calibration": None if calibration is None else calibration.meta,
         "rows": rows,
         "answers": answers,
     }
     print(json.dumps(rows, indent=1))
     body = (
-        f"Model `{args.model}`, 5 references per retrieval, greedy, answer contained. First rows: the "
+        f"Model `{args.model}`, 5 references per retrieval, greedy, answer contained. "
+        + (
+            ""
+            if codec is None
+            else f"Memories held through codec `{args.codec}` (fitted as a build fits it). "
+        )
+        + "First rows: the "
         f"{args.questions} questions (both splits; held-out apart) retrieving from `{Path(args.kb).name}`, "
         "which holds nothing about them, so every memory read is unrelated. Then the harness's held-out "
         "sets with their own knowledge base (gold reference retrieved among distractors). *min score*: "
@@ -176,13 +205,16 @@ def main() -> int:
         + (f" --limit {args.limit}" if args.limit else "")
         + (f" --kb {args.kb}" if args.kb != str(shipped_path("factbook_kb.jsonl")) else "")
         + (f" --sets {args.sets}" if args.sets != "factbook,fictional,wikipedia" else "")
+        + (f" --codec {args.codec}" if codec is not None else "")
+        + (f" --calibration {args.calibration}" if args.calibration else "")
     )
     publish(
         results,
         args.json,
         args.out,
-        "general",
-        "General questions with unrelated memories, and a relevance floor",
+        "general" + tag,
+        "General questions with unrelated memories, and a relevance floor"
+        + ("" if codec is None else f" (memories through codec {args.codec})"),
         "python benchmarks/bench_general.py" + flags,
         body,
     )

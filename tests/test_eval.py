@@ -26,7 +26,7 @@ from memory3.eval.storage import (
 )
 from memory3.generate import Generator
 from memory3.memory.ingest import Document, chunk_documents
-from memory3.memory.write import MemoryWriter
+from memory3.memory.write import Memories, MemoryWriter
 from memory3.model import KVCache
 from memory3.retrieval.base import Hit
 from memory3.retrieval.embed import HashingEmbedder
@@ -162,6 +162,27 @@ def test_hit_rate_and_gold_rank_for_controlled_hits(setup, tok) -> None:
     assert report.summary()["hit_rate"] == pytest.approx(3 / 6)
     assert all(th == pytest.approx(2 / 3) for _, th in controlled.calls)  # the eval leak filter
     assert gold_rank([Hit(0, 1.0, "", "", "x"), Hit(1, 0.5, "", "", "y")], "y") == 2
+
+
+def test_build_retriever_through_a_codec_holds_what_a_bank_would(setup, tok) -> None:
+    """`build_retriever(codec=…)` holds each memory as encoded and decoded by a codec fitted on
+    the build's sample of references: SQ8 keeps positions and is close to exact; a transform codec
+    at 8 bits per vector is far coarser; `none` is exact."""
+    from memory3.eval.qa import build_retriever
+    from memory3.memory.codec import CodecConfig
+
+    model, cfg, _, exact = setup
+    docs = [Document(d, t, d) for d, t in FACTS.items()]
+    ids = list(range(len(exact)))
+    want = exact.memories(ids)  # the fixture wrote these outside inference mode
+    want = Memories(want.k.detach(), want.v.detach(), want.positions, want.fingerprint)
+    errors = {}
+    for name in ("none", "default", "tc8"):
+        retr = build_retriever(model, tok, docs, cfg, HashingEmbedder(128), codec=CodecConfig.parse(name))
+        got = retr.memories(ids)
+        assert torch.equal(got.positions, want.positions)
+        errors[name] = float((got.k - want.k).norm() / want.k.norm())
+    assert errors["none"] == 0 and 0 < errors["default"] < 0.02 < errors["tc8"]
 
 
 def test_qa_config_rejects_unknown_modes() -> None:

@@ -296,10 +296,20 @@ def build_retriever(
     memory_config: Any,
     embedder: Any,
     batch_size: int = 16,
+    codec: Any = None,
+    calibration: Any = None,
 ) -> Retriever:
-    """Chunk `docs` into references and write them to memory in RAM (`InMemoryRetriever`)."""
+    """Chunk `docs` into references and write them to memory in RAM (`InMemoryRetriever`).
+
+    With a `codec` config (`memory3.memory.codec.CodecConfig`), the memories are then held as a
+    bank built with it would hold them: the codec fitted on the same sample of references a
+    build takes (`calibration` for a transform codec), every memory encoded and decoded."""
+    import random
+
     import torch
 
+    from memory3.memory.build import BuildConfig
+    from memory3.memory.codec import train_codec
     from memory3.memory.ingest import chunk_documents
     from memory3.memory.write import MemoryWriter, reference_prefix_ids
     from memory3.retrieval.inmemory import InMemoryRetriever
@@ -311,4 +321,13 @@ def build_retriever(
     writer = MemoryWriter(model, prefix, memory_config)
     log.info("writing %d memories from %d documents", len(refs), len(docs))
     with torch.inference_mode():
-        return InMemoryRetriever(refs, writer, tokenizer, embedder, batch_size=batch_size)
+        retriever = InMemoryRetriever(refs, writer, tokenizer, embedder, batch_size=batch_size)
+    if codec is not None and codec.kind != "none":
+        build = BuildConfig(codec=codec)
+        picked = random.Random(build.seed).sample(
+            range(len(refs)), min(len(refs), build.codec_train_references)
+        )
+        sample = retriever.memories(picked).to("cpu", torch.float32)  # the build's sample
+        theta = model.config.rope_theta
+        retriever.through_codec(train_codec(sample, codec, rope_theta=theta, calibration=calibration))
+    return retriever

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from memory3.memory.codec import MemoryCodec
 from memory3.memory.ingest import Reference
 from memory3.memory.write import Memories, MemoryWriter
 from memory3.retrieval.base import Embedder, Hit
@@ -84,3 +85,9 @@ class InMemoryRetriever:
 
     def memories(self, ref_ids: Sequence[int]) -> Memories:
         return self._memories[list(ref_ids)]
+
+    def through_codec(self, codec: MemoryCodec) -> None:
+        """Hold every memory as a bank built with `codec` holds it: encoded, then decoded. Evaluates
+        a codec on the same references without writing a bank to disk."""
+        dtype = self._memories.k.dtype
+        self._memories = codec.decode(codec.encode(self._memories), self._fingerprint, dtype)
