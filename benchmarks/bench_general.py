@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,7 @@ def main() -> int:
         + (f" --model {args.model}" if str(args.model) != default_model() else "")
         + (f" --limit {args.limit}" if args.limit else "")
         + (f" --kb {args.kb}" if args.kb != str(shipped_path("factbook_kb.jsonl")) else "")
-        + (f" --sets {args.sets}" if args.sets != "factbook,fictional,wikipedia" else "")
+        + (f" --sets {shlex.quote(args.sets)}" if args.sets != "factbook,fictional,wikipedia" else "")
         + (f" --codec {args.codec}" if codec is not None else "")
         + (f" --calibration {args.calibration}" if args.calibration else "")
     )

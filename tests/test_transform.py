@@ -252,6 +252,22 @@ def test_a_calibration_left_beside_other_weights_is_refused(tmp_path) -> None:
     assert find_calibration(None, given) is not None  # no model directory to check against
 
 
+def test_rotate_is_the_models_rope_to_the_bit() -> None:
+    """`rotate` (used by the codec, the calibration and the benchmarks) computes the model's
+    apply_rope on the halves of each vector: the same floats, either way round, empty slots
+    (position -1) rotated by angle 0."""
+    from memory3.model import apply_rope, rope_cos_sin
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 2, 8, 16, generator=g)
+    pos = torch.randint(-1, 200, (2, 3, 2, 8), generator=g)
+    cos, sin = rope_cos_sin(pos.clamp(min=0).reshape(1, -1), 16, THETA, torch.float32)
+    for sign in (1, -1):
+        want = apply_rope(x.reshape(-1, 16), cos[0, 0], sign * sin[0, 0]).reshape(x.shape)
+        assert torch.equal(rotate(x, pos, THETA, sign), want)
+    assert torch.allclose(rotate(rotate(x, pos, THETA, 1), pos, THETA, -1), x, atol=1e-5)
+
+
 def test_gradients_rotated_back_are_the_gradients_of_the_keys_before_rope() -> None:
     """What `memory3 train calibrate` does with a post-RoPE key's gradient equals autograd
     through the model's own RoPE."""

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memory3.model import apply_rope, rope_cos_sin
+from memory3.model import rope_cos_sin
 
 PARTS = ("k", "v")
 CALIBRATION_FILE = "codec_calibration.safetensors"
@@ -59,12 +59,22 @@ def rotate(
     """(M, Lm, K, S, D) keys rotated by their positions' RoPE angles (sign 1: to after RoPE) or
     back (sign -1: to before RoPE). Empty slots (position -1) are rotated by angle 0. `tables`:
     `rope_tables` covering every position (made here when not given)."""
-    D = k.shape[-1]
+    D, h = k.shape[-1], k.shape[-1] // 2
     at = positions.clamp(min=0).reshape(-1).long().to(k.device)
     if tables is None:
         tables = rope_tables(int(at.max()) + 1 if at.numel() else 1, D, theta)
-    cos, sin = (t.to(k.device) for t in tables)
-    out = apply_rope(k.float().reshape(-1, D), cos.index_select(0, at), sign * sin.index_select(0, at))
+    # apply_rope's x·cos + rotate_half(x)·sin, written on the two halves (the tables repeat their
+    # first half): the same products and sums, so the same floats, in fewer passes over memory
+    cos, sin = (t[:, :h].to(k.device).index_select(0, at) for t in tables)
+    x = k.float().reshape(-1, D)
+    x1, x2 = x[:, :h], x[:, h:]
+    out = torch.empty_like(x)
+    if sign > 0:
+        torch.sub(x1 * cos, x2 * sin, out=out[:, :h])
+        torch.add(x2 * cos, x1 * sin, out=out[:, h:])
+    else:  # the angle negated
+        torch.add(x1 * cos, x2 * sin, out=out[:, :h])
+        torch.sub(x2 * cos, x1 * sin, out=out[:, h:])
     return out.reshape(k.shape)
 
 
@@ -376,10 +386,11 @@ class TransformCoder:
             size = S * len(cols) * b
             bits = stream[:, at : at + size].reshape(M, len(cols), S, b).transpose(0, 1)  # (C, M, S, b)
             at += size
-            code = bits[..., 0].long()
+            code = bits[..., 0]  # uint8 arithmetic: a code has at most 8 bits
             for t in range(1, b):
                 code = code * 2 + bits[..., t]
-            blocks.append(torch.gather(table, 1, code.reshape(len(cols), M * S)).reshape(-1, M, S))
+            index = code.reshape(len(cols), M * S).long()
+            blocks.append(torch.gather(table, 1, index).reshape(-1, M, S))
         c = torch.cat(blocks).index_select(0, layout.unit_order).reshape(U, D, M * S)
         x = torch.baddbmm(self.t[f"{part}.mean"][:, None], c.transpose(1, 2), self.t[f"{part}.inverse"])
         x = x.reshape(Lm, K, M, S, D).permute(2, 0, 1, 3, 4)

@@ -7,15 +7,17 @@ For demos, tests and small private knowledge bases; a memory bank on disk is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memory3.memory.codec import MemoryCodec
 from memory3.memory.ingest import Reference
 from memory3.memory.write import Memories, MemoryWriter
 from memory3.retrieval.base import Embedder, Hit
 from memory3.retrieval.leak import leaks
+
+if TYPE_CHECKING:
+    from memory3.memory.codec import MemoryCodec
 
 
 class InMemoryRetriever:
