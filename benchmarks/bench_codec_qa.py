@@ -193,7 +193,8 @@ def main() -> int:
             if c != BASELINE
         )
         + ". The interval is that of the mean per-question difference (codec wrong where bf16 was "
-        "right counts +1, the reverse -1), normal approximation."
+        "right counts +1, the reverse -1), normal approximation: too narrow when few answers change "
+        "(see the lost and gained columns)."
     )
     flags = (
         f" --threads {args.threads} --sets {args.sets} --codecs {' '.join(args.codecs)}"

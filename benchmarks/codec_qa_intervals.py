@@ -80,7 +80,9 @@ def main() -> int:
             "with the paired 95% interval of that drop (normal approximation to the mean "
             "per-question difference; questions answered alike narrow it). Each row re-scores the "
             "answers stored in a `bench_codec_qa.py` results file; `lost` and `gained` count the "
-            "questions the codec turned wrong and right.\n\n" + table(rows)
+            "questions the codec turned wrong and right. With few changed answers the normal "
+            "approximation is too narrow (none changed gives 0 to 0): read it with those counts."
+            "\n\n" + table(rows)
         )
         cmd = "python benchmarks/codec_qa_intervals.py " + " ".join(args.results) + f" --report {args.report}"
         update_section(

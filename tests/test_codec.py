@@ -185,6 +185,15 @@ def test_sq8_decodes_as_faiss_does(tmp_path, train_mem: Memories, per_layer: boo
             real = mem.positions >= 0
             torch.testing.assert_close(x[real], want[real], rtol=0, atol=1e-5)
             assert (x[~real] == 0).all()
+    # The same from records that are views: rows of a wider buffer, reversed, read-only bytes.
+    wide = np.zeros((6, records.shape[1] + 4), dtype=np.uint8)
+    wide[:, 4:] = records
+    out = codec.decode(records)
+    for view in (wide[:, 4:], records[::-1], np.frombuffer(records.tobytes(), dtype=np.uint8)):
+        got = codec.decode(view)
+        if view.strides[0] < 0:
+            got = Memories(got.k.flip(0), got.v.flip(0), got.positions.flip(0), got.fingerprint)
+        assert torch.equal(got.k, out.k) and torch.equal(got.v, out.v)
     # Retrained on vectors ten times larger, it must not decode with the old table.
     k, v = sample_vectors(train_mem, 3000, per_layer)
     codec.train(k * 10, v * 10)

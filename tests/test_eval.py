@@ -167,7 +167,7 @@ def test_hit_rate_and_gold_rank_for_controlled_hits(setup, tok) -> None:
 def test_build_retriever_through_a_codec_holds_what_a_bank_would(setup, tok) -> None:
     """`build_retriever(codec=…)` holds each memory as encoded and decoded by a codec fitted on
     the build's sample of references: SQ8 keeps positions and is close to exact; a transform codec
-    at 8 bits per vector is far coarser; `none` is exact."""
+    at 8 bits per vector is far coarser; `none` leaves the written memories as they are."""
     from memory3.eval.qa import build_retriever
     from memory3.memory.codec import CodecConfig
 

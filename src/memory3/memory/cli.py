@@ -25,9 +25,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     from memory3.memory.ingest import IngestStats, read_documents
     from memory3.retrieval.index import IndexConfig
 
+    codec = _codec_config(args)
+    if args.calibration and codec.kind != "transform":  # before the model loads
+        raise SystemExit(
+            f"--calibration is for transform codecs (--codec tc<bits>), not --codec {args.codec}"
+        )
     loaded = load_model(args)
     config = BuildConfig(
-        codec=_codec_config(args),
+        codec=codec,
         index=IndexConfig(kind=args.index),
         embedder=args.embedder,
         batch_size=args.batch_size,
@@ -40,10 +45,6 @@ def cmd_build(args: argparse.Namespace) -> int:
         from memory3.memory.transform import find_calibration
 
         calibration = find_calibration(loaded.path, args.calibration)
-    elif args.calibration:
-        raise SystemExit(
-            f"--calibration is for transform codecs (--codec tc<bits>), not --codec {args.codec}"
-        )
     stats = IngestStats()
     docs = read_documents(args.source, stats)
     if args.limit:

@@ -386,6 +386,9 @@ class MemoryCodec:
             scale, offset = (torch.from_numpy(a)[None, :, None, :] for a in affine)
             # The codes as they lie in the records (rows may be strided views of a read buffer):
             # no copy, and addcmul reads the uint8 codes directly, without a float temporary.
+            # torch takes neither negative strides nor read-only memory: those are copied.
+            if not codes.flags.writeable or any(st < 0 for st in codes.strides):
+                codes = np.array(codes)
             c = torch.from_numpy(codes).reshape(M, len(indexes), -1, self._code)
             return torch.addcmul(offset, c, scale).numpy().reshape(full)  # (M, n, vectors, D)
         if len(indexes) == 1:

@@ -24,12 +24,14 @@ killed with SIGKILL and restarted ends with the same bytes as one that never sto
 it fills the pending ids in the same order.
 
 One process writes (an exclusive flock on writer.lock); any number of processes read, also while
-the writer appends. `compact()` deletes the old shard files, so readers should reopen after it.
+the writer appends. `compact()` deletes the old shard files and never reuses their numbers; a
+reader that still holds one open keeps its disk space in use until it closes the store.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -40,6 +42,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,28 +227,43 @@ def read_memory_config(path: str | Path) -> MemoryConfig:
 
 
 class _Shards:
-    """Shard files: reads with positioned reads (pread) into the caller's buffer, after asking
-    the kernel for every record at once; writes with pwrite + fsync. File descriptors stay open
-    per shard (a shard's file only grows while its rows are committed, and compaction writes to
-    new shard numbers)."""
+    """Shard files: reads with positioned reads (pread) after asking the kernel for every record
+    of the batch at once; writes with pwrite + fsync. Read descriptors stay open per shard, the
+    `max_open` most recently used ones; one whose file was deleted or replaced (compaction,
+    a restore) is reopened by path."""
 
-    def __init__(self, root: Path, record_size: int) -> None:
+    def __init__(self, root: Path, record_size: int, max_open: int = 128) -> None:
         self.root = root
         self.rs = record_size
-        self._fds: dict[int, int] = {}
+        self.max_open = max_open
+        self._fds: OrderedDict[int, int] = OrderedDict()
 
     def path(self, shard: int) -> Path:
         return self.root / _shard_name(shard)
 
     def _fd(self, shard: int) -> int:
+        """An open descriptor of `shard`'s file (see `read` for how many stay open)."""
         fd = self._fds.get(shard)
-        if fd is None:
-            try:
-                fd = self._fds[shard] = os.open(self.path(shard), os.O_RDONLY)
-            except FileNotFoundError:
-                raise StoreCorruptError(
-                    f"{self.path(shard)}: shard file missing (if the store was just compacted, reopen it)"
-                ) from None
+        if fd is not None and os.fstat(fd).st_nlink == 0:  # the file we hold is gone from the directory
+            os.close(self._fds.pop(shard))
+            fd = None
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        try:
+            fd = os.open(self.path(shard), os.O_RDONLY)
+        except FileNotFoundError:
+            raise StoreCorruptError(
+                f"{self.path(shard)}: shard file missing (if the store was just compacted, reopen it)"
+            ) from None
+        except OSError as e:
+            if e.errno == errno.EMFILE:
+                raise StoreError(
+                    f"{self.path(shard)}: too many open files ({len(self._fds)} shard files are open in "
+                    "this store): raise the limit (`ulimit -n`) or open fewer stores at once"
+                ) from e
+            raise
+        self._fds[shard] = fd
         return fd
 
     def read(self, places: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -263,18 +281,23 @@ class _Shards:
             for fd, (_, slot) in zip(fds, places, strict=True):
                 os.posix_fadvise(fd, slot * self.rs, self.rs, os.POSIX_FADV_WILLNEED)
         for j, (fd, (shard, slot)) in enumerate(zip(fds, places, strict=True)):
-            if hasattr(os, "preadv"):
-                n = os.preadv(fd, [out[j]], slot * self.rs)
-            else:  # platforms without preadv: one more copy
-                data = os.pread(fd, self.rs, slot * self.rs)
-                out[j, : len(data)] = np.frombuffer(data, dtype=np.uint8)
-                n = len(data)
-            if n != self.rs:
-                raise StoreCorruptError(
-                    f"{self.path(shard)}: {os.fstat(fd).st_size} bytes, but committed record {slot} "
-                    f"reaches byte {(slot + 1) * self.rs}: the shard was truncated; run verify() and "
-                    "rebuild the missing references"
-                )
+            got = 0
+            while got < self.rs:  # a read may return less than asked (network file systems)
+                if hasattr(os, "preadv"):
+                    n = os.preadv(fd, [out[j, got:]], slot * self.rs + got)
+                else:  # platforms without preadv: one more copy
+                    data = os.pread(fd, self.rs - got, slot * self.rs + got)
+                    out[j, got : got + len(data)] = np.frombuffer(data, dtype=np.uint8)
+                    n = len(data)
+                if n == 0:
+                    raise StoreCorruptError(
+                        f"{self.path(shard)}: {os.fstat(fd).st_size} bytes, but committed record {slot} "
+                        f"reaches byte {(slot + 1) * self.rs}: the shard was truncated; run verify() and "
+                        "rebuild the missing references"
+                    )
+                got += n
+        while len(self._fds) > self.max_open:  # keep the most recently used open
+            os.close(self._fds.popitem(last=False)[1])
         return out
 
     def write(self, shard: int, slot: int, records: np.ndarray) -> None:
@@ -294,8 +317,8 @@ class _Shards:
             _fsync_dir(self.root)
 
     def forget(self) -> None:
-        """Close every read descriptor (after compaction, and on close)."""
-        fds, self._fds = self._fds, {}
+        """Close every read descriptor (after compaction, before verify, and on close)."""
+        fds, self._fds = self._fds, OrderedDict()
         for fd in fds.values():
             os.close(fd)
 
@@ -700,7 +723,9 @@ class MemoryStore:
                 "SELECT ref_id, shard, slot FROM refs WHERE built = 1 AND deleted = 0 ORDER BY ref_id"
             ).fetchall()
             old = set(self._tails())
-            start = max(old, default=-1) + 1
+            # never a shard number used before (even when no record is left): a reader may still
+            # hold the old file of that number open
+            start = max(max(old, default=-1) + 1, int(self._info("append_shard_min")))
             moves: list[tuple[int, int, int]] = []
             per = self.records_per_shard
             for b in range(0, len(live), per):
@@ -784,8 +809,9 @@ class MemoryStore:
         return self.codec.decode(self.get_records(ref_ids), self.memory_fingerprint, dtype)
 
     def unbuilt(self, ref_ids: Sequence[int]) -> list[int]:
-        """The ids among `ref_ids` registered without a memory yet (pending), sorted. Cheaper than
-        `refs` when only that is wanted: a retriever asks it before every read from disk."""
+        """The ids among `ref_ids` registered without a memory (pending, or deleted before one was
+        written), sorted. Cheaper than `refs` when only that is wanted: a retriever asks it before
+        every read from disk."""
         with self._lock:
             rows = self._rows([int(i) for i in ref_ids], "built")
         return sorted(i for i, (built,) in rows.items() if not built)
@@ -891,6 +917,7 @@ class MemoryStore:
         errors: list[str] = []
         checked = 0
         with self._lock:
+            self._shards.forget()  # check the files now in the directory, not ones held open
             try:
                 read_manifest(self.path)
             except StoreError as e:
