@@ -273,6 +273,8 @@ class TransformCoder:
             )
         if N < 2:
             raise TransformError(f"{N} vectors per unit: a transform codec needs at least 2 to fit")
+        if not 1 <= max_bits <= 8:  # codes are assembled and stored in bytes
+            raise TransformError(f"max_bits must be 1..8, got {max_bits}")
         U, L = Lm * K, 2**max_bits
         tensors: dict[str, torch.Tensor] = {}
         errs, tables = [], []
