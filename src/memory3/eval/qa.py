@@ -304,12 +304,9 @@ def build_retriever(
     With a `codec` config (`memory3.memory.codec.CodecConfig`), the memories are then held as a
     bank built with it would hold them: the codec fitted on the same sample of references a
     build takes (`calibration` for a transform codec), every memory encoded and decoded."""
-    import random
-
     import torch
 
-    from memory3.memory.build import BuildConfig
-    from memory3.memory.codec import train_codec
+    from memory3.memory.build import BuildConfig, codec_sample, fit_codec
     from memory3.memory.ingest import chunk_documents
     from memory3.memory.write import MemoryWriter, reference_prefix_ids
     from memory3.retrieval.inmemory import InMemoryRetriever
@@ -324,10 +321,7 @@ def build_retriever(
         retriever = InMemoryRetriever(refs, writer, tokenizer, embedder, batch_size=batch_size)
     if codec is not None and codec.kind != "none":
         build = BuildConfig(codec=codec)
-        picked = random.Random(build.seed).sample(
-            range(len(refs)), min(len(refs), build.codec_train_references)
-        )
-        sample = retriever.memories(picked).to("cpu", torch.float32)  # the build's sample
+        sample = retriever.memories(codec_sample(len(refs), build)).to("cpu", torch.float32)
         theta = model.config.rope_theta
-        retriever.through_codec(train_codec(sample, codec, rope_theta=theta, calibration=calibration))
+        retriever.through_codec(fit_codec(sample, build, theta, memory_config.kept_tokens, calibration))
     return retriever

@@ -43,7 +43,7 @@ from memory3.memory.codec import CodecConfig, MemoryCodec, train_codec
 from memory3.memory.ingest import Document, IngestStats, Reference, chunk_documents
 from memory3.memory.store import MemoryStore, RefMeta, merge_stores
 from memory3.memory.transform import CodecCalibration
-from memory3.memory.write import MemoryWriter, reference_prefix_ids
+from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
 from memory3.model import Memory3Model
 from memory3.retrieval.embed import get_embedder
 from memory3.retrieval.index import IndexConfig, VectorIndex
@@ -100,6 +100,38 @@ def _digest(refs: list[Reference]) -> str:
     return h.hexdigest()[:16]
 
 
+def codec_sample(n_refs: int, config: BuildConfig) -> list[int]:
+    """Which of `n_refs` references a build fits its codec on (§3.3: uniformly sampled), in order."""
+    return random.Random(config.seed).sample(range(n_refs), min(n_refs, config.codec_train_references))
+
+
+def fit_codec(
+    memories: list[Memories] | Memories,
+    config: BuildConfig,
+    rope_theta: float,
+    kept_tokens: int,
+    calibration: CodecCalibration | None = None,
+) -> MemoryCodec:
+    """The build's codec fitted on the sampled references' memories, with a warning when a
+    transform codec has no calibration or one measured at other kept tokens."""
+    if config.codec.kind == "transform" and calibration is None:
+        log.warning(
+            "codec %s without a calibration of this model: bits are allocated by mean squared error, "
+            "which costs far more answers; measure one with `memory3 train calibrate --model ...`",
+            config.codec.name,
+        )
+    measured = (calibration.meta.get("memory_config") or {}) if calibration is not None else {}
+    if measured.get("kept_tokens") not in (None, kept_tokens):
+        log.warning(
+            "the model's codec calibration was measured with %s kept tokens, this bank keeps %d: its bit "
+            "allocation is an approximation here (`memory3 train calibrate --kept-tokens %d` measures it)",
+            measured["kept_tokens"],
+            kept_tokens,
+            kept_tokens,
+        )
+    return train_codec(memories, config.codec, rope_theta=rope_theta, calibration=calibration)
+
+
 def _codec_for(
     refs: list[Reference],
     writer: MemoryWriter,
@@ -107,8 +139,7 @@ def _codec_for(
     progress: bool,
     calibration: CodecCalibration | None = None,
 ) -> MemoryCodec:
-    rng = random.Random(config.seed)
-    sample = rng.sample(refs, min(len(refs), config.codec_train_references))
+    sample = [refs[i] for i in codec_sample(len(refs), config)]
     mems = []
     with torch.inference_mode():
         for s in tqdm(
@@ -118,23 +149,8 @@ def _codec_for(
             mems.append(
                 writer.write([list(r.token_ids) for r in batch], config.batch_size).to("cpu", torch.float32)
             )
-    if config.codec.kind == "transform" and calibration is None:
-        log.warning(
-            "codec %s without a calibration of this model: bits are allocated by mean squared error, "
-            "which costs far more answers; measure one with `memory3 train calibrate --model ...`",
-            config.codec.name,
-        )
-    measured = (calibration.meta.get("memory_config") or {}) if calibration is not None else {}
-    if measured.get("kept_tokens") not in (None, writer.config.kept_tokens):
-        log.warning(
-            "the model's codec calibration was measured with %s kept tokens, this bank keeps %d: its bit "
-            "allocation is an approximation here (`memory3 train calibrate --kept-tokens %d` measures it)",
-            measured["kept_tokens"],
-            writer.config.kept_tokens,
-            writer.config.kept_tokens,
-        )
     theta = writer.model.config.rope_theta
-    return train_codec(mems, config.codec, rope_theta=theta, calibration=calibration)
+    return fit_codec(mems, config, theta, writer.config.kept_tokens, calibration)
 
 
 def build(
