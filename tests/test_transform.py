@@ -18,6 +18,7 @@ from memory3.memory.transform import (
     TransformError,
     find_calibration,
     lloyd_1d,
+    refined_levels,
     rotate,
 )
 from memory3.memory.write import Memories
@@ -64,9 +65,74 @@ def test_lloyd_quantizers_match_theory_and_a_plain_loop() -> None:
             assert mse[row].item() == pytest.approx(want_mse, rel=1e-9, abs=1e-12)
 
 
-def test_codes_are_the_plain_bitstream_of_the_nearest_levels() -> None:
+def _levels_of(tc: TransformCoder, part: str, u: int, j: int, width: int) -> torch.Tensor:
+    """The levels of coefficient j of unit u, from the stored tensors, written out plainly: up to 8
+    bits its first 2^width Lloyd levels; above, each 8-bit cell cut into equal parts."""
+    lv = tc.t[f"{part}.levels"][u, j].double()
+    if width <= 8:
+        return lv[: 2**width]
+    lo = min(float(tc.t[f"{part}.lo"][u, j]), float(lv[0]))
+    hi = max(float(tc.t[f"{part}.hi"][u, j]), float(lv[-1]))
+    edges = [lo] + [float(lv[i] + lv[i + 1]) / 2 for i in range(255)] + [hi]
+    n = 2 ** (width - 8)
+    return torch.tensor(
+        [edges[i] + (t + 0.5) * (edges[i + 1] - edges[i]) / n for i in range(256) for t in range(n)],
+        dtype=torch.float64,
+    )
+
+
+def test_refined_levels_cut_every_8_bit_cell_in_equal_parts() -> None:
+    x = torch.randn(3, 5000, generator=torch.Generator().manual_seed(7)) ** 3
+    lv, _ = lloyd_1d(x, 256)
+    lo, hi = x.min(1).values.double(), x.max(1).values.double()
+    for bits in (9, 11):
+        table = refined_levels(lv, lo, hi, bits)
+        assert table.shape == (3, 2**bits) and bool((table.diff(dim=1) >= 0).all())
+        n = 2 ** (bits - 8)
+        for row in range(3):
+            edges = torch.cat([lo[row : row + 1], (lv[row, 1:] + lv[row, :-1]) / 2, hi[row : row + 1]])
+            for i in (0, 17, 255):
+                want = edges[i] + (torch.arange(n, dtype=torch.float64) + 0.5) * (edges[i + 1] - edges[i]) / n
+                torch.testing.assert_close(table[row, i * n : (i + 1) * n], want, rtol=0, atol=1e-12)
+    # on Gaussian numbers each bit above 8 cuts the error about 4 times (cells are nearly flat
+    # inside): at least 3
+    x = torch.randn(3, 20000, generator=torch.Generator().manual_seed(8))
+    lv, mse8 = lloyd_1d(x, 256)
+    lo, hi = x.min(1).values.double(), x.max(1).values.double()
+    for bits in (9, 10):
+        table = refined_levels(lv, lo, hi, bits)
+        q = table.gather(1, torch.searchsorted(((table[:, 1:] + table[:, :-1]) / 2).contiguous(), x.double()))
+        mse = ((q - x.double()) ** 2).mean(1)
+        assert bool((mse < mse8 / 3 ** (bits - 8)).all()), (bits, mse, mse8)
+
+
+def test_coefficients_that_need_more_than_8_bits_get_them() -> None:
+    """Vectors whose dimensions span four orders of magnitude: at the same size, a codec allowed 12
+    bits a coefficient spends them on the widest and errs less than one held to 8, and its decoded
+    vectors are representable (coded again, the same codes)."""
+    g = torch.Generator().manual_seed(9)
+    Lm, K, _, D = SHAPE.dims
+    scale = torch.logspace(-2, 2, D)
+    keys, values = (torch.randn(Lm, K, 2000, D, generator=g) * scale for _ in range(2))
+    test = torch.randn(1, Lm, K, 64, D, generator=g) * scale
+    pos = torch.zeros(1, Lm, K, 64, dtype=torch.int32)
+    err = {}
+    for max_bits in (8, 12):
+        tc = TransformCoder.fit(keys, values, 96, THETA, max_bits=max_bits)
+        codes = tc.encode("v", test, pos)
+        dec = tc.decode("v", codes, pos)
+        assert np.array_equal(tc.encode("v", dec, pos), codes)
+        err[max_bits] = float((dec - test).norm() / test.norm())
+    assert int(tc.t["v.bits"].max()) > 8
+    assert err[12] < err[8] / 2, err
+
+
+@pytest.mark.parametrize(("bits", "max_bits"), [(20, 6), (180, 12)])
+def test_codes_are_the_plain_bitstream_of_the_nearest_levels(bits: int, max_bits: int) -> None:
     keys, values = _units(300, seed=2)
-    tc = TransformCoder.fit(keys, values, 20, THETA)
+    tc = TransformCoder.fit(keys, values, bits, THETA, max_bits=max_bits)
+    if max_bits > 8:  # coefficients above 8 bits are coded with refined cells
+        assert int(tc.t["k.bits"].max()) > 8
     mem = random_memories(3, SHAPE, seed=3, short=0)
     for part, x in (("k", mem.k), ("v", mem.v)):
         codes = tc.encode(part, x, mem.positions)
@@ -82,12 +148,12 @@ def test_codes_are_the_plain_bitstream_of_the_nearest_levels() -> None:
                     for u in range(U)
                 ]
             )  # (U, S, D)
-            for width in range(1, 9):  # each width in turn, its coefficients in unit order, each slot
+            for width in range(1, max_bits + 1):  # each width in turn, its coefficients in unit order
                 for u in range(U):
                     for j in range(D):
                         if int(bits[u, j]) != width:
                             continue
-                        lv = tc.t[f"{part}.levels"][u, j, : 2**width].double()
+                        lv = _levels_of(tc, part, u, j, width)
                         for s in range(SHAPE.slots):
                             i = int(torch.argmin((coef[u, s, j] - lv).abs()))
                             stream += [(i >> (width - 1 - t)) & 1 for t in range(width)]

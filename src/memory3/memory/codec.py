@@ -86,7 +86,7 @@ class CodecConfig:
     positions: Literal["uint8", "int16"] = "uint8"
     seed: int = 0
     bits: int = 96
-    max_bits: int = 6
+    max_bits: int = 12
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "faiss", "transform"):
@@ -96,8 +96,8 @@ class CodecConfig:
                 f"codec kind {self.kind!r} takes no factory, got {self.factory!r}: use kind='faiss'"
             )
         if self.kind == "transform":
-            if not 1 <= self.max_bits <= 8:
-                raise ValueError(f"max_bits must be 1..8, got {self.max_bits}")
+            if not 1 <= self.max_bits <= 16:
+                raise ValueError(f"max_bits must be 1..16, got {self.max_bits}")
             if self.bits < 1:
                 raise ValueError(f"a transform codec needs bits >= 1 per vector, got {self.bits}")
         if self.positions not in ("uint8", "int16"):

@@ -4,7 +4,7 @@ The codec behind `CodecConfig(kind="transform", bits=B)` (`--codec tc<B>`). For 
 kv head and part (keys before RoPE, values) — a *unit* — vectors x are coded as
 
     c = (x − μ) · F        coefficients in an eigenbasis (F = G^½ · V)
-    ĉ_j = Lloyd_j(c_j)     one scalar quantizer of b_j bits per coefficient (b_j may be 0)
+    ĉ_j = Q_j(c_j)         one scalar quantizer of b_j bits per coefficient (b_j may be 0)
     x̂ = ĉ · F⁻¹ + μ
 
 where V diagonalises the covariance of (x − μ)·G^½ and G is the metric errors are counted in.
@@ -12,7 +12,11 @@ With a model's `CodecCalibration` G is the Fisher matrix of the answer loss with
 unit's vectors (measured on question answering, `memory3 train calibrate`), so ½·eᵀGe is the rise
 of the loss an error e causes; bits then go one at a time, over every coefficient of every unit
 of keys and values together, to the one whose quantizer lowers the expected loss most. Layers and
-heads the answers barely read get few bits or none. Without a calibration G is the identity and
+heads the answers barely read get few bits or none, and a few directions they read closely get
+many: up to 8 bits Q_j is a Lloyd quantizer; above (up to `MAX_BITS`), each cell of the coefficient's
+8-bit Lloyd quantizer is cut into 2^(b−8) equal parts, so that its levels need no table of 2^b
+entries per coefficient to be stored and are not fitted to a few samples each. Without a
+calibration G is the identity and
 each part gets `bits` per vector (plain mean squared error; measured much worse in answers).
 
 Codes are bit-packed per memory and part: for each bit width b in turn, the coefficients (over all
@@ -36,6 +40,8 @@ import torch
 from memory3.model import rope_cos_sin
 
 PARTS = ("k", "v")
+LLOYD_BITS = 8  # up to this many bits a coefficient has its own Lloyd levels; above, refined cells
+MAX_BITS = 16
 CALIBRATION_FILE = "codec_calibration.safetensors"
 
 
@@ -214,8 +220,10 @@ def lloyd_1d(x: torch.Tensor, levels: int, iters: int = 15) -> tuple[torch.Tenso
 class TransformCoder:
     """The fitted transform codec of both parts. Tensors per part, with U = Lm·K units:
     mean (U, D), forward and inverse (U, D, D), bits (U, D) int and levels (U, D, L) with
-    L = 2^max_bits (a coefficient of b bits uses its first 2^b levels, sorted; the rest repeat the
-    last one)."""
+    L = 2^min(max_bits, 8) (a coefficient of b ≤ 8 bits uses its first 2^b levels, sorted; the rest
+    repeat the last one; one of more bits holds its 8-bit Lloyd levels, refined by
+    `refined_levels` within the range lo (U, D) to hi (U, D) of its training coefficients, two
+    tensors a codec has only when some coefficient has more than 8 bits)."""
 
     def __init__(
         self, dims: tuple[int, int, int], rope_theta: float, tensors: dict[str, torch.Tensor]
@@ -239,11 +247,19 @@ class TransformCoder:
             if levels is None or levels.ndim != 3 or levels.shape[:2] != (U, D):
                 raise TransformError(f"transform codec tensor {p}.levels does not fit {U} units of {D}")
             bits = self.t[f"{p}.bits"]
-            if int(bits.min()) < 0 or 2 ** int(bits.max()) > levels.shape[-1]:
+            top = int(bits.max())
+            if int(bits.min()) < 0 or top > MAX_BITS or 2 ** min(top, LLOYD_BITS) > levels.shape[-1]:
                 raise TransformError(
-                    f"transform codec tensor {p}.bits holds {int(bits.min())}..{int(bits.max())} bits "
+                    f"transform codec tensor {p}.bits holds {int(bits.min())}..{top} bits "
                     f"for {levels.shape[-1]} levels"
                 )
+            if top > LLOYD_BITS:
+                for name in (f"{p}.lo", f"{p}.hi"):
+                    if name not in self.t or tuple(self.t[name].shape) != (U, D):
+                        raise TransformError(
+                            f"transform codec tensor {name}: want {(U, D)} for coefficients of "
+                            f"{top} bits, got {tuple(self.t[name].shape) if name in self.t else None}"
+                        )
         self._layout: dict[str, _Layout] = {}
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -256,7 +272,7 @@ class TransformCoder:
         bits: int,
         rope_theta: float,
         calibration: CodecCalibration | None = None,
-        max_bits: int = 6,
+        max_bits: int = 12,
         ridge: float = 1e-3,
     ) -> TransformCoder:
         """Fit on (Lm, K, N, D) key vectors before RoPE and value vectors of real slots: `bits`
@@ -273,9 +289,9 @@ class TransformCoder:
             )
         if N < 2:
             raise TransformError(f"{N} vectors per unit: a transform codec needs at least 2 to fit")
-        if not 1 <= max_bits <= 8:  # codes are assembled and stored in bytes
-            raise TransformError(f"max_bits must be 1..8, got {max_bits}")
-        U, L = Lm * K, 2**max_bits
+        if not 1 <= max_bits <= MAX_BITS:
+            raise TransformError(f"max_bits must be 1..{MAX_BITS}, got {max_bits}")
+        U, L = Lm * K, 2 ** min(max_bits, LLOYD_BITS)
         tensors: dict[str, torch.Tensor] = {}
         errs, tables = [], []
         for p, x in zip(PARTS, (keys, values), strict=True):
@@ -298,9 +314,15 @@ class TransformCoder:
             _, V = torch.linalg.eigh(cov)
             forward, inverse = root @ V, V.transpose(1, 2) @ inv_root
             c = ((x - mean[:, None]) @ forward).transpose(1, 2).reshape(U * D, N)  # rows: (unit, coef)
-            fits = [_lloyd_rows(c, 2**b) for b in range(max_bits + 1)]
+            fits = [_lloyd_rows(c, 2**b) for b in range(min(max_bits, LLOYD_BITS) + 1)]
+            if max_bits > LLOYD_BITS:  # finer: the 8-bit cells cut in equal parts
+                lo, hi = c.min(1).values, c.max(1).values
+                fits += [
+                    _refined_rows(c, fits[-1][0], lo, hi, b) for b in range(LLOYD_BITS + 1, max_bits + 1)
+                ]
+                tensors[f"{p}.lo"], tensors[f"{p}.hi"] = lo.reshape(U, D), hi.reshape(U, D)
             errs.append(torch.stack([e for _, e in fits], 1))  # (U·D, max_bits + 1)
-            tables.append([lv for lv, _ in fits])
+            tables.append([lv for lv, _ in fits[: LLOYD_BITS + 1]])
             tensors[f"{p}.mean"], tensors[f"{p}.forward"], tensors[f"{p}.inverse"] = mean, forward, inverse
         if calibration is not None:  # one allocation over both parts: errors are in loss units
             alloc = _allocate(torch.cat(errs), bits * 2 * U, max_bits).reshape(2, U, D)
@@ -311,7 +333,7 @@ class TransformCoder:
             levels = torch.empty(U * D, L, dtype=torch.float64)
             for nb in range(max_bits + 1):
                 rows = b == nb
-                lv = tables[i][nb][rows]
+                lv = tables[i][min(nb, LLOYD_BITS)][rows]  # above 8 bits: the 8-bit levels, refined
                 levels[rows] = torch.cat([lv, lv[:, -1:].expand(-1, L - lv.shape[1])], 1)
             tensors[f"{p}.bits"] = alloc[i].to(torch.int32)
             tensors[f"{p}.levels"] = levels.reshape(U, D, L)
@@ -339,8 +361,14 @@ class TransformCoder:
             groups = []
             for b in range(1, int(bits.max()) + 1):
                 cols = torch.nonzero(bits == b).reshape(-1)
-                if len(cols):
-                    groups.append((b, cols, levels[cols, : 2**b].contiguous()))  # (C, 2^b) levels
+                if not len(cols):
+                    continue
+                if b <= LLOYD_BITS:
+                    table = levels[cols, : 2**b].contiguous()  # (C, 2^b) levels
+                else:
+                    lo, hi = (self.t[f"{part}.{e}"].reshape(-1)[cols] for e in ("lo", "hi"))
+                    table = refined_levels(levels[cols], lo, hi, b).float()
+                groups.append((b, cols, table))
             order = torch.cat([zero, *[g[1] for g in groups]])
             self._layout[part] = _Layout(groups, levels[zero, 0].contiguous(), torch.argsort(order))
         return self._layout[part]
@@ -388,7 +416,9 @@ class TransformCoder:
             size = S * len(cols) * b
             bits = stream[:, at : at + size].reshape(M, len(cols), S, b).transpose(0, 1)  # (C, M, S, b)
             at += size
-            code = bits[..., 0]  # uint8 arithmetic: a code has at most 8 bits
+            code = bits[..., 0]  # uint8 arithmetic up to 8 bits
+            if b > 8:
+                code = code.to(torch.int32)
             for t in range(1, b):
                 code = code * 2 + bits[..., t]
             index = code.reshape(len(cols), M * S).long()
@@ -424,6 +454,38 @@ def _lloyd_rows(x: torch.Tensor, levels: int, rows: int = 256) -> tuple[torch.Te
     not hold several float64 copies of all of them."""
     parts = [lloyd_1d(x[i : i + rows], levels) for i in range(0, x.shape[0], rows)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def refined_levels(levels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """The levels of a quantizer of `bits` > 8 bits built on an 8-bit one: each cell of the sorted
+    8-bit `levels` (C, 256) — between the midpoints of neighbouring levels, the outer cells bounded by
+    the coefficient's range `lo` (C,) and `hi` (C,) — cut into 2^(bits − 8) equal parts, a level in
+    the middle of each. (C, 2^bits), sorted. At high rates a quantizer should be denser where the
+    coefficients are, as the Lloyd cells are; within a cell the density is nearly flat."""
+    parts = 2 ** (bits - LLOYD_BITS)
+    lv = levels.double()
+    lo = torch.minimum(lo.double(), lv[:, 0])
+    hi = torch.maximum(hi.double(), lv[:, -1])
+    edges = torch.cat([lo[:, None], (lv[:, 1:] + lv[:, :-1]) / 2, hi[:, None]], 1)
+    width = (edges[:, 1:] - edges[:, :-1]) / parts
+    at = torch.arange(parts, dtype=torch.float64) + 0.5
+    return (edges[:, :-1, None] + width[..., None] * at).reshape(len(lv), -1)
+
+
+def _refined_rows(
+    x: torch.Tensor, levels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, rows: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`refined_levels` of each row of x (C, N) and the mean squared error of coding the row with
+    them (nearest level), over blocks of rows. Returns (the 8-bit levels, unchanged; the errors):
+    the refined levels are rebuilt from them when coding."""
+    errs = []
+    for i in range(0, x.shape[0], rows):
+        table = refined_levels(levels[i : i + rows], lo[i : i + rows], hi[i : i + rows], bits)
+        xs = x[i : i + rows].double().contiguous()
+        bounds = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
+        q = table.gather(1, torch.searchsorted(bounds, xs))
+        errs.append(((q - xs) ** 2).mean(1))
+    return levels, torch.cat(errs)
 
 
 def _stored(t: torch.Tensor) -> torch.Tensor:
