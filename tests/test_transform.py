@@ -349,3 +349,12 @@ def test_gradients_rotated_back_are_the_gradients_of_the_keys_before_rope() -> N
     (post_leaf * weight).sum().backward()
     (post * weight).sum().backward()
     torch.testing.assert_close(rotate(post_leaf.grad, pos, THETA, -1), pre.grad)
+
+
+def test_codec_names_spell_the_bit_cap() -> None:
+    assert CodecConfig.parse("tc96") == CodecConfig(kind="transform", bits=96)
+    capped = CodecConfig.parse("tc96m8")
+    assert (capped.bits, capped.max_bits, capped.name) == (96, 8, "tc96m8")
+    assert CodecConfig.parse(capped.name) == capped and CodecConfig.parse("tc96").name == "tc96"
+    with pytest.raises(ValueError, match="max_bits must be 1..16"):
+        CodecConfig.parse("tc96m17")

@@ -134,7 +134,7 @@ def register(sub: Any) -> None:
         default="default",
         help="'default' (8-bit scalar quantizer per layer, 1/2 of bf16), 'none' (bf16), 'tc<bits>' "
         "(transform coding at <bits> per vector, e.g. tc96 = 1/10 of bf16, bits where the model's "
-        "calibration says answers need them), or a FAISS factory string, e.g. 'Residual2x10,PQ8' "
+        "calibration says answers need them; tc96m8 caps a coefficient at 8 bits, 12 by default), or a FAISS factory string, e.g. 'Residual2x10,PQ8' "
         "(1/11 of bf16); smaller codecs cost answers: see BENCHMARKS.md",
     )
     p.add_argument(

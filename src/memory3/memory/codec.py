@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,18 +118,22 @@ class CodecConfig:
     def name(self) -> str:
         """As `memory3 build --codec` spells it: none, a FAISS factory string, or tc<bits>."""
         if self.kind == "transform":
-            return f"tc{self.bits}"
+            default = CodecConfig.__dataclass_fields__["max_bits"].default
+            return f"tc{self.bits}" + ("" if self.max_bits == default else f"m{self.max_bits}")
         return "none" if self.kind == "none" else (self.factory or DEFAULT_FACTORY)
 
     @classmethod
     def parse(cls, spec: str) -> CodecConfig:
-        """`none`, `default`, `tc<bits>` (e.g. tc96) or a FAISS factory string (e.g. SQ8)."""
+        """`none`, `default`, `tc<bits>` (e.g. tc96), `tc<bits>m<max bits>` (e.g. tc96m8: at most 8
+        bits a coefficient) or a FAISS factory string (e.g. SQ8)."""
         if spec == "none":
             return cls(kind="none")
         if spec == "default":
             return cls(kind="faiss")
-        if spec.startswith("tc") and spec[2:].isdigit():
-            return cls(kind="transform", bits=int(spec[2:]))
+        tc = re.fullmatch(r"tc(\d+)(?:m(\d+))?", spec)
+        if tc:
+            extra = {} if tc[2] is None else {"max_bits": int(tc[2])}
+            return cls(kind="transform", bits=int(tc[1]), **extra)
         return cls(kind="faiss", factory=spec)
 
     @classmethod
