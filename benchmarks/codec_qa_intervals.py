@@ -15,25 +15,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench_codec_qa import BASELINE, paired_drop_ci
 
-from memory3.data.qa import answer_contained, load_qa
+from memory3.data.qa import GenerateConfig, answer_contained, generate, load_qa
 from memory3.eval.qa import resolve_set, select_items
 from memory3.eval.report import table, update_section
+from memory3.memory.codec import CodecConfig
 
 
 def correct_per_question(results: dict[str, Any]) -> dict[str, list[bool]]:
-    """codec -> right or wrong per held-out question, every set of the run in turn."""
+    """codec -> right or wrong per held-out question, every set of the run in turn (the shipped
+    sets, or the full sets generated again as the run generated them)."""
     ok: dict[str, list[bool]] = {}
     sets = list(dict.fromkeys(r["set"] for r in results["rows"]))
+    full = tempfile.TemporaryDirectory() if results.get("full_sets") else None
+    if full is not None:
+        generate(full.name, GenerateConfig(**results["full_sets"]))
     for name in sets:
+        path = Path(full.name) / f"{name}.jsonl" if full is not None else resolve_set(name)
         codecs = [r["codec"] for r in results["rows"] if r["set"] == name]
         for codec in codecs:
             d = results["detail"][f"{name}/{codec}"]
-            items = select_items(load_qa(resolve_set(name)), "heldout", len(d["answers"]))
+            items = select_items(load_qa(path), "heldout", len(d["answers"]))
             got = [answer_contained(a, it.answers) for a, it in zip(d["answers"], items, strict=True)]
             recorded = d["summary"]["modes"]["memory"]["contained"]
             if abs(sum(got) / len(got) - recorded) > 1e-9:
@@ -43,6 +50,14 @@ def correct_per_question(results: dict[str, Any]) -> dict[str, list[bool]]:
                 )
             ok.setdefault(codec, []).extend(got)
     return ok
+
+
+def spelled(codec: str, results: dict[str, Any]) -> str:
+    """The codec as `--codec` spells it today. Results written before they recorded their codecs'
+    configs (`codecs`) are of transform codecs capped at 6 bits a coefficient, now tc<bits>m6."""
+    if "codecs" in results and codec in results["codecs"]:
+        return CodecConfig.from_dict(results["codecs"][codec]).name
+    return f"{codec}m6" if codec.startswith("tc") else codec
 
 
 def main() -> int:
@@ -63,7 +78,8 @@ def main() -> int:
             rows.append(
                 {
                     "results": Path(path).name,
-                    "codec": codec,
+                    "codec": spelled(codec, results),
+                    "sets": "full" if results.get("full_sets") else "shipped",
                     "calibration groups": cal.get("groups", "") if codec.startswith("tc") else "",
                     "questions": len(got),
                     "right (codec / bf16)": f"{sum(got)} / {sum(base)}",

@@ -356,5 +356,5 @@ def test_codec_names_spell_the_bit_cap() -> None:
     capped = CodecConfig.parse("tc96m8")
     assert (capped.bits, capped.max_bits, capped.name) == (96, 8, "tc96m8")
     assert CodecConfig.parse(capped.name) == capped and CodecConfig.parse("tc96").name == "tc96"
-    with pytest.raises(ValueError, match="max_bits must be 1..16"):
+    with pytest.raises(ValueError, match=r"max_bits must be 1\.\.16"):
         CodecConfig.parse("tc96m17")
