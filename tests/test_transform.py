@@ -125,6 +125,11 @@ def test_coefficients_that_need_more_than_8_bits_get_them() -> None:
         err[max_bits] = float((dec - test).norm() / test.norm())
     assert int(tc.t["v.bits"].max()) > 8
     assert err[12] < err[8] / 2, err
+    # what is saved is enough to decode: the refined levels are rebuilt from levels, lo and hi
+    again = TransformCoder(tc.dims, THETA, tc.state())
+    assert torch.equal(again.decode("v", codes, pos), dec)
+    with pytest.raises(TransformError, match=r"v\.lo"):
+        TransformCoder(tc.dims, THETA, {k: t for k, t in tc.state().items() if k != "v.lo"})
 
 
 @pytest.mark.parametrize(("bits", "max_bits"), [(20, 6), (180, 12)])
