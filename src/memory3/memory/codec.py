@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from memory3.memory.transform import CodecCalibration, TransformCoder, TransformError, rotate
+from memory3.memory.transform import MAX_BITS, CodecCalibration, TransformCoder, TransformError, rotate
 from memory3.memory.write import Memories, MemoryFormatError
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ class CodecConfig:
                 f"codec kind {self.kind!r} takes no factory, got {self.factory!r}: use kind='faiss'"
             )
         if self.kind == "transform":
-            if not 1 <= self.max_bits <= 16:
-                raise ValueError(f"max_bits must be 1..16, got {self.max_bits}")
+            if not 1 <= self.max_bits <= MAX_BITS:
+                raise ValueError(f"max_bits must be 1..{MAX_BITS}, got {self.max_bits}")
             if self.bits < 1:
                 raise ValueError(f"a transform codec needs bits >= 1 per vector, got {self.bits}")
         if self.positions not in ("uint8", "int16"):

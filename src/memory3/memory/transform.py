@@ -315,14 +315,13 @@ class TransformCoder:
             forward, inverse = root @ V, V.transpose(1, 2) @ inv_root
             c = ((x - mean[:, None]) @ forward).transpose(1, 2).reshape(U * D, N)  # rows: (unit, coef)
             fits = [_lloyd_rows(c, 2**b) for b in range(min(max_bits, LLOYD_BITS) + 1)]
+            err = [e for _, e in fits]
             if max_bits > LLOYD_BITS:  # finer: the 8-bit cells cut in equal parts
                 lo, hi = c.min(1).values, c.max(1).values
-                fits += [
-                    _refined_rows(c, fits[-1][0], lo, hi, b) for b in range(LLOYD_BITS + 1, max_bits + 1)
-                ]
+                err += [_refined_mse(c, fits[-1][0], lo, hi, b) for b in range(LLOYD_BITS + 1, max_bits + 1)]
                 tensors[f"{p}.lo"], tensors[f"{p}.hi"] = lo.reshape(U, D), hi.reshape(U, D)
-            errs.append(torch.stack([e for _, e in fits], 1))  # (U·D, max_bits + 1)
-            tables.append([lv for lv, _ in fits[: LLOYD_BITS + 1]])
+            errs.append(torch.stack(err, 1))  # (U·D, max_bits + 1)
+            tables.append([lv for lv, _ in fits])
             tensors[f"{p}.mean"], tensors[f"{p}.forward"], tensors[f"{p}.inverse"] = mean, forward, inverse
         if calibration is not None:  # one allocation over both parts: errors are in loss units
             alloc = _allocate(torch.cat(errs), bits * 2 * U, max_bits).reshape(2, U, D)
@@ -472,12 +471,12 @@ def refined_levels(levels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bit
     return (edges[:, :-1, None] + width[..., None] * at).reshape(len(lv), -1)
 
 
-def _refined_rows(
+def _refined_mse(
     x: torch.Tensor, levels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, rows: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`refined_levels` of each row of x (C, N) and the mean squared error of coding the row with
-    them (nearest level), over blocks of rows. Returns (the 8-bit levels, unchanged; the errors):
-    the refined levels are rebuilt from them when coding."""
+) -> torch.Tensor:
+    """The mean squared error (C,) of coding each row of x (C, N) with its `refined_levels` at
+    `bits` (nearest level), over blocks of rows. The levels themselves are not kept: coding
+    rebuilds them from the 8-bit `levels` and the range."""
     errs = []
     for i in range(0, x.shape[0], rows):
         table = refined_levels(levels[i : i + rows], lo[i : i + rows], hi[i : i + rows], bits)
@@ -485,7 +484,7 @@ def _refined_rows(
         bounds = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
         q = table.gather(1, torch.searchsorted(bounds, xs))
         errs.append(((q - xs) ** 2).mean(1))
-    return levels, torch.cat(errs)
+    return torch.cat(errs)
 
 
 def _stored(t: torch.Tensor) -> torch.Tensor:
