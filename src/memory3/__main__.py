@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -261,17 +262,54 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # faiss says at INFO which of its builds it loads, failed tries included
+        logging.getLogger("faiss").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if argv is None:  # a real process (the console script, torchrun), not a call from Python
         _print_python_stack_on_native_crash()
     try:
         code = int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except Exception as e:
+        code = error_exit_code(e)
+        if code is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {error_line(e)}", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv is None:
         _leave_torchrun_worker(code)
     return code
+
+
+def error_exit_code(e: BaseException) -> int | None:
+    """The exit code for an error the command line reports in one line (None: a bug, which
+    keeps its traceback). memory3's own errors carry theirs; bad input (ValueError) is 2;
+    files the system refused (missing, permissions, a damaged database) are 1."""
+    import sqlite3
+
+    from memory3.errors import Memory3Error
+
+    if isinstance(e, Memory3Error):
+        return e.exit_code
+    if isinstance(
+        e, ValueError | FileNotFoundError | NotADirectoryError | IsADirectoryError | FileExistsError
+    ):
+        return 2
+    if isinstance(e, OSError | sqlite3.DatabaseError):
+        return 1
+    return None
+
+
+def error_line(e: BaseException) -> str:
+    """One line: the error's own message (with the file an OSError names), without line breaks."""
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e):
+        msg = f"{e.filename}: {e.strerror or e}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
 
 
 def _print_python_stack_on_native_crash() -> None:

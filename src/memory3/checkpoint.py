@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memory3.config import MemoryConfig, ModelConfig, fingerprint
+from memory3.errors import CheckpointError
 from memory3.model import Memory3Model
 from memory3.shipped import BUNDLED, shipped_models
 
@@ -33,10 +34,6 @@ FORMAT_VERSION = 1
 META_FILE = "memory3.json"
 WEIGHTS_FILE = "model.safetensors"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or of another format."""
 
 
 @dataclass

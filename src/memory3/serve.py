@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memory3.config import GenerationConfig
+from memory3.errors import Memory3Error
 from memory3.generate import MODES, GenerationOutput, Generator, Mode, StreamEvent
 from memory3.memory.write import MemoryFormatError, memory_fingerprint
 from memory3.retrieval.base import Retriever
@@ -144,6 +145,9 @@ def _job_error(e: BaseException) -> APIError:
         )
     if isinstance(e, MemoryFormatError):
         return APIError(500, str(e), "server_error", code="memory_format")
+    if isinstance(e, Memory3Error) and not isinstance(e, ValueError):  # a bank that failed a read
+        log.error("request failed: %s", e)
+        return APIError(e.http_status, str(e), "server_error", code="store_error")
     if isinstance(e, ValueError):
         return APIError(400, str(e))
     log.error("request failed", exc_info=e)
@@ -314,6 +318,7 @@ class _App:
         self.stores = dict(stores)
         self.scheduler = scheduler
         self.created = int(time.time())
+        self._edit_locks: dict[str, asyncio.Lock] = {}
         # The scheduler thread uses the generator's tokenizer; the event loop gets its own copy
         # (a fast tokenizer must not be used from two threads at once).
         self.tok = copy.deepcopy(generator.tokenizer)
@@ -403,6 +408,11 @@ class _App:
             raise _job_error(e) from None
         except (ValueError, KeyError) as e:
             raise APIError(400, f"the store refused the operation: {e}", code="store_error") from None
+        except Memory3Error as e:
+            raise APIError(
+                e.http_status, f"the store failed: {e}", "server_error" if e.http_status >= 500 else
+                "invalid_request_error", code="store_error",
+            ) from None  # fmt: skip
 
     # -- generation -------------------------------------------------------------------------
     def _sampling(
@@ -658,12 +668,39 @@ class _App:
                     param="documents",
                     code="conflict",
                 )
-        added: list[dict] = []
-        step = self.cfg.documents_per_step
-        for i in range(0, len(docs), step):  # a few at a time: batches run in between
-            added += await self.on_scheduler(kb.add_documents, docs[i : i + step])
+        async with self.editing(name):
+            added = await self.write_documents(kb, docs)
         data = [{"object": "document", **r} for r in jsonable_encoder(added)]
         return JSONResponse({"object": "list", "store": name, "data": data}, status_code=201)
+
+    def editing(self, name: str) -> asyncio.Lock:
+        """The lock that keeps one document operation at a time on store `name`: a batch spans
+        several scheduler steps, and a store has one batch open at a time."""
+        return self._edit_locks.setdefault(name, asyncio.Lock())
+
+    async def write_documents(self, kb: KnowledgeBase, docs: list[dict]) -> list[dict]:
+        """Add (or replace) `docs`, all of them or none. A knowledge base with batches
+        (`begin_documents`) writes a few documents per scheduler step, so that decoding goes on
+        in between, and commits them together; others take them in one step."""
+        begin = getattr(kb, "begin_documents", None)
+        if begin is None:
+            return await self.on_scheduler(kb.add_documents, docs)
+        batch = await self.on_scheduler(begin)
+        try:
+            step = self.cfg.documents_per_step
+            for i in range(0, len(docs), step):
+                await self.on_scheduler(batch.add, docs[i : i + step])
+            return await self.on_scheduler(batch.commit)
+        except BaseException:
+            await asyncio.shield(self.on_scheduler_quietly(batch.abort))
+            raise
+
+    async def on_scheduler_quietly(self, fn: Callable[..., Any]) -> None:
+        """Run `fn` on the scheduler if it still runs (clean-up after a failed request)."""
+        try:
+            await self.on_scheduler(fn)
+        except APIError:
+            log.warning("could not run %s on the scheduler; it runs when the store closes", fn)
 
     def _document(self, d: DocumentIn | DocumentReplace, param: str, doc_id: str | None = None) -> dict:
         doc_id = doc_id if doc_id is not None else getattr(d, "id", None)
@@ -695,24 +732,26 @@ class _App:
             self.parse(DocumentReplace, await self.body(request)), "body", self._path_id(doc_id)
         )
 
-        def replace() -> tuple[int, list[dict]]:  # one operation: no batch sees the document missing
-            old = kb.get_document(doc_id)
-            n = kb.delete_documents([doc_id])
-            try:
-                return n, kb.add_documents([doc])
-            except Exception:
-                if old is not None and old.get("text"):  # put the old version back, then report
-                    kb.add_documents([{k: old[k] for k in ("id", "text", "title", "metadata") if k in old}])
-                raise
+        async with self.editing(name):
+            existed = await self.on_scheduler(kb.get_document, doc_id) is not None
+            if existed and not hasattr(kb, "begin_documents"):
+                # one operation: no batch sees the document missing
+                def replace() -> list[dict]:
+                    kb.delete_documents([doc_id])
+                    return kb.add_documents([doc])
 
-        n, added = await self.on_scheduler(replace)
+                added = await self.on_scheduler(replace)
+            else:  # a batch replaces the old version in the same transaction
+                added = await self.write_documents(kb, [doc])
+        n = int(existed)
         return JSONResponse(
             {"object": "document", **jsonable_encoder(added[0]), "store": name, "replaced": n > 0}
         )
 
     async def delete_document(self, request: Request, doc_id: str) -> JSONResponse:
-        _, kb = self.knowledge_base(request.query_params.get("store"))
-        n = await self.on_scheduler(kb.delete_documents, [self._path_id(doc_id)])
+        name, kb = self.knowledge_base(request.query_params.get("store"))
+        async with self.editing(name):
+            n = await self.on_scheduler(kb.delete_documents, [self._path_id(doc_id)])
         if n == 0:
             raise APIError(404, f"document {doc_id!r} not found", param="id", code="document_not_found")
         return JSONResponse({"id": doc_id, "object": "document.deleted", "deleted": True})

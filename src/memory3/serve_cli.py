@@ -1,6 +1,7 @@
 """`memory3 serve`: the OpenAI-compatible HTTP server (memory3.serve) from the command line.
 
 memory3 serve --store wiki=stores/wiki --port 8000
+memory3 serve --store wiki=stores/wiki --writable      # /v1/documents may change the bank
 MEMORY3_API_KEY=secret memory3 serve --store stores/wiki --host 0.0.0.0
 """
 
@@ -32,6 +33,12 @@ def register(subparsers: Any) -> None:
         default=[],
         metavar="[NAME=]DIR",
         help="memory bank to serve (repeatable); NAME defaults to the directory name",
+    )
+    p.add_argument(
+        "--writable",
+        action="store_true",
+        help="open the --store banks for writing, so that /v1/documents can add, replace and delete "
+        "documents (this server then holds each bank's writer lock: one writer per bank)",
     )
     p.add_argument(
         "--kb",
@@ -105,10 +112,12 @@ def open_stores(
     kept_tokens: int | None = None,
     selection: Selection | None = None,
     dtype: Any = None,
+    writable: bool = False,
 ) -> tuple[dict[str, Any], Any]:
     """Open every --store and --kb once, at start-up: {name: retriever} and their shared memory
     config (the model's own, or `kept_tokens` / `selection` on top of it for --kb; a --store keeps
-    what it was built with). Paths come from the command line only; requests name stores from this dict."""
+    what it was built with). Paths come from the command line only; requests name stores from this dict.
+    `writable`: open the banks for writing (document operations)."""
 
     out: dict[str, Any] = {}
     mem_cfg = None
@@ -128,6 +137,7 @@ def open_stores(
             kept_tokens=kept_tokens,
             selection=selection,
             dtype=dtype,
+            **({"writable": writable} if kind == "store" else {}),
         )
         if mem_cfg is not None and cfg != mem_cfg:
             raise ValueError(
@@ -159,6 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.kept_tokens,
         args.selection,
         kv_dtype_of(args, loaded),
+        writable=args.writable,
     )
     gen = Generator(
         loaded.model, loaded.tokenizer, None, mem_cfg, min_score=args.min_score, kv_dtype=args.kv_dtype

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import threading
 import time
 from collections.abc import Iterable
@@ -328,10 +329,11 @@ class _EmbedInBackground:
             raise self.error
 
 
-def _index(store: MemoryStore, config: BuildConfig, progress: bool) -> None:
-    """Embed every reference (resumable: one .npy per batch) and build the retrieval index."""
+def _index(store: MemoryStore, config: BuildConfig, progress: bool, again: bool = False) -> None:
+    """Embed every reference (resumable: one .npy per batch) and build the retrieval index
+    (`again`: also when the bank has one; it is replaced when the new one is complete)."""
     index_dir = store.path / INDEX_SUBDIR
-    if (index_dir / "index.json").exists() and store.manifest.get("index"):
+    if not again and (index_dir / "index.json").exists() and store.manifest.get("index"):
         return
     part_dir = store.path / PARTIAL
     ids = _index_ids(store)
@@ -344,6 +346,34 @@ def _index(store: MemoryStore, config: BuildConfig, progress: bool) -> None:
     for f in part_dir.glob("*.npy"):
         f.unlink()
     part_dir.rmdir()
+
+
+def reindex(
+    path: str | Path, embedder: str | None = None, index: IndexConfig | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Embed every reference of the bank at `path` again and replace its retrieval index, as a
+    whole once the new one is complete (for a bank whose index is missing or damaged, or to
+    change the embedder or the index kind). `embedder` / `index`: None keeps what the bank was
+    built with."""
+    with MemoryStore.open(path, readonly=False) as store:
+        built = (store.manifest.get("extra") or {}).get("build") or {}
+        spec = (store.manifest.get("index") or {}).get("embedder") or {}
+        if embedder is None:
+            embedder = built.get("embedder") or (
+                f"hashing-{spec['dim']}" if spec.get("kind") == "hashing" else spec.get("name")
+            )
+        if index is None:
+            index = IndexConfig(**built["index"]) if built.get("index") else IndexConfig()
+        cfg = BuildConfig(embedder=embedder or "minilm", index=index)
+        shutil.rmtree(store.path / PARTIAL, ignore_errors=True)  # maybe vectors of another embedder
+        _index(store, cfg, progress, again=True)
+        n = store.counts()
+        return {
+            "path": str(store.path),
+            "indexed": n["live"] + n["pending"],
+            "embedder": cfg.embedder,
+            "index": (store.manifest.get("index") or {}).get("kind"),
+        }
 
 
 def build_distributed(

@@ -6,7 +6,12 @@ import argparse
 import itertools
 import json
 import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+from memory3.errors import InputError
 
 
 def _print(obj: Any) -> None:
@@ -22,14 +27,17 @@ def _codec_config(args: argparse.Namespace) -> Any:
 def cmd_build(args: argparse.Namespace) -> int:
     from memory3.__main__ import load_model
     from memory3.memory.build import BuildConfig, build, build_distributed
-    from memory3.memory.ingest import IngestStats, read_documents
+    from memory3.memory.ingest import IngestStats
     from memory3.retrieval.index import IndexConfig
 
     codec = _codec_config(args)
     if args.calibration and codec.kind != "transform":  # before the model loads
-        raise SystemExit(
+        raise InputError(
             f"--calibration is for transform codecs (--codec tc<bits>), not --codec {args.codec}"
         )
+    _check_out(Path(args.out))
+    stats = IngestStats()
+    docs = _documents(args.source, stats, "build")  # bad or empty input: said before the model loads
     loaded = load_model(args)
     config = BuildConfig(
         codec=codec,
@@ -45,22 +53,51 @@ def cmd_build(args: argparse.Namespace) -> int:
         from memory3.memory.transform import find_calibration
 
         calibration = find_calibration(loaded.path, args.calibration)
-    stats = IngestStats()
-    docs = read_documents(args.source, stats)
     if args.limit:
         docs = itertools.islice(docs, args.limit)  # stops reading there (the counts say so too)
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         summary = build_distributed(
-            list(docs), args.out, loaded.model, loaded.tokenizer, mem_cfg, config, calibration=calibration
-        )
+            list(docs), args.out, loaded.model, loaded.tokenizer, mem_cfg, config, calibration=calibration,
+            progress=not args.no_progress,
+        )  # fmt: skip
         if summary is not None:
             _print(summary.to_dict())
         return 0
     summary = build(
-        docs, args.out, loaded.model, loaded.tokenizer, mem_cfg, config, stats=stats, calibration=calibration
-    )
+        docs, args.out, loaded.model, loaded.tokenizer, mem_cfg, config, stats=stats, calibration=calibration,
+        progress=not args.no_progress,
+    )  # fmt: skip
     _print(summary.to_dict())
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """`build --out` must be a new path, an empty directory, or a bank to resume."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a directory for the memory bank (a new path)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise InputError(
+            f"--out {out} is a directory that holds other files, not a memory bank; give a new path "
+            "(or an empty directory, or a bank whose build you want to resume)"
+        )
+
+
+def _documents(source: str, stats: Any, verb: str) -> Iterator[Any]:
+    """The documents of `source`, refusing a source that has none (before any model loads)."""
+    from memory3.memory.ingest import read_documents
+
+    docs = read_documents(source, stats)
+    first = next(docs, None)
+    if first is None:
+        raise InputError(
+            f"{source}: no documents to {verb} ({_skipped(stats)}); give text, Markdown or JSONL with a 'text' field"
+        )
+    return itertools.chain([first], docs)
+
+
+def _skipped(stats: Any) -> str:
+    counts = {k: v for k, v in stats.as_dict().items() if v}
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "the input is empty"
 
 
 def _open(args: argparse.Namespace, writable: bool) -> Any:
@@ -80,10 +117,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from memory3.memory.store import MemoryStore
+    from memory3.retrieval.retriever import verify_bank
 
-    with MemoryStore.open(args.store) as store:
-        report = store.verify()
+    report = verify_bank(args.store)
     _print({"ok": report.ok, "checked": report.checked, "errors": report.errors, "counts": report.counts})
     return 0 if report.ok else 1
 
@@ -96,12 +132,23 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_add(args: argparse.Namespace) -> int:
-    from memory3.memory.ingest import IngestStats, read_documents
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from memory3.memory.build import reindex
+    from memory3.retrieval.index import IndexConfig
 
-    retr = _open(args, writable=True)
+    index = None if args.index is None else IndexConfig(kind=args.index)
+    _print(reindex(args.store, args.embedder, index, progress=not args.no_progress))
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from memory3.memory.ingest import IngestStats
+    from memory3.memory.store import read_manifest
+
+    read_manifest(args.store)  # a wrong path is said before the model loads
     stats = IngestStats()
-    docs = list(read_documents(args.source, stats))
+    docs = list(_documents(args.source, stats, "add"))
+    retr = _open(args, writable=True)
     added = retr.add_documents(docs, replace=True)
     _print(
         {
@@ -116,10 +163,18 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     retr = _open(args, writable=True)
-    n = retr.delete_documents(args.doc_ids)
+    with retr.begin_documents() as batch:
+        batch.delete(args.doc_ids)
     retr.store.close()
-    _print({"deleted_documents": n})
-    return 0 if n else 1
+    unknown = [d for d in dict.fromkeys(args.doc_ids) if d not in batch.deleted]
+    _print({"deleted_documents": len(batch.deleted), "not_found": unknown})
+    if unknown:
+        print(
+            f"error: {len(unknown)} of the documents are not in {args.store}: {unknown[:10]}; "
+            "`memory3 store info` counts what it holds",
+            file=sys.stderr,
+        )
+    return 1 if unknown else 0
 
 
 def register(sub: Any) -> None:
@@ -150,6 +205,7 @@ def register(sub: Any) -> None:
         help="'minilm' (bundled), 'bge-m3', or a sentence-transformers name/path",
     )
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_memory_args(p, "how the bank's memories are written, once (part of its fingerprint)")
     p.add_argument("--cold", action="store_true", help="cold start: write memories when first retrieved")
     p.add_argument("--limit", type=int, default=0, help="only the first N documents")
@@ -165,21 +221,41 @@ def register(sub: Any) -> None:
     store = sub.add_parser("store", help="inspect and change a memory bank").add_subparsers(
         dest="store_command", required=True
     )
+    bank_help = "the memory bank directory (made by `memory3 build`)"
     for name, func, helptext in (
         ("info", cmd_info, "counts, sizes, fingerprints"),
-        ("verify", cmd_verify, "check every record's checksum"),
+        (
+            "verify",
+            cmd_verify,
+            "check the manifest, the metadata, every record's checksum and the index; exit 1 if anything is wrong",
+        ),
         ("compact", cmd_compact, "reclaim the space of deleted references"),
     ):
-        q = store.add_parser(name, help=helptext)
-        q.add_argument("store")
+        q = store.add_parser(name, help=helptext, description=helptext)
+        q.add_argument("store", help=bank_help)
         q.set_defaults(func=func)
-    q = store.add_parser("add", help="add or replace documents (same id = replaced as a unit)")
-    q.add_argument("store")
-    q.add_argument("source")
+    q = store.add_parser(
+        "reindex",
+        help="embed every reference again and replace the retrieval index (a missing or damaged index, "
+        "another embedder or index kind)",
+    )
+    q.add_argument("store", help=bank_help)
+    q.add_argument("--embedder", default=None, help="default: the one the bank was built with")
+    q.add_argument(
+        "--index", default=None, choices=("auto", "flat", "hnsw", "ivf"), help="default: the bank's"
+    )
+    q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    q.set_defaults(func=cmd_reindex)
+    q = store.add_parser(
+        "add",
+        help="add or replace documents, all of them or none (same id = replaced as a unit)",
+    )
+    q.add_argument("store", help=bank_help)
+    q.add_argument("source", help="a text/Markdown/JSONL file or a directory of them")
     add_model_args(q)
     q.set_defaults(func=cmd_add)
-    q = store.add_parser("delete", help="delete documents by id")
-    q.add_argument("store")
-    q.add_argument("doc_ids", nargs="+")
+    q = store.add_parser("delete", help="delete documents by id, together")
+    q.add_argument("store", help=bank_help)
+    q.add_argument("doc_ids", nargs="+", help="document ids (`id` of the JSONL line, or the file's path)")
     add_model_args(q)
     q.set_defaults(func=cmd_delete)

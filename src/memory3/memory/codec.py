@@ -39,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from memory3.errors import ConfigError
 from memory3.memory.transform import MAX_BITS, CodecCalibration, TransformCoder, TransformError, rotate
 from memory3.memory.write import Memories, MemoryFormatError
 
@@ -50,7 +51,7 @@ TRANSFORM_FILE = "transform.safetensors"
 _UINT8_MAX_POSITION = 254  # uint8 stores position + 1; 0 is the empty slot
 
 
-class CodecError(ValueError):
+class CodecError(ConfigError):
     """A codec that is untrained, damaged, or does not fit the memories given to it."""
 
 

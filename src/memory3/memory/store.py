@@ -30,6 +30,7 @@ reader that still holds one open keeps its disk space in use until it closes the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -38,6 +39,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
@@ -52,6 +54,12 @@ import numpy as np
 import torch
 
 from memory3.config import MemoryConfig, ModelConfig
+from memory3.errors import (
+    FingerprintMismatchError,
+    StoreCorruptError,
+    StoreError,
+    StoreLockedError,
+)
 from memory3.memory.codec import MemoryCodec
 from memory3.memory.write import Memories, MemoryFormatError
 
@@ -88,18 +96,6 @@ CREATE INDEX refs_doc ON refs (doc_id);
 CREATE UNIQUE INDEX refs_place ON refs (shard, slot) WHERE shard IS NOT NULL;
 CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
-
-class StoreError(RuntimeError):
-    """A memory store that is missing, of another format, or used the wrong way."""
-
-
-class StoreCorruptError(StoreError):
-    """Bytes on disk that do not match their checksum or the metadata."""
-
-
-class FingerprintMismatchError(StoreError):
-    """The store holds memories written by another model or memory configuration."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +165,13 @@ def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     _fsync_dir(path.parent)
 
 
+def _argv() -> list[str]:
+    """The command line of this process, for the writer lock's note (the script's name only)."""
+    argv = list(getattr(sys, "argv", []) or ["python"])
+    argv[0] = os.path.basename(argv[0])
+    return argv
+
+
 def _shard_name(shard: int) -> str:
     return f"{shard:05d}.bin"
 
@@ -180,8 +183,9 @@ def _chunks(seq: Sequence[int], n: int = _SQL_BATCH) -> Iterator[Sequence[int]]:
 
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     if readonly:
+        # A URI needs an absolute path; `mode=ro` never creates the file nor writes to it.
         conn = sqlite3.connect(
-            f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
         )
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -193,14 +197,34 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
 
 def _check_dir(path: Path) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no memory store here (create one with MemoryStore.create)")
+        raise FileNotFoundError(
+            f"{path}: no memory bank here; check the path, or build one with `memory3 build SOURCE --out {path}`"
+        )
     if not path.is_dir():
-        raise StoreError(f"{path} is a file, not a memory store directory")
+        raise StoreError(
+            f"{path} is a file, not a memory bank directory; give the directory `memory3 build` made"
+        )
     if not (path / MANIFEST).is_file():
         raise StoreError(
-            f"{path}: not a memory store ({MANIFEST} missing); a store directory is made by "
-            "MemoryStore.create (a half-created one can be deleted)"
+            f"{path}: not a memory bank ({MANIFEST} missing); give the directory `memory3 build` made "
+            "(a build that never finished creating it left nothing to keep: delete the directory)"
         )
+
+
+_MANIFEST_KEYS = ("memory_fingerprint", "codec_fingerprint", "memory", "record_bytes", "records_per_shard")
+
+
+def _dir_mode() -> int:
+    """The mode a new directory gets under the process umask (mkdtemp makes 0700 ones)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def make_dir_like_mkdir(path: Path) -> None:
+    """Give a directory made by `tempfile.mkdtemp` the mode `mkdir` would have given it, so that a
+    bank is readable by whoever the umask allows (a service account, a group)."""
+    os.chmod(path, _dir_mode())
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -209,14 +233,25 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     _check_dir(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as e:
-        raise StoreCorruptError(f"{path / MANIFEST}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreCorruptError(
+            f"{path / MANIFEST}: damaged, not valid JSON ({e}); restore it from a backup or rebuild the bank"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise StoreCorruptError(
+            f"{path / MANIFEST}: damaged (not a JSON object); restore it or rebuild the bank"
+        )
     if manifest.get("format") != FORMAT:
         raise StoreError(f"{path / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("version") != FORMAT_VERSION:
         raise StoreError(
             f"{path}: store format version {manifest.get('version')!r}; this memory3 reads version "
             f"{FORMAT_VERSION}: rebuild the store or use a matching memory3"
+        )
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise StoreCorruptError(
+            f"{path / MANIFEST}: damaged, fields {missing} missing; restore it from a backup or rebuild the bank"
         )
     return manifest
 
@@ -254,7 +289,8 @@ class _Shards:
             fd = os.open(self.path(shard), os.O_RDONLY)
         except FileNotFoundError:
             raise StoreCorruptError(
-                f"{self.path(shard)}: shard file missing (if the store was just compacted, reopen it)"
+                f"{self.path(shard)}: shard file missing; if the bank was just compacted, open it again, "
+                f"else run `memory3 store verify {self.root.parent}` and rebuild the bank"
             ) from None
         except OSError as e:
             if e.errno == errno.EMFILE:
@@ -292,8 +328,8 @@ class _Shards:
                 if n == 0:
                     raise StoreCorruptError(
                         f"{self.path(shard)}: {os.fstat(fd).st_size} bytes, but committed record {slot} "
-                        f"reaches byte {(slot + 1) * self.rs}: the shard was truncated; run verify() and "
-                        "rebuild the missing references"
+                        f"reaches byte {(slot + 1) * self.rs}: the shard was truncated; run `memory3 store "
+                        f"verify {self.root.parent}` and rebuild the bank"
                     )
                 got += n
         while len(self._fds) > self.max_open:  # keep the most recently used open
@@ -303,7 +339,7 @@ class _Shards:
     def write(self, shard: int, slot: int, records: np.ndarray) -> None:
         p = self.path(shard)
         new = not p.exists()
-        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who may read
         try:
             data = np.ascontiguousarray(records).tobytes()
             off, view = slot * self.rs, memoryview(data)
@@ -346,13 +382,30 @@ class MemoryStore:
         self.records_per_shard = int(manifest["records_per_shard"])
         self._lock = threading.RLock()
         self._lock_fd: int | None = None
+        self._batch: DocumentBatch | None = None  # the open batch, if any (one at a time)
+        self._append_at: tuple[int, int] | None = None  # next place while a batch holds staged records
+        self._db: sqlite3.Connection | None = None
         if not readonly:
             self._lock_fd = self._take_writer_lock()
         try:
+            if not (path / META_DB).is_file():
+                raise StoreCorruptError(
+                    f"{path / META_DB}: missing; the bank's metadata is gone: restore it from a backup "
+                    "or rebuild the bank"
+                )
             self._db = _connect(path / META_DB, readonly)
-        except sqlite3.OperationalError as e:
+            self._db.execute("SELECT value FROM info WHERE key = 'append_shard_min'").fetchone()
+            self._db.execute("SELECT ref_id FROM refs LIMIT 1").fetchone()
+        except sqlite3.DatabaseError as e:
+            self._close_db()
             self._release_writer_lock()
-            raise StoreCorruptError(f"{path / META_DB}: cannot open ({e})") from None
+            raise StoreCorruptError(
+                f"{path / META_DB}: cannot be read ({e}); restore it from a backup or rebuild the bank"
+            ) from None
+        except BaseException:
+            self._close_db()
+            self._release_writer_lock()
+            raise
         self._shards = _Shards(path / SHARD_DIR, self.record_size)
         if not readonly:
             self._recover()
@@ -373,7 +426,9 @@ class MemoryStore:
         directory appears complete or not at all (built aside, then renamed)."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise FileExistsError(f"{path} exists: choose a new path, or open it with MemoryStore.open")
+            raise FileExistsError(
+                f"{path} exists and is not an empty directory: choose a new path for the bank"
+            )
         if not codec.trained:
             raise ValueError("the codec is not trained: train it (memory3.memory.codec.train_codec) first")
         if not memory_fingerprint:
@@ -403,6 +458,7 @@ class MemoryStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
         try:
+            make_dir_like_mkdir(tmp)
             codec.save(tmp / CODEC_DIR)
             (tmp / SHARD_DIR).mkdir()
             conn = _connect(tmp / META_DB, readonly=False)
@@ -450,30 +506,59 @@ class MemoryStore:
         return cls(path, manifest, codec, readonly)
 
     def _take_writer_lock(self) -> int:
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the one writer's lock (flock on writer.lock) and write who holds it into the file;
+        refuse, naming the holder, when another process has it."""
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            raise StoreError(
+                f"{self.path}: no permission to write here; open the bank read-only, or run as its owner"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
-            raise StoreError(
-                f"{self.path} is open for writing by another process: wait for it, or open readonly=True"
+            try:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise StoreLockedError(
+                f"{self.path} is open for writing by {holder}; one process writes to a bank at a time: "
+                "stop that process or wait for it to finish (reading needs no lock)"
             ) from None
+        holder = f"pid {os.getpid()} ({' '.join(_argv())[:200]}) since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode() + b"\n", 0)
         return fd
 
     def _release_writer_lock(self) -> None:
         if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)  # nobody holds it now
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
 
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
     def close(self) -> None:
-        """Close the store; a writer also refreshes the counts in the manifest."""
+        """Close the store. A writer refreshes the counts in the manifest, aborts a batch still
+        open, and leaves the metadata in one file (no -wal/-shm beside it), so that readers that
+        come later write nothing into the bank."""
         with self._lock:
             if getattr(self, "_db", None) is None:
                 return
             if not self.readonly:
+                if self._batch is not None:
+                    self._batch.abort()
                 self._write_manifest()
-            self._db.close()
-            self._db = None  # type: ignore[assignment]
+                try:  # fails (busy) while a reader has the database open: it stays in WAL mode then
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    self._db.execute("PRAGMA journal_mode=DELETE")
+                except sqlite3.OperationalError as e:
+                    log.debug("%s stays in WAL mode: %s", self.path / META_DB, e)
+            self._close_db()
             self._shards.forget()
             self._release_writer_lock()
 
@@ -504,7 +589,10 @@ class MemoryStore:
 
     def _require_writer(self, what: str) -> None:
         if self.readonly:
-            raise StoreError(f"{what}: {self.path} is open read-only; open it with readonly=False")
+            raise StoreError(
+                f"{what}: {self.path} is open read-only; open it for writing "
+                "(MemoryStore.open(path, readonly=False), `memory3 serve --writable`)"
+            )
         self._conn()
 
     def _info(self, key: str) -> str:
@@ -551,7 +639,10 @@ class MemoryStore:
 
     def _next_place(self) -> tuple[int, int]:
         """Where the next record goes: after the last committed record of the last shard this
-        store may append to, or a new shard."""
+        store may append to, or a new shard; while a batch holds staged (uncommitted) records,
+        after those."""
+        if self._append_at is not None:
+            return self._append_at
         floor = int(self._info("append_shard_min"))
         tails = self._tails()
         mine = [s for s in tails if s >= floor]
@@ -572,7 +663,9 @@ class MemoryStore:
             self._shards.write(shard, slot, records[i : i + n])
             places += [(shard, slot + j) for j in range(n)]
             i += n
-            shard, slot = shard + 1, 0
+            shard, slot = (shard + 1, 0) if slot + n >= self.records_per_shard else (shard, slot + n)
+        if self._batch is not None:  # keep staged records from being overwritten
+            self._append_at = (shard, slot)
         return places
 
     def _encode(self, mem: Memories, n: int) -> np.ndarray:
@@ -682,8 +775,8 @@ class MemoryStore:
             )
         except sqlite3.IntegrityError:
             raise StoreError(
-                f"document {r.doc_id!r} chunk {r.chunk} is already in {self.path}: delete_doc() it "
-                "first, or use replace_doc()"
+                f"document {r.doc_id!r} chunk {r.chunk} is already in {self.path}: delete the document "
+                "first, or replace it (`memory3 store add` replaces documents with the same id)"
             ) from None
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -713,6 +806,10 @@ class MemoryStore:
         any point (recovery removes whichever set of shards no row points to)."""
         with self._lock:
             self._require_writer("compact")
+            if self._batch is not None:
+                raise StoreError(
+                    f"compact: {self.path} has a batch of changes open; commit or abort it first"
+                )
             conn = self._conn()
             before = sum(p.stat().st_size for p in (self.path / SHARD_DIR).glob("*.bin"))
             n_dead = conn.execute("SELECT COUNT(*) FROM refs WHERE deleted = 1").fetchone()[0]
@@ -755,6 +852,21 @@ class MemoryStore:
             log.info("compacted %s: %d -> %d bytes", self.path, before, after)
             return {"records": len(live), "bytes_before": before, "bytes_after": after}
 
+    def batch(self) -> DocumentBatch:
+        """Begin a batch of document changes that become visible together or not at all (see
+        `DocumentBatch`). One batch at a time per store; use it as a context manager, or call
+        `commit` / `abort`."""
+        with self._lock:
+            self._require_writer("batch")
+            if self._batch is not None:
+                raise StoreError(f"{self.path} already has a batch of changes open; commit or abort it first")
+            self._batch = DocumentBatch(self)
+            return self._batch
+
+    def _end_batch(self, batch: DocumentBatch) -> None:
+        if self._batch is batch:
+            self._batch, self._append_at = None, None
+
     # --- reading ----------------------------------------------------------------------------
     def _rows(self, ref_ids: Sequence[int], cols: str) -> dict[int, tuple[Any, ...]]:
         out: dict[int, tuple[Any, ...]] = {}
@@ -783,8 +895,8 @@ class MemoryStore:
                 shard, slot = places[ref_ids[j]]
                 raise StoreCorruptError(
                     f"{self.path}: record of ref {ref_ids[j]} (shard {_shard_name(shard)}, record {slot}) "
-                    "fails its checksum: the shard file is damaged; run verify() and rebuild the "
-                    "damaged references"
+                    f"fails its checksum: the shard file is damaged; run `memory3 store verify {self.path}` "
+                    "and rebuild the bank"
                 )
         return out
 
@@ -911,6 +1023,24 @@ class MemoryStore:
             **self.counts(),
         }
 
+    def check_files(self) -> None:
+        """Cheap check that every shard file a committed record lies in exists and is long enough
+        (no checksums: `verify` reads every record). Raises StoreCorruptError naming the file."""
+        with self._lock:
+            for shard, n in sorted(self._tails().items()):
+                p = self._shards.path(shard)
+                if not p.is_file():
+                    raise StoreCorruptError(
+                        f"{p}: shard file missing ({n} records); run `memory3 store verify {self.path}` "
+                        "and rebuild the bank"
+                    )
+                if p.stat().st_size < n * self.record_size:
+                    raise StoreCorruptError(
+                        f"{p}: {p.stat().st_size} bytes, but its committed records reach byte "
+                        f"{n * self.record_size}: the shard was truncated; run `memory3 store verify "
+                        f"{self.path}` and rebuild the bank"
+                    )
+
     def verify(self) -> VerifyReport:
         """Check every committed record's checksum and the files against the metadata; report
         all problems instead of stopping at the first."""
@@ -960,6 +1090,110 @@ class MemoryStore:
             orphans = [p for p in (self.path / SHARD_DIR).glob("*.bin") if int(p.stem) not in by_shard]
             counts = {**self.counts(), "orphan_files": len(orphans)}
         return VerifyReport(ok=not errors, checked=checked, errors=errors, counts=counts)
+
+
+class DocumentBatch:
+    """Document changes that become visible together, in one SQLite transaction, or not at all.
+
+    `put` writes a document's records to the shards at once (fsynced) but adds no row, so no
+    reader sees them; `delete` only notes the document. `commit` then marks the old versions
+    deleted and inserts every new row in one transaction. A crash before that commit leaves no
+    trace once a writer opens the store again (its records lie past the committed end of their
+    shard and are cut off), and `abort` gives their space back at once. Memories are written in
+    as many `put`s as the caller likes (a server writes a few documents between two decoding
+    batches), while the batch stays all or nothing."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self._puts: dict[str, list[tuple[RefMeta, tuple[int, int]]]] = {}
+        self._deletes: set[str] = set()
+        self._open = True
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise StoreError(
+                "this batch is finished (committed or aborted); begin another with store.batch()"
+            )
+
+    def put(self, doc_id: str, refs: Sequence[RefMeta], mem: Memories) -> None:
+        """Stage a document's new version (replacing any version already in the store)."""
+        with self.store._lock:
+            self._check_open()
+            refs = list(refs)
+            if not refs:
+                raise ValueError(f"document {doc_id!r} has no references to store")
+            if any(r.doc_id != doc_id for r in refs):
+                raise ValueError(f"put({doc_id!r}) got references of other documents")
+            if len({r.chunk for r in refs}) != len(refs):
+                raise ValueError(f"document {doc_id!r}: two references share a chunk number")
+            places = self.store._write_records(self.store._encode(mem, len(refs)))
+            self._puts[doc_id] = list(zip(refs, places, strict=True))
+            self._deletes.discard(doc_id)
+
+    def delete(self, doc_id: str) -> None:
+        """Stage a document's deletion (a document put in this batch is dropped from it too)."""
+        with self.store._lock:
+            self._check_open()
+            self._puts.pop(doc_id, None)
+            self._deletes.add(doc_id)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        """Documents this batch puts or deletes."""
+        return [*self._puts, *sorted(self._deletes - set(self._puts))]
+
+    def commit(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """Apply the batch in one transaction. Returns ({doc_id: new ref ids} of every put,
+        {doc_id: ref ids now deleted} of every document that had a version in the store)."""
+        store = self.store
+        with store._lock:
+            self._check_open()
+            conn = store._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                old: dict[str, list[int]] = {}
+                for doc_id in [*self._puts, *self._deletes]:
+                    ids = [
+                        int(r[0])
+                        for r in conn.execute(
+                            "SELECT ref_id FROM refs WHERE doc_id = ? AND deleted = 0", (doc_id,)
+                        )
+                    ]
+                    if ids:
+                        old[doc_id] = ids
+                        conn.execute(
+                            "UPDATE refs SET deleted = 1 WHERE doc_id = ? AND deleted = 0", (doc_id,)
+                        )
+                new = {
+                    doc_id: [store._insert(r, built=True, place=place) for r, place in items]
+                    for doc_id, items in self._puts.items()
+                }
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self.abort()
+                raise
+            self._open = False
+            store._end_batch(self)
+            return new, old
+
+    def abort(self) -> None:
+        """Drop the batch: nothing of it was ever visible, and its staged records' space is
+        written over by the next append."""
+        with self.store._lock:
+            self._open = False
+            self._puts.clear()
+            self._deletes.clear()
+            self.store._end_batch(self)
+
+    def __enter__(self) -> DocumentBatch:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None and self._open:
+            self.commit()
+        elif self._open:
+            self.abort()
 
 
 def _check_shape(codec: MemoryCodec, model: dict[str, Any] | None, memory: dict[str, Any] | None) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memory3.errors import ConfigError
 from memory3.model import rope_cos_sin
 
 PARTS = ("k", "v")
@@ -45,7 +46,7 @@ MAX_BITS = 16
 CALIBRATION_FILE = "codec_calibration.safetensors"
 
 
-class TransformError(ValueError):
+class TransformError(ConfigError):
     """A transform codec or calibration that is damaged or does not fit the memories given."""
 
 

@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 
 from memory3.config import MemoryConfig, fingerprint
+from memory3.errors import InputError
 from memory3.model import Captured, Memory3Model
 
 
-class MemoryFormatError(ValueError):
+class MemoryFormatError(InputError):
     """Memories that do not fit the model or configuration reading them."""
 
 

@@ -24,12 +24,14 @@ def open_retriever(
     kept_tokens: int | None = None,
     selection: Selection | None = None,
     dtype: torch.dtype | None = None,
+    writable: bool = False,
 ) -> tuple[Retriever | None, MemoryConfig]:
     """(retriever or None, the memory config to generate with).
 
     `kept_tokens` / `selection` (None: the model's own) set how a `kb`'s memories are written. A
     memory bank's memories were written when it was built, so with `store` they must match it.
-    `dtype`: what a bank's memories are cached in (`StoreRetriever.open`)."""
+    `dtype`: what a bank's memories are cached in (`StoreRetriever.open`). `writable`: open a
+    bank for writing (it takes the bank's writer lock), so that its documents can be changed."""
     if store is not None and kb is not None:
         raise ValueError("give either --store (a memory bank) or --kb (a small text file), not both")
     if store is not None:
@@ -46,7 +48,7 @@ def open_retriever(
                 f"it is, or build another bank with `memory3 build SOURCE --out DIR --kept-tokens "
                 f"{want.kept_tokens} --selection {want.selection}`"
             )
-        retriever = StoreRetriever.open(store, loaded.model, loaded.tokenizer, dtype=dtype)
+        retriever = StoreRetriever.open(store, loaded.model, loaded.tokenizer, dtype=dtype, writable=writable)
         return retriever, retriever.memory_config
     if kb is None:
         return None, loaded.memory_config.override(kept_tokens, selection)

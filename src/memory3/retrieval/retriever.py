@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from memory3.config import MemoryConfig
+from memory3.errors import StoreError
 from memory3.memory.ingest import Document, Reference, chunk_documents
-from memory3.memory.store import MemoryStore, RefMeta
+from memory3.memory.store import MemoryStore, RefMeta, VerifyReport
 from memory3.memory.write import Memories, MemoryWriter, memory_fingerprint, reference_prefix_ids
 from memory3.model import Memory3Model
 from memory3.retrieval.base import Embedder, Hit
 from memory3.retrieval.embed import from_spec
-from memory3.retrieval.index import VectorIndex
+from memory3.retrieval.index import VectorIndex, recover_index_dir
 from memory3.retrieval.leak import leaks
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,21 @@ class StoreRetriever:
         store = MemoryStore.open(
             path, expect_fingerprint=memory_fingerprint(model, mem_cfg), readonly=not writable
         )
+        try:
+            store.check_files()
+        except BaseException:
+            store.close()
+            raise
         index_dir = path / INDEX_SUBDIR
-        if not (index_dir / "index.json").exists():
-            raise FileNotFoundError(
-                f"{index_dir}: the bank has no retrieval index; finish the build (`memory3 build`)"
+        recover_index_dir(index_dir)
+        if (
+            not (index_dir / "index.json").exists()
+            and not (index_dir.with_name(index_dir.name + ".replaced") / "index.json").exists()
+        ):
+            store.close()
+            raise StoreError(
+                f"{index_dir}: the bank has no retrieval index; finish the build (run the same "
+                f"`memory3 build … --out {path}` again) or index it anew (`memory3 store reindex {path}`)"
             )
         index = VectorIndex.load(index_dir)
         spec = (manifest.get("index") or {}).get("embedder")
@@ -141,7 +153,9 @@ class StoreRetriever:
             writer = MemoryWriter(
                 model, reference_prefix_ids(tokenizer, model.config.bos_token_id, mem_cfg), mem_cfg
             )
-        return cls(store, index, embedder, writer, tokenizer, cache_size, dtype or model.dtype)
+        retriever = cls(store, index, embedder, writer, tokenizer, cache_size, dtype or model.dtype)
+        retriever.reconcile_index()
+        return retriever
 
     @property
     def memory_fingerprint(self) -> str:
@@ -239,61 +253,67 @@ class StoreRetriever:
     # -- knowledge management --------------------------------------------------------------------
     def _require_writer(self) -> MemoryWriter:
         if self.writer is None or self.tokenizer is None:
-            raise ValueError("this memory bank is open read-only: open it writable to change documents")
+            raise ValueError(
+                "this memory bank is open read-only: open it for writing to change documents "
+                "(StoreRetriever.open(…, writable=True), `memory3 serve --writable`)"
+            )
         return self.writer
+
+    def begin_documents(self, replace: bool = True) -> DocumentBatch:
+        """Begin a batch of document changes that becomes retrievable as a whole or not at all
+        (`DocumentBatch`): add documents in as many steps as you like, then `commit`."""
+        self._require_writer()
+        return DocumentBatch(self, replace)
 
     def add_documents(
         self, docs: Sequence[Document | dict[str, Any]], replace: bool = True
     ) -> list[dict[str, Any]]:
         """Chunk, write, store and index documents (`Document`s, or dicts with `text` and
-        optionally `id`, `title`, `metadata`). An existing document with the same id is replaced
+        optionally `id`, `title`, `metadata`), all of them or none: a crash or an error at any
+        point leaves the bank as it was. An existing document with the same id is replaced
         as a unit: readers see the old version or the new one, never neither.
         Returns per document {"id", "reference_ids"}."""
-        writer = self._require_writer()
-        docs = [d if isinstance(d, Document) else _document(d) for d in docs]
-        out: list[dict[str, Any]] = []
-        refs = list(chunk_documents(docs, self.tokenizer, self.memory_config.reference_tokens))
-        by_doc: dict[str, list[Reference]] = {}
-        for r in refs:
-            by_doc.setdefault(r.doc_id, []).append(r)
-        with self._lock:
-            for doc in docs:
-                rs = by_doc.get(doc.doc_id, [])
-                if not rs:
-                    raise ValueError(f"document {doc.doc_id!r} has no text to remember")
-                with torch.inference_mode():
-                    mem = writer.write([list(r.token_ids) for r in rs])
-                metas = [RefMeta(r.doc_id, r.index, r.text, r.title, r.token_ids) for r in rs]
-                old = self.store.doc_refs(doc.doc_id).tolist()
-                if old and not replace:
-                    raise ValueError(f"document {doc.doc_id!r} exists; replace it or delete it first")
-                ids = self.store.replace_doc(doc.doc_id, metas, mem) if old else self.store.add(metas, mem)
-                self.index.add(self.embedder.embed([r.text for r in rs]), np.array(ids, dtype=np.int64))
-                if old:
-                    self.index.remove(old)
-                    self.cache.drop(old)
-                out.append({"id": doc.doc_id, "reference_ids": ids})
-            self._save_index()
-        return out
+        with self._lock, self.begin_documents(replace) as batch:
+            batch.add(docs)
+        return batch.result
 
     def delete_documents(self, doc_ids: Sequence[str]) -> int:
-        """Delete documents; their references are never retrieved again. Returns how many of
-        the documents existed."""
-        self._require_writer()
-        n = 0
-        with self._lock:
-            for d in doc_ids:
-                ids = self.store.delete_doc(d)
-                if ids:
-                    self.index.remove(ids)
-                    self.cache.drop(ids)
-                    n += 1
-            self._save_index()
-        return n
+        """Delete documents, together: their references are never retrieved again. Returns how
+        many of the documents existed."""
+        with self._lock, self.begin_documents() as batch:
+            batch.delete(doc_ids)
+        return len(batch.deleted)
 
     def _save_index(self) -> None:
         self.index.save(self.store.path / INDEX_SUBDIR)
         self.store.set_index_info({**(self.store.manifest.get("index") or {}), **self.index.describe()})
+
+    def reconcile_index(self, save: bool | None = None) -> dict[str, int]:
+        """Make the index hold exactly the references the store can retrieve: index the ones a
+        crash left committed but unindexed (their texts are embedded again), and remove entries
+        of references the store no longer has. `save` (default: when the bank is open for
+        writing) writes the repaired index; a read-only bank is repaired in memory only.
+        Returns {"indexed": …, "removed": …}."""
+        with self._lock:
+            missing, extra = index_drift(self.store, self.index)
+            if extra.size:
+                self.index.remove(extra)
+            if missing.size:
+                texts = self.store.texts(missing.tolist())
+                self.index.add(self.embedder.embed(texts), missing)
+            if missing.size or extra.size:
+                log.warning(
+                    "%s: the index lacked %d references and held %d it should not (an interrupted write); repaired%s",
+                    self.store.path,
+                    missing.size,
+                    extra.size,
+                    ""
+                    if (self.writer is not None if save is None else save)
+                    else " in memory (open the bank for writing to save it)",
+                )
+                if self.writer is not None if save is None else save:
+                    self._save_index()
+            return {"indexed": int(missing.size), "removed": int(extra.size)}
 
     def list_documents(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         docs = self.store.doc_ids()[offset : offset + limit]
@@ -327,9 +347,160 @@ class StoreRetriever:
         }
 
 
+class DocumentBatch:
+    """Document changes to a bank that become retrievable together, or leave no trace.
+
+    `add` chunks documents, writes their memories and stages their records in the store (on
+    disk, invisible to readers) and embeds their references; `delete` notes documents to delete.
+    `commit` applies everything in one store transaction, then updates and saves the index. A
+    crash before the store's commit leaves the bank as it was; a crash after it leaves
+    references the index lacks, which `StoreRetriever.open` indexes (`reconcile_index`). Use it
+    as a context manager (commits on success, aborts on an exception) or call `commit` / `abort`.
+    After `commit`: `result` (per added document {"id", "reference_ids"}) and `deleted` (ids of
+    the deleted documents that existed)."""
+
+    def __init__(self, retriever: StoreRetriever, replace: bool = True, write_batch: int = 16) -> None:
+        self.retriever = retriever
+        self.replace = replace
+        self.write_batch = write_batch
+        self._store_batch = retriever.store.batch()
+        self._vectors: dict[str, np.ndarray] = {}
+        self._added: list[str] = []
+        self._deleting: list[str] = []
+        self.result: list[dict[str, Any]] = []
+        self.deleted: list[str] = []
+
+    def add(self, docs: Sequence[Document | dict[str, Any]]) -> None:
+        """Write the memories of these documents and stage them."""
+        r = self.retriever
+        writer = r._require_writer()
+        docs = [d if isinstance(d, Document) else _document(d) for d in docs]
+        seen: set[str] = set()
+        for d in docs:
+            if d.doc_id in seen or d.doc_id in self._added:
+                raise ValueError(f"document {d.doc_id!r} appears twice in one batch; give each document once")
+            seen.add(d.doc_id)
+        by_doc: dict[str, list[Reference]] = {}
+        for ref in chunk_documents(docs, r.tokenizer, r.memory_config.reference_tokens):
+            by_doc.setdefault(ref.doc_id, []).append(ref)
+        with r._lock:
+            for doc in docs:
+                rs = by_doc.get(doc.doc_id, [])
+                if not rs:
+                    raise ValueError(f"document {doc.doc_id!r} has no text to remember")
+                if not self.replace and len(r.store.doc_refs(doc.doc_id)):
+                    raise ValueError(f"document {doc.doc_id!r} exists; replace it or delete it first")
+            for doc in docs:
+                rs = by_doc[doc.doc_id]
+                parts = []
+                with torch.inference_mode():
+                    for i in range(0, len(rs), self.write_batch):
+                        parts.append(writer.write([list(x.token_ids) for x in rs[i : i + self.write_batch]]))
+                mem = parts[0] if len(parts) == 1 else _cat_memories(parts)
+                metas = [RefMeta(x.doc_id, x.index, x.text, x.title, x.token_ids) for x in rs]
+                self._store_batch.put(doc.doc_id, metas, mem)
+                self._vectors[doc.doc_id] = r.embedder.embed([x.text for x in rs])
+                self._added.append(doc.doc_id)
+
+    def delete(self, doc_ids: Sequence[str]) -> None:
+        """Note documents to delete (unknown ids are counted out at `commit`)."""
+        for d in doc_ids:
+            self._store_batch.delete(d)
+            self._vectors.pop(d, None)
+            if d in self._added:
+                self._added.remove(d)
+            self._deleting.append(d)
+
+    def commit(self) -> list[dict[str, Any]]:
+        r = self.retriever
+        with r._lock:
+            new, old = self._store_batch.commit()
+            for doc_id, ids in new.items():
+                r.index.add(self._vectors[doc_id], np.array(ids, dtype=np.int64))
+            gone = [i for ids in old.values() for i in ids]
+            if gone:
+                r.index.remove(gone)
+                r.cache.drop(gone)
+            if new or gone:
+                r._save_index()
+        self.result = [{"id": d, "reference_ids": new[d]} for d in self._added]
+        self.deleted = [d for d in dict.fromkeys(self._deleting) if d in old]
+        return self.result
+
+    def abort(self) -> None:
+        self._store_batch.abort()
+        self._vectors.clear()
+
+    def __enter__(self) -> DocumentBatch:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def _cat_memories(parts: list[Memories]) -> Memories:
+    return Memories(
+        torch.cat([m.k for m in parts]),
+        torch.cat([m.v for m in parts]),
+        torch.cat([m.positions for m in parts]),
+        parts[0].fingerprint,
+    )
+
+
+def index_drift(store: MemoryStore, index: VectorIndex) -> tuple[np.ndarray, np.ndarray]:
+    """(references the store can retrieve that the index lacks, index entries of references the
+    store cannot retrieve). A bank's index holds its live references and, in a cold-start bank,
+    its pending ones."""
+    want = np.union1d(store.live_ids(), store.pending_ids())
+    have = np.sort(index.ids())
+    return np.setdiff1d(want, have, assume_unique=True), np.setdiff1d(have, want, assume_unique=True)
+
+
 def _document(d: dict[str, Any]) -> Document:
     text = d.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ValueError("a document needs a non-empty 'text'")
     doc_id = d.get("id") or "doc:" + hashlib.sha256(text.encode()).hexdigest()[:16]
     return Document(str(doc_id), text, str(d.get("title") or ""), dict(d.get("metadata") or {}))
+
+
+def verify_bank(path: str | Path) -> VerifyReport:
+    """Check everything a reader of the bank at `path` depends on, reporting every problem:
+    the manifest, the metadata, every record's checksum (`MemoryStore.verify`), and the
+    retrieval index — present, loadable, naming its embedder, and holding exactly the
+    references the store can retrieve."""
+    path = Path(path)
+    with MemoryStore.open(path) as store:
+        report = store.verify()
+        index_dir = path / INDEX_SUBDIR
+        try:
+            index = VectorIndex.load(index_dir)
+        except FileNotFoundError:
+            report.errors.append(
+                f"index: {index_dir} missing; finish the build or run `memory3 store reindex {path}`"
+            )
+        except StoreError as e:
+            report.errors.append(f"index: {e}")
+        else:
+            missing, extra = index_drift(store, index)
+            fix = f"open the bank for writing to repair it (`memory3 store reindex {path}`)"
+            if missing.size:
+                report.errors.append(
+                    f"index: {missing.size} retrievable references are not in the index (ids "
+                    f"{missing[:5].tolist()}…); {fix}"
+                )
+            if extra.size:
+                report.errors.append(
+                    f"index: {extra.size} entries point to references the store does not have (ids "
+                    f"{extra[:5].tolist()}…); {fix}"
+                )
+            if not (store.manifest.get("index") or {}).get("embedder"):
+                report.errors.append(
+                    f"manifest: the index section does not name the embedder; run `memory3 store reindex {path}`"
+                )
+            report.counts["index_entries"] = index.ntotal
+    report.ok = not report.errors
+    return report

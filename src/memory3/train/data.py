@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from memory3.data.qa import Document, QAItem, load_kb, load_qa, shipped_path, split_of
+from memory3.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-class HeldOutLeak(ValueError):
+class HeldOutLeak(InputError):
     """A training item belongs to a held-out entity."""
 
 
