@@ -24,11 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from memory3.checkpoint import load_pretrained
 from memory3.data.qa import GenerateConfig, generate, load_qa
+from memory3.eval.paired import paired_drop_ci
 from memory3.eval.qa import QAEvalConfig, evaluate_qa, kb_documents, resolve_set, select_items
 from memory3.eval.report import machine, table, update_section
 from memory3.generate import Generator
@@ -55,15 +55,6 @@ SECTIONS = {
     "codec-qa-tc99": "Memory codec: the largest transform codec within 1/10 of bf16 (tc99) in answers",
     "codec-qa-full": "Memory codec: every held-out question (full sets)",
 }
-
-
-def paired_drop_ci(ok: list[bool], base: list[bool], z: float = 1.96) -> list[float]:
-    """95% interval, in points, of the accuracy lost against `base` on the same questions: the
-    mean of d_i = base_i - ok_i (in -1, 0, 1) plus or minus z standard errors. Questions both
-    answer alike add nothing to the mean but narrow the interval, as they should."""
-    d = np.array(base, dtype=float) - np.array(ok, dtype=float)
-    half = z * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
-    return [100 * (d.mean() - half), 100 * (d.mean() + half)]
 
 
 def codecs_from(names: list[str], train_vectors: int | None = None) -> dict[str, CodecConfig]:

@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_codec_qa import BASELINE, paired_drop_ci
+from bench_codec_qa import BASELINE
 
 from memory3.data.qa import GenerateConfig, answer_contained, generate, load_qa
+from memory3.eval.paired import paired_drop_ci
 from memory3.eval.qa import resolve_set, select_items
 from memory3.eval.report import table, update_section
 from memory3.memory.codec import CodecConfig

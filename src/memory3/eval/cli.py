@@ -143,15 +143,7 @@ def _memory_config(args: argparse.Namespace, loaded: Any) -> Any:
 
 
 def cmd_eval_qa(args: argparse.Namespace) -> int:
-    from memory3.data.qa import load_qa
-    from memory3.eval.qa import (
-        QAEvalConfig,
-        build_retriever,
-        evaluate_qa,
-        kb_documents,
-        resolve_set,
-        select_items,
-    )
+    from memory3.eval.qa import QAEvalConfig, build_retriever, evaluate_qa, kb_documents, load_set
     from memory3.generate import Generator
     from memory3.retrieval.embed import get_embedder
     from memory3.retrieval.open import open_retriever
@@ -172,19 +164,23 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
         raise ValueError("give either --store (a memory bank) or --kb, not both")
     if args.store is not None:
         store, mem_cfg = open_retriever(loaded, store=args.store, dtype=kv_dtype_of(args, loaded))
+    other = _read_results(args.compare) if args.compare else None
     results: dict[str, Any] = {"sets": {}, **_context(args)}
+    written: dict[tuple[str, ...], Any] = {}  # knowledge bases written in this run (dev and test share one)
     for name in args.set:
-        path = resolve_set(name)
-        items = select_items(load_qa(path), args.split, args.limit)
+        path, items = load_set(name, args.split, args.limit)
         retriever, kb_desc = store, f"memory bank {args.store}"
         if store is None:
             mem_cfg = _memory_config(args, loaded)
             if needs_retrieval:
                 docs = kb_documents(path, items, args.kb)
                 kb_desc = f"{args.kb}: {len(docs)} documents written to memory in RAM"
-                retriever = build_retriever(
-                    loaded.model, loaded.tokenizer, docs, mem_cfg, get_embedder(args.embedder)
-                )
+                key = tuple(f"{d.doc_id}\0{d.text}" for d in docs)
+                if key not in written:
+                    written[key] = build_retriever(
+                        loaded.model, loaded.tokenizer, docs, mem_cfg, get_embedder(args.embedder)
+                    )
+                retriever = written[key]
             else:
                 kb_desc = "none"
         gen = Generator(loaded.model, loaded.tokenizer, retriever, mem_cfg, kv_dtype=args.kv_dtype)
@@ -196,14 +192,60 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
             "kb": kb_desc,
             "embedder": args.embedder,
         }
-        results["sets"][Path(str(name)).stem] = report.to_dict()
+        results["sets"][path.stem] = report.to_dict()
     results["memory"] = {
         "layers": len(loaded.model.memory_layers),
         "kept_tokens": mem_cfg.kept_tokens,
         "selection": mem_cfg.selection,
     }
+    if other is not None:
+        results["compare"] = _compare(results, other, args.compare)
     summary = {k: v["summary"] for k, v in results["sets"].items()}
     _emit("qa", results, args, summary)
+    return 0
+
+
+def _read_results(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"--compare {path}: no such file; give a JSON written by `memory3 eval qa --out`"
+        )
+    res = json.loads(p.read_text())
+    if not isinstance(res, dict) or "sets" not in res:
+        raise ValueError(f"--compare {path}: not a results file of `memory3 eval qa --out` (no 'sets')")
+    return res
+
+
+def _compare(results: dict[str, Any], other: dict[str, Any], other_path: str) -> dict[str, Any]:
+    """This run against another results file, mode by mode, paired on the questions of each set."""
+    from memory3.eval.paired import compare_runs
+
+    modes = [
+        m
+        for m in ("none", "memory", "rag")
+        if any(m in s["config"]["modes"] for s in results["sets"].values())
+    ]
+    out: dict[str, Any] = {"other": other_path, "other_model": other.get("model"), "modes": {}}
+    for mode in modes:
+        try:
+            pairs = compare_runs(results, other, mode)
+        except ValueError:
+            continue  # the other run did not answer in this mode
+        out["modes"][mode] = {name: p.to_dict() for name, p in pairs.items()}
+    if not out["modes"]:
+        raise ValueError(
+            f"--compare {other_path}: no set and mode in common with this run; compare runs of the "
+            "same --set and --split"
+        )
+    return out
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    """Two saved `eval qa` results, paired question by question (no model is loaded)."""
+    results, other = _read_results(args.results), _read_results(args.other)
+    out = _compare(results, other, args.other)
+    print(json.dumps(out, indent=1, ensure_ascii=False))
     return 0
 
 
@@ -709,9 +751,21 @@ def register(subparsers: Any) -> None:
         "--set",
         action="append",
         default=None,
-        help="question set: factbook, fictional, wikipedia or a JSONL file (repeatable; default: all three)",
+        help="question set: factbook, fictional, wikipedia, natural, or a JSONL file of "
+        '{"question", "answers", "doc_id" or "reference"} lines (repeatable; default: the first three)',
     )
-    p.add_argument("--split", default="heldout", choices=("heldout", "train", "all"))
+    p.add_argument("--sets", type=_csv(str), default=None, help="comma-separated question sets (as --set)")
+    p.add_argument(
+        "--split",
+        default="heldout",
+        choices=("heldout", "train", "all", "dev", "test"),
+        help="heldout/train/all for the generated sets; dev or test for natural (heldout = test)",
+    )
+    p.add_argument(
+        "--compare",
+        default=None,
+        help="results JSON of another run (e.g. another reader): paired differences with 95%% intervals",
+    )
     p.add_argument("--limit", type=int, default=None, help="first N questions of each set")
     p.add_argument("--modes", type=_csv(str), default=("none", "memory", "rag"))
     p.add_argument("--batch-size", type=int, default=8)
@@ -724,6 +778,11 @@ def register(subparsers: Any) -> None:
     )
     _memory_override_args(p, "accuracy")
     p.set_defaults(func=_with_sets(cmd_eval_qa))
+
+    p = ev.add_parser("compare", help="two saved `eval qa` results, paired question by question")
+    p.add_argument("results", help="JSON written by `memory3 eval qa --out`")
+    p.add_argument("other", help="the run to compare against (e.g. the previous reader's)")
+    p.set_defaults(func=cmd_eval_compare)
 
     p = ev.add_parser("ppl", help="perplexity of held-out text with and without memory")
     _common(p)
@@ -807,6 +866,7 @@ def register(subparsers: Any) -> None:
 
 def _with_sets(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> Any:
+        args.set = [*(args.set or ()), *(args.sets or ())]
         if not args.set:
             args.set = ["factbook", "fictional", "wikipedia"]
         return fn(args)

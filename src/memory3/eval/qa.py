@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from memory3.config import GenerationConfig
+from memory3.data import natural
 from memory3.data.qa import QAItem, answer_contained, exact_match, load_kb, load_qa, shipped_path
+from memory3.eval.breakdown import answer_type_of, breakdown, family_of
 from memory3.generate import MODES, Generator
 from memory3.memory.ingest import Document
 from memory3.retrieval.base import Hit, Retriever, above_floor, check_min_score
@@ -72,6 +74,8 @@ class ItemResult:
     question: str
     answers: list[str]
     doc_id: str
+    answer_type: str = ""  # `memory3.eval.breakdown.answer_type_of`
+    family: str = ""  # `memory3.eval.breakdown.family_of`
     gold_rank: int | None = None
     hits: list[str] = field(default_factory=list)  # doc_ids of the k hits, best first
     texts: dict[str, str] = field(default_factory=dict)
@@ -130,6 +134,7 @@ class QAReport:
             "k": self.config.k,
             "hit_rate": _mean([it.hit for it in self.items]) if self.retrieval else None,
             "modes": modes,
+            **breakdown([asdict(it) for it in self.items], self.config.modes),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,7 +177,10 @@ def evaluate_qa(
         raise ValueError(
             f"modes {config.modes} need a retriever: give --store, --kb, or evaluate --modes none only"
         )
-    results = [ItemResult(it.id, it.question, list(it.answers), it.doc_id) for it in items]
+    results = [
+        ItemResult(it.id, it.question, list(it.answers), it.doc_id, answer_type_of(it), family_of(it))
+        for it in items
+    ]
     gen_cfg = GenerationConfig(max_new_tokens=config.max_new_tokens)
     batches = [
         list(range(s, min(s + config.batch_size, len(items))))
@@ -225,16 +233,47 @@ def evaluate_qa(
 # --- question sets and their knowledge base -------------------------------------------------------
 
 
-def resolve_set(name_or_path: str | Path) -> Path:
-    """A shipped set by name ("factbook", "fictional", "wikipedia") or a JSONL path."""
+def resolve_set(name_or_path: str | Path, split: str = "heldout") -> Path:
+    """A shipped set by name ("factbook", "fictional", "wikipedia", "natural") or a JSONL path.
+    The natural set is one file per split: `split` "dev", or "test" (also for "heldout")."""
+    if str(name_or_path) == natural.NAME:
+        return shipped_path(natural.FILES[_natural_split(split)])
     if str(name_or_path) in SHIPPED_SETS:
         return shipped_path(f"{name_or_path}.jsonl")
     path = Path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(
-            f"question set {str(name_or_path)!r} not found: give a JSONL file or one of {SHIPPED_SETS}"
+            f"question set {str(name_or_path)!r} not found: give a JSONL file or one of "
+            f"{(*SHIPPED_SETS, natural.NAME)}"
         )
     return path
+
+
+def _natural_split(split: str) -> natural.NaturalSplit:
+    s = "test" if split == "heldout" else split
+    if s not in natural.FILES:
+        raise ValueError(
+            f"--split {split} for the natural set: give --split dev (for choosing settings) or "
+            "--split test (the reported figure); it has no train split, as no training step reads it"
+        )
+    return s  # type: ignore[return-value]
+
+
+def load_set(
+    name_or_path: str | Path, split: str = "heldout", limit: int | None = None
+) -> tuple[Path, list[QAItem]]:
+    """A question set's file and the questions of one split, the first `limit` of them.
+
+    "dev" and "test" are the natural set's splits (each its own file); the generated sets have
+    "heldout", "train" and "all"; a hand-written file is all held out ("heldout" or "all")."""
+    path = resolve_set(name_or_path, split)
+    if str(name_or_path) == natural.NAME:
+        return path, select_items(natural.load_natural(_natural_split(split)), "all", limit)
+    if split in natural.FILES:
+        raise ValueError(
+            f"--split {split} is a split of the natural set; {str(name_or_path)!r} has heldout, train and all"
+        )
+    return path, select_items(load_qa(path), split, limit)
 
 
 def select_items(items: Sequence[QAItem], split: str = "heldout", limit: int | None = None) -> list[QAItem]:
@@ -263,13 +302,16 @@ def kb_documents(
     Gold documents keep the question's `doc_id`, so hits can be checked against it.
     """
     docs: dict[str, Document] = {}
-    if kb == "set":
+    if kb == "set" and Path(set_path).name in natural.FILES.values():
+        docs = {d.doc_id: d for d in natural.knowledge_base()}
+        pool: Sequence[QAItem] = items
+    elif kb == "set":
         set_path = Path(set_path)
         kb_file = set_path.with_name(f"{set_path.stem}_kb.jsonl")
         if kb_file.exists():
             for d in load_kb(kb_file):
                 docs.setdefault(d.doc_id, d)
-        pool: Sequence[QAItem] = load_qa(set_path)
+        pool = load_qa(set_path)
     elif kb == "gold":
         pool = items
     else:
@@ -284,7 +326,8 @@ def kb_documents(
     missing = [it.id for it in items if it.doc_id not in docs]
     if missing:
         raise ValueError(
-            f"{len(missing)} questions have no reference in the knowledge base (e.g. {missing[:3]})"
+            f"{len(missing)} questions have no reference in the knowledge base (e.g. {missing[:3]}): "
+            "give --store BANK or --kb FILE holding their doc_id, or a 'reference' on each line"
         )
     return list(docs.values())
 
