@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from memory3.config import MemoryConfig
+from memory3.faults import crash_point
 from memory3.memory.codec import CodecConfig, MemoryCodec, train_codec
 from memory3.memory.ingest import Document, IngestStats, Reference, chunk_documents
 from memory3.memory.store import MemoryStore, RefMeta, merge_stores
@@ -205,6 +206,7 @@ def build(
     try:
         if store.counts()["records"] == 0 and len(store.pending_ids()) == 0 and len(store.live_ids()) == 0:
             store.add_pending([RefMeta(r.doc_id, r.index, r.text, r.title, r.token_ids) for r in refs])
+            crash_point("build.registered")
         embedding = None
         if index and not config.cold and _overlap(config, model):
             embedding = _EmbedInBackground(store, config, progress)
@@ -243,6 +245,7 @@ def _fill(store: MemoryStore, writer: MemoryWriter, config: BuildConfig, progres
         with torch.inference_mode():
             mem = writer.write([list(r.tokens or ()) for r in metas], config.batch_size)
         store.fill(ids, mem)
+        crash_point("build.filled")
         written += len(ids)
         bar.update(len(ids))
     bar.close()
@@ -288,6 +291,7 @@ def _embed_batches(
         tmp = part_dir / f".{s:09d}.tmp.npy"
         np.save(tmp, vec)
         os.replace(tmp, f)
+        crash_point("build.embedded")
 
 
 class _EmbedInBackground:
@@ -342,6 +346,7 @@ def _index(store: MemoryStore, config: BuildConfig, progress: bool, again: bool 
     vectors = np.concatenate([np.load(part_dir / f"{s:09d}.npy") for s in range(0, len(ids), EMBED_BATCH)])
     vindex = VectorIndex.build(vectors, ids, config.index)
     vindex.save(index_dir)
+    crash_point("build.index_saved")
     store.set_index_info({**vindex.describe(), "embedder": embedder.spec()})
     for f in part_dir.glob("*.npy"):
         f.unlink()

@@ -60,6 +60,7 @@ from memory3.errors import (
     StoreError,
     StoreLockedError,
 )
+from memory3.faults import crash_point
 from memory3.memory.codec import MemoryCodec
 from memory3.memory.write import Memories, MemoryFormatError
 
@@ -750,6 +751,7 @@ class MemoryStore:
                 )
             payload = self._encode(mem, len(ref_ids))
             places = self._write_records(payload)
+            crash_point("store.fill_records_written")
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -1074,9 +1076,12 @@ class MemoryStore:
                     continue
                 size = p.stat().st_size
                 inside = [(i, sl) for i, sl in items if (sl + 1) * self.record_size <= size]
-                for i, sl in items:
-                    if (sl + 1) * self.record_size > size:
-                        errors.append(f"shard {p.name} record {sl} (ref {i}) lies past the end of the file")
+                past = [i for i, sl in items if (sl + 1) * self.record_size > size]
+                if past:
+                    errors.append(
+                        f"shard {p.name} is truncated ({size} bytes): {len(past)} records lie past its end "
+                        f"(refs {past[:5]}{'…' if len(past) > 5 else ''})"
+                    )
                 for b in range(0, len(inside), 4096):
                     batch = inside[b : b + 4096]
                     recs = self._shards.read([(s, sl) for _, sl in batch])
@@ -1127,6 +1132,7 @@ class DocumentBatch:
             if len({r.chunk for r in refs}) != len(refs):
                 raise ValueError(f"document {doc_id!r}: two references share a chunk number")
             places = self.store._write_records(self.store._encode(mem, len(refs)))
+            crash_point("store.batch_records_written")
             self._puts[doc_id] = list(zip(refs, places, strict=True))
             self._deletes.discard(doc_id)
 
@@ -1168,6 +1174,7 @@ class DocumentBatch:
                     doc_id: [store._insert(r, built=True, place=place) for r, place in items]
                     for doc_id, items in self._puts.items()
                 }
+                crash_point("store.batch_before_commit")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

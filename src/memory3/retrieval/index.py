@@ -40,6 +40,7 @@ import faiss
 import numpy as np
 
 from memory3.errors import StoreCorruptError
+from memory3.faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -372,8 +373,10 @@ class VectorIndex:
             _fsync(tmp)
             if aside.exists():  # a complete index at `path`: the leftover of a finished save
                 shutil.rmtree(aside) if path.exists() else aside.rename(path)
+            crash_point("index.written")
             if path.exists():
                 path.rename(aside)
+            crash_point("index.moved_aside")
             tmp.rename(path)
             _fsync(path.parent)
         except BaseException:

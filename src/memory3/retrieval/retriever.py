@@ -21,6 +21,7 @@ import torch
 
 from memory3.config import MemoryConfig
 from memory3.errors import StoreError
+from memory3.faults import crash_point
 from memory3.memory.ingest import Document, Reference, chunk_documents
 from memory3.memory.store import MemoryStore, RefMeta, VerifyReport
 from memory3.memory.write import Memories, MemoryWriter, memory_fingerprint, reference_prefix_ids
@@ -286,6 +287,7 @@ class StoreRetriever:
 
     def _save_index(self) -> None:
         self.index.save(self.store.path / INDEX_SUBDIR)
+        crash_point("batch.index_saved")
         self.store.set_index_info({**(self.store.manifest.get("index") or {}), **self.index.describe()})
 
     def reconcile_index(self, save: bool | None = None) -> dict[str, int]:
@@ -415,6 +417,7 @@ class DocumentBatch:
         r = self.retriever
         with r._lock:
             new, old = self._store_batch.commit()
+            crash_point("batch.committed")
             for doc_id, ids in new.items():
                 r.index.add(self._vectors[doc_id], np.array(ids, dtype=np.int64))
             gone = [i for ids in old.values() for i in ids]
