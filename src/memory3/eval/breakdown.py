@@ -117,3 +117,38 @@ def breakdown(items: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[str
         )
         out["memory_vs_rag"] = p.to_dict()
     return out
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def breakdown_md(summary: dict[str, Any]) -> str:
+    """Markdown of a set's breakdown: a table by answer type, one by family, and memory against
+    RAG paired (empty for results written before reports had a breakdown)."""
+    from memory3.eval.report import table
+
+    if "by_answer_type" not in summary:
+        return ""
+    modes = list(summary["modes"])
+    parts = []
+    for key, label in (("answer_type", "answer type"), ("family", "family")):
+        rows = [
+            {
+                label: r[key],
+                "n": r["n"],
+                **{m: _pct(r["contained"][m]) for m in modes},
+                "memory/RAG": "–" if r["memory_over_rag"] is None else f"{r['memory_over_rag']:.2f}",
+            }
+            for r in summary[f"by_{key}"]
+        ]
+        parts.append(table(rows))
+    p = summary.get("memory_vs_rag")
+    if p:
+        lo, hi = p["ci95"]
+        parts.append(
+            f"Memory − RAG on the same {p['n']} questions: {p['diff_points']:+.1f} points (paired 95% "
+            f"interval {lo:+.1f} to {hi:+.1f}); right with memory only: {p['a_only']}, with RAG only: "
+            f"{p['b_only']}."
+        )
+    return "\n\n".join(parts)

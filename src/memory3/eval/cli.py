@@ -560,6 +560,15 @@ def _md_qa(res: dict[str, Any]) -> str:
                     "keeps what none knew": _pct(m.get("keeps_known")),
                 }
             )
+    from memory3.eval.breakdown import breakdown_md
+
+    parts = [
+        f"**{name}** by answer type and by family (answer contained):\n\n{md}"
+        for name, s in res["sets"].items()
+        if (md := breakdown_md(s["summary"]))
+    ]
+    if res.get("compare"):
+        parts.append(_md_compare(res["compare"]))
     any_set = next(iter(res["sets"].values()))
     cfg, meta = any_set["config"], any_set["meta"]
     leak = "off" if cfg["leak_threshold"] is None else f"{cfg['leak_threshold']:.3g}"
@@ -571,7 +580,31 @@ def _md_qa(res: dict[str, Any]) -> str:
         + f". Knowledge base: {meta['kb']}; "
         f"retriever `{meta['embedder']}`. hit@k: a reference of the gold document is among the k hits of the question "
         "(the query RAG and memory's first chunk use). Keeps what none knew: of the questions answered "
-        "right without memory, the share this mode answers right too.\n\n" + table(rows)
+        "right without memory, the share this mode answers right too.\n\n"
+        + table(rows)
+        + "".join(f"\n\n{p}" for p in parts)
+    )
+
+
+def _md_compare(compare: dict[str, Any]) -> str:
+    from memory3.eval.report import table
+
+    rows = [
+        {
+            "mode": mode,
+            "set": name,
+            "n": p["n"],
+            "right (this / other)": f"{p['a_right']} / {p['b_right']}",
+            "this only / other only": f"{p['a_only']} / {p['b_only']}",
+            "this − other (points)": f"{p['diff_points']:+.1f}",
+            "95% interval": f"{p['ci95'][0]:+.1f} to {p['ci95'][1]:+.1f}",
+        }
+        for mode, sets in compare["modes"].items()
+        for name, p in sets.items()
+    ]
+    return (
+        f"Against `{compare['other']}` (model `{compare.get('other_model')}`), paired on the same "
+        "questions (answer contained):\n\n" + table(rows)
     )
 
 
