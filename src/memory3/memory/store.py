@@ -18,10 +18,14 @@ Crash safety. Record bytes are written and fsynced before the SQLite transaction
 row at them commits, so a reader (which only follows committed rows) never sees a half-written
 record. When a writer opens the store, it truncates shard files to their last committed record
 and deletes shard files no committed row points to: bytes of a killed append disappear, and the
-build resumes by writing the same records to the same places. Pending references
+build resumes by writing the same references to the same places. Pending references
 (`add_pending`, built = 0) let a build register its work first and `fill` it in batches; a build
-killed with SIGKILL and restarted ends with the same bytes as one that never stopped, as long as
-it fills the pending ids in the same order.
+killed with SIGKILL and restarted ends with the same references, ids and places as one that never
+stopped, as long as it fills the pending ids in the same order. Their memories are the same up to
+the rounding of the model's kernels: on some CPUs (AMX, bfloat16) a batch written by a new process
+can differ in the last bits, so the promise is the same retrieval and answers, not the same bytes.
+Document changes go through `DocumentBatch`: all of a batch becomes visible in one transaction,
+or none of it.
 
 One process writes (an exclusive flock on writer.lock); any number of processes read, also while
 the writer appends. `compact()` deletes the old shard files and never reuses their numbers; a
