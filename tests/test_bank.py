@@ -346,7 +346,7 @@ def test_server_over_a_real_bank_sees_document_changes(tmp_path, model, tok) -> 
 
 
 def test_build_cli_writes_memories_with_the_given_kept_tokens_and_selection(tmp_path, model, tok) -> None:
-    from memory3.__main__ import main
+    from memory3.cli import main
 
     ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
     corpus = tmp_path / "corpus.jsonl"
@@ -364,10 +364,10 @@ def test_generate_kept_tokens_writes_a_kb_and_must_match_a_bank(tmp_path, model,
     """`--kept-tokens` on generate/serve: a --kb's memories are written with it; a --store was
     written when it was built, so asking it for another setting is refused with the fix, not
     read with the wrong shapes."""
-    from memory3.__main__ import main
     from memory3.checkpoint import load_pretrained
+    from memory3.cli import main
+    from memory3.cli.serve import open_stores
     from memory3.retrieval.open import open_retriever
-    from memory3.serve_cli import open_stores
 
     ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
     corpus = tmp_path / "corpus.jsonl"
@@ -409,7 +409,7 @@ def test_build_with_the_transform_codec_uses_the_models_calibration(
     `memory3 train calibrate`; the bank verifies and answers through it."""
     import numpy as np
 
-    from memory3.__main__ import main
+    from memory3.cli import main
     from memory3.memory.transform import CALIBRATION_FILE, CodecCalibration
 
     ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)

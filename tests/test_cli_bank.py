@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import free_port, tiny_model
-from memory3.__main__ import main
 from memory3.checkpoint import load_bundled_tokenizer, save_checkpoint
+from memory3.cli import main
 from memory3.errors import Memory3Error, StoreCorruptError, StoreError, StoreLockedError
 from memory3.memory.store import MemoryStore
 from memory3.retrieval.retriever import StoreRetriever, verify_bank

@@ -479,7 +479,7 @@ def test_plots_are_written_as_png(tmp_path) -> None:
 
 
 def test_bench_all_render_only_rewrites_report_sections_and_figures(tmp_path) -> None:
-    from memory3.__main__ import main
+    from memory3.cli import main
 
     results = tmp_path / "results"
     results.mkdir()
@@ -507,7 +507,7 @@ def test_bench_all_render_only_rewrites_report_sections_and_figures(tmp_path) ->
 
 
 def test_bench_speed_kept_tokens_refuses_a_store_written_with_its_own(tmp_path, capsys) -> None:
-    from memory3.__main__ import main
+    from memory3.cli import main
 
     argv = ["bench", "speed", "--kept-tokens", "8", "--store", str(tmp_path / "bank")]
     assert main(argv) == 2  # refused before any model is loaded
@@ -518,8 +518,8 @@ def test_bench_speed_kept_tokens_refuses_a_store_written_with_its_own(tmp_path, 
 
 
 def test_bench_speed_kept_tokens_sets_the_memory_slots_read(tmp_path, tok) -> None:
-    from memory3.__main__ import main
     from memory3.checkpoint import save_checkpoint
+    from memory3.cli import main
 
     model = tiny_model(seed=5, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
     ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
@@ -552,8 +552,8 @@ def test_bench_speed_kept_tokens_sets_the_memory_slots_read(tmp_path, tok) -> No
 
 
 def test_eval_qa_kept_tokens_writes_the_kb_with_them_and_records_it(tmp_path, tok, capsys) -> None:
-    from memory3.__main__ import main
     from memory3.checkpoint import save_checkpoint
+    from memory3.cli import main
 
     argv = ["eval", "qa", "--kept-tokens", "4", "--store", str(tmp_path / "bank")]
     assert main(argv) == 2  # refused before any model is loaded
@@ -590,7 +590,7 @@ def test_a_results_file_names_the_command_that_made_it(tmp_path, monkeypatch, ca
     import argparse
     import sys
 
-    from memory3.eval import cli
+    from memory3.cli import eval as cli
 
     out = tmp_path / "qa.json"
     monkeypatch.setattr(sys, "argv", ["/venv/bin/memory3", "eval", "qa", "--threads", "2", "--out", str(out)])

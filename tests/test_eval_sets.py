@@ -99,8 +99,8 @@ def test_duplicate_plain_ids_are_refused(tmp_path) -> None:
 def test_eval_qa_on_a_plain_set_reports_the_breakdown(tmp_path, capsys) -> None:
     """End to end with a tiny random model: a hand-written set against a --kb file; the report
     has every answer type and family with memory/RAG, and memory against RAG paired."""
-    from memory3.__main__ import main
     from memory3.checkpoint import load_bundled_tokenizer, save_checkpoint
+    from memory3.cli import main
 
     tok = load_bundled_tokenizer()
     model = tiny_model(seed=5, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
@@ -295,7 +295,7 @@ def test_compare_runs_pairs_questions_by_id_within_each_set() -> None:
 
 
 def test_eval_compare_command_reads_two_results_files(tmp_path, capsys) -> None:
-    from memory3.__main__ import main
+    from memory3.cli import main
 
     def run(oks: list[bool]) -> Path:
         items = [{"id": f"q{i}", "contained": {"memory": v, "rag": True}} for i, v in enumerate(oks)]

@@ -763,8 +763,8 @@ def test_clients_that_leave_free_their_slot(small_server) -> None:
 
 # -- command line ---------------------------------------------------------------------------------
 def test_serve_command_line_arguments() -> None:
-    from memory3.__main__ import build_parser
-    from memory3.serve_cli import parse_named
+    from memory3.cli import build_parser
+    from memory3.cli.serve import parse_named
 
     assert parse_named("wiki=stores/wiki") == ("wiki", "stores/wiki")
     assert parse_named("stores/wiki") == ("wiki", "stores/wiki")

@@ -17,6 +17,7 @@ import torch
 
 from conftest import free_port, run_checked, tiny_model
 from memory3.config import MemoryConfig
+from memory3.lora import apply_lora, load_lora_state, lora_state, merge_lora
 from memory3.memory.write import Memories, MemoryWriter
 from memory3.train.config import (
     LoopConfig,
@@ -29,7 +30,6 @@ from memory3.train.config import (
 )
 from memory3.train.layout import chunked_memory, shared_memory, text_batch
 from memory3.train.loop import wsd_lr
-from memory3.train.lora import apply_lora, load_lora_state, lora_state, merge_lora
 
 VOCAB = 256
 
@@ -394,7 +394,7 @@ def _tiny_sft_config(tmp_path: Path, **overrides: Any) -> Any:
 
 
 def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
-    from memory3.train.adapters import ADAPTER_META
+    from memory3.shipped import ADAPTER_META
     from memory3.train.sft import Stage, run_sft
 
     cfg = _tiny_sft_config(
@@ -411,7 +411,7 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
     assert meta["memory"]["kept_tokens"] == 16  # the last stage's: how the trained model reads
     from safetensors.torch import load_file
 
-    from memory3.train.adapters import adapter_from_run
+    from memory3.train.sft import adapter_from_run
 
     again = adapter_from_run(run, tmp_path / "exported")  # from the checkpoint, as after a time-boxed session
     a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(again / "adapter.safetensors")
@@ -570,8 +570,8 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path: Pa
 
 
 def test_adapter_saved_and_loaded_merged_gives_the_trained_model(tmp_path: Path) -> None:
-    from memory3.checkpoint import load_pretrained, save_checkpoint
-    from memory3.train.adapters import load_trained, save_adapter
+    from memory3.checkpoint import load_pretrained, load_trained, save_checkpoint
+    from memory3.train.adapters import save_adapter
     from memory3.train.loop import set_memory_layers
     from memory3.train.sft import SFTConfig
 
@@ -647,14 +647,14 @@ def test_shipped_model_reads_facts_only_its_memory_holds() -> None:
 
 
 def test_calibration_sums_the_outer_products_of_each_questions_gradient(tmp_path: Path) -> None:
-    """`fisher_matrices` equals a plain loop that asks each question alone, backpropagates its
+    """`fisher_from_data` equals a plain loop that asks each question alone, backpropagates its
     summed answer loss to the memories' keys (rotated back to before RoPE) and values, and sums
     g·gᵀ over questions and memory slots; the model's trainable flags and mode come back."""
     import random
 
     from memory3.memory.transform import rotate
     from memory3.memory.write import reference_prefix_ids
-    from memory3.train.calibrate import fisher_matrices
+    from memory3.train.fisher import fisher_from_data
     from memory3.train.loop import batch_loss, load_base, set_memory_layers
     from memory3.train.sft import SFTData, Stage, layers_for, memory_config_for
 
@@ -666,7 +666,7 @@ def test_calibration_sums_the_outer_products_of_each_questions_gradient(tmp_path
     flags = [p.requires_grad for p in model.parameters()]
     mc = memory_config_for(cfg, cfg.stages[0])
     data = SFTData(cfg, tok, tmp_path / "cache")
-    cal = fisher_matrices(model, tok, mc, groups=2, seed=3, data=data, progress=False)
+    cal = fisher_from_data(model, tok, mc, data, groups=2, seed=3, progress=False)
     assert [p.requires_grad for p in model.parameters()] == flags and model.training
 
     model.eval()

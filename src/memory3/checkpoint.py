@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from memory3.config import MemoryConfig, ModelConfig, fingerprint
 from memory3.errors import CheckpointError
+from memory3.lora import LoRAConfig, apply_lora, load_lora_state, merge_lora
 from memory3.model import Memory3Model
-from memory3.shipped import BUNDLED, shipped_models
+from memory3.shipped import ADAPTER_META, BUNDLED, TRAINED, models_dir, shipped_models
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +282,8 @@ def load_pretrained(
     model such as `smollm2-135m-instruct-memory3` (the bundled model with an adapter trained to read
     memory), a trained adapter directory, a memory3 checkpoint directory, or a Hugging Face
     Llama-family directory."""
-    from memory3.train import adapters
-
-    if adapters.is_adapter(name_or_path):
-        return adapters.load_trained(name_or_path, device, dtype)
+    if is_adapter(name_or_path):
+        return load_trained(name_or_path, device, dtype)
     if str(name_or_path) == BUNDLED:
         path = home() / "checkpoints" / BUNDLED
         if not (path / META_FILE).exists():
@@ -305,3 +304,60 @@ def load_bundled_tokenizer() -> Any:
     if not (path / META_FILE).exists():
         convert_gguf(bundled_gguf(), path, preset="smollm2-135m")
     return _load_tokenizer(path)
+
+
+# --- trained adapters (a shipped model is its base plus one) --------------------------------------
+# An adapter directory holds adapter.safetensors (the LoRA A/B tensors) and adapter.json (base model,
+# LoRA config, memory layers and config, and how it was trained: memory3.train.adapters writes it).
+ADAPTER_FORMAT = 1
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def is_adapter(name: str | Path) -> bool:
+    """A shipped model's name or a directory holding a trained adapter."""
+    return (Path(name).expanduser() / ADAPTER_META).exists() or (
+        models_dir() / str(name) / ADAPTER_META
+    ).exists()
+
+
+def adapter_dir(name: str | Path) -> Path:
+    path = Path(name).expanduser()
+    if (path / ADAPTER_META).exists():
+        return path
+    shipped = models_dir() / str(name)
+    if (shipped / ADAPTER_META).exists():
+        return shipped
+    raise FileNotFoundError(
+        f"no trained adapter {str(name)!r}: give an adapter directory (with {ADAPTER_META}) or one of "
+        f"the shipped models {shipped_models()}"
+    )
+
+
+def load_trained(
+    name: str | Path = TRAINED, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """The base model with the adapter merged (a plain Memory3Model) -> checkpoint.Loaded.
+    The memory layers are those it was trained with, saved in adapter.json."""
+    path = adapter_dir(name)
+    meta = json.loads((path / ADAPTER_META).read_text())
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(
+            f"{path}: adapter format {meta.get('format')}, this memory3 reads {ADAPTER_FORMAT}"
+        )
+    base = load_pretrained(meta["base"])  # fp32, merged before any cast
+    lora = LoRAConfig.from_dict(meta["lora"])
+    model = base.model
+    apply_lora(model, lora)
+    state = {k: v.float() for k, v in load_file(path / ADAPTER_FILE).items()}
+    load_lora_state(model, state)
+    merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.set_memory_layers(tuple(meta["memory_layers"]))
+    model = model.to(device=device, dtype=dtype).eval()
+    digest = hashlib.sha256()
+    digest.update(str(base.meta.get("weights_sha256", base.path)).encode())
+    digest.update((path / ADAPTER_FILE).read_bytes())
+    model._memory3_fingerprint = fingerprint(model.config, digest.hexdigest())  # type: ignore[assignment]
+    meta["memory_config"] = MemoryConfig.from_dict(meta["memory"]).to_dict()
+    return Loaded(model, base.tokenizer, path, meta)

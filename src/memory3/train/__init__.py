@@ -6,7 +6,8 @@
   on the fly by the model being trained.
 - `sft.run_sft(SFTConfig, out)`: chat questions reading 5 memories (the gold one among them),
   answer-only loss, with RAG and general-text samples in the mix; optional curriculum of stages.
-- `adapters.load_trained(name)`: a shipped LoRA adapter merged into its base model.
+- `adapters.save_adapter(...)`: a trained LoRA adapter with the config and command that made it
+  (`memory3.checkpoint.load_trained` loads one merged into its base model).
 - `probe.probe(model, tokenizer)`: quick held-out accuracy in memory / none / RAG modes.
 
 Command line: `memory3 train warmup|continual|sft|pair|probe` (train/cli.py); configs in

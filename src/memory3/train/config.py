@@ -15,34 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from memory3.lora import LoRAConfig
+
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """Low-rank adapters (Hu et al. 2021) on the named linear layers of every block.
-
-    rank 0 means no adapters: then `trainable` (parameter-name substrings) chooses which tensors
-    are trained in full, and an empty `trainable` trains every parameter.
-    """
-
-    rank: int = 0
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    layers: tuple[int, ...] | None = None  # None = every block
-    trainable: tuple[str, ...] = ()  # full training of a subset when rank == 0
-
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"lora rank must be ≥ 0 (0 = no adapters), got {self.rank}")
-        if self.rank and not self.targets:
-            raise ValueError(
-                "lora targets is empty: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']"
-            )
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank if self.rank else 0.0
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from memory3.config import ModelConfig
+from memory3.config import MemoryConfig, ModelConfig
+from memory3.lora import apply_lora, select_trainable
 from memory3.model import Memory3Model
+from memory3.train.adapters import save_adapter
 from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, save_config
-from memory3.train.lora import apply_lora, select_trainable
 
 log = logging.getLogger(__name__)
 
@@ -381,14 +382,16 @@ def batch_loss(model: Memory3Model, batch: Any, memory: Any = None) -> tuple[tor
     return nn.functional.cross_entropy(logits, targets), n
 
 
-def export(model: Any, tok: Any, config: Any, out: Path, state: TrainState) -> Path:
-    """The shippable result: adapter/ (LoRA tensors + config) or model/ (a full checkpoint)."""
-    from memory3.train.adapters import save_adapter
+def export(
+    model: Any, tok: Any, config: Any, out: Path, state: TrainState, memory: MemoryConfig | None = None
+) -> Path:
+    """The shippable result: adapter/ (LoRA tensors + config) or model/ (a full checkpoint).
+    `memory`: how the trained model reads (default: the config's)."""
     from memory3.train.config import to_dict
 
     info = {"steps": state.step, "tokens": state.tokens, "train_seconds": round(state.seconds, 1)}
     if config.lora.rank > 0:
-        return save_adapter(model, out / "adapter", config, info)
+        return save_adapter(model, out / "adapter", config, info, memory=memory)
     from memory3.checkpoint import save_checkpoint
 
     return save_checkpoint(

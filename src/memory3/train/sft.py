@@ -32,12 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from memory3.config import MemoryConfig
 from memory3.generate import rag_prompt
+from memory3.lora import apply_lora, load_lora_state
 from memory3.memory.codec import CodecConfig, MemoryCodec, straight_through, train_codec
 from memory3.memory.write import MemoryWriter, reference_prefix_ids
-from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, load_config, save_config
+from memory3.train.adapters import init_from_adapter, save_adapter
+from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, from_dict, load_config, save_config
 from memory3.train.data import (
     Entity,
     Group,
@@ -50,9 +53,11 @@ from memory3.train.data import (
     tokenize_corpus,
     wikipedia_training_entities,
 )
+from memory3.train.fisher import fisher_from_data
 from memory3.train.layout import shared_memory, text_batch
 from memory3.train.loop import (
     CKPT_DIR,
+    CONFIG_FILE,
     Progress,
     TrainState,
     all_mean,
@@ -335,8 +340,6 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
     model, tok = load_base(config.model, config.model_overrides, config.loop.seed)
     params = prepare_trainable(model, config.lora, config.loop.seed)
     if config.init_adapter:  # continue where an earlier (time-boxed) run's adapter left off
-        from memory3.train.adapters import init_from_adapter
-
         init_from_adapter(model, config.init_adapter)
     model._memory3_fingerprint = "training"  # type: ignore[assignment]  # skip hashing the weights
     model.train()
@@ -435,16 +438,15 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
             save_training(out, model, opt, state, _codec_saver(codec))
         return out
     if d.main:
-        shipped = export(model, tok, config, out, state)
+        shipped = export(model, tok, config, out, state, memory=final_memory_config(config))
         if config.codec is not None and config.codec.kind == "transform":
             # a model trained through a transform codec is built with one: leave its calibration
             # beside it, where `memory3 build --codec tc<bits>` finds it
             from memory3.memory.transform import CALIBRATION_FILE, weights_digest_of
-            from memory3.train.calibrate import fisher_matrices
 
             mc = memory_config_for(config, config.stages[-1])
-            cal = fisher_matrices(
-                model, tok, mc, config.codec_calibration_groups, seed=state.step, data=data, progress=False
+            cal = fisher_from_data(
+                model, tok, mc, data, config.codec_calibration_groups, seed=state.step, progress=False
             )
             cal.meta["weights"] = weights_digest_of(shipped)
             cal.save(shipped / CALIBRATION_FILE)
@@ -524,16 +526,8 @@ def fit_codec(model: Any, data: SFTData, writer: MemoryWriter, config: SFTConfig
         mem = writer.write([data.reference_ids(r) for r in refs[: config.codec_references]])
     calibration = None
     if config.codec.kind == "transform":
-        from memory3.train.calibrate import fisher_matrices
-
-        calibration = fisher_matrices(
-            model,
-            data.tok,
-            writer.config,
-            config.codec_calibration_groups,
-            seed=step,
-            data=data,
-            progress=False,
+        calibration = fisher_from_data(
+            model, data.tok, writer.config, data, config.codec_calibration_groups, seed=step, progress=False
         )
     model.train(was)
     codec = train_codec(mem, config.codec, rope_theta=model.config.rope_theta, calibration=calibration)
@@ -558,3 +552,29 @@ def main_from_file(
 
 
 __all__ = ["SFTConfig", "Stage", "run_sft", "save_config"]
+
+
+def final_memory_config(config: Any) -> MemoryConfig:
+    """How the trained model reads: the memory config of a curriculum's last stage, else the run's."""
+    if getattr(config, "stages", None):
+        return memory_config_for(config, config.stages[-1])
+    return getattr(config, "memory", MemoryConfig())
+
+
+def adapter_from_run(run: str | Path, out: str | Path, command: str = "") -> Path:
+    """Export the adapter of a run's last checkpoint (an unfinished run too: the result of a
+    time-boxed session), with the run's config and counters."""
+    run = Path(run)
+    config = from_dict(SFTConfig, json.loads((run / CONFIG_FILE).read_text()))
+    meta = json.loads((run / CKPT_DIR / "state.json").read_text())
+    model, _ = load_base(config.model)
+    apply_lora(model, config.lora)
+    state = load_file(run / CKPT_DIR / "trainable.safetensors")
+    load_lora_state(model, state)
+    step = meta["state"]["step"]
+    set_memory_layers(
+        model, layers_for(stage_at(config, max(step - 1, 0)).memory_layers, model.config.n_layer)
+    )
+    info = {**meta["state"], "finished": step >= config.loop.steps}
+    info["train_seconds"] = round(info.pop("seconds"), 1)
+    return save_adapter(model, out, config, info, command, memory=final_memory_config(config))

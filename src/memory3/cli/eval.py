@@ -8,7 +8,7 @@ figures (`--figures DIR`). One command regenerates everything published:
     memory3 bench all --quick        # the reduced settings used for the figures in BENCHMARKS.md
     memory3 bench all --render-only  # redraw BENCHMARKS.md sections and plots from saved JSON
 
-(`python -m memory3.eval.cli …` is the same CLI.) Results are saved under `--results-dir`
+Results are saved under `--results-dir`
 (default `benchmarks/results/`), figures under `docs/figures/`.
 """
 
@@ -20,6 +20,16 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+from memory3.cli.common import (
+    _torch_dtype,
+    add_kv_dtype_arg,
+    add_memory_args,
+    add_min_score_arg,
+    add_model_args,
+    kv_dtype_of,
+    load_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +69,7 @@ def _csv(kind: type) -> Any:
     return parse
 
 
-def kv_dtype_of(args: argparse.Namespace, loaded: Any) -> Any:
-    """`memory3.__main__.kv_dtype_of`, imported when called (that module imports this one)."""
-    from memory3.__main__ import kv_dtype_of as resolve
-
-    return resolve(args, loaded)
-
-
 def _load(args: argparse.Namespace) -> Any:
-    from memory3.__main__ import load_model
-
     if getattr(args, "threads", None):
         import torch
 
@@ -108,7 +109,6 @@ def _command_line() -> str:
 def _context(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from memory3.__main__ import _torch_dtype
     from memory3.eval.report import machine
     from memory3.model import resolve_kv_dtype
 
@@ -472,12 +472,11 @@ def cmd_bench_all(args: argparse.Namespace) -> int:
         common += ["--no-progress"] if args.no_progress else []
         common += ["--threads", str(args.threads)] if args.threads else []
         runs = {name: [*c.split(), *(QUICK[name].split() if q else [])] for name, c in COMMANDS.items()}
-        from memory3.__main__ import build_parser
-
         unknown = sorted(set(args.only or ()) - set(runs))
         if unknown:
             raise ValueError(f"--only {unknown}: choose from {list(runs)}")
-        parser = build_parser()
+        parser = argparse.ArgumentParser(prog="memory3")
+        register(parser.add_subparsers(dest="command"))  # the commands `all` runs are this module's
         if args.store:
             runs["speed"] += ["--store", args.store]
         for name in args.only or list(runs):
@@ -729,7 +728,6 @@ def _md_storage(res: dict[str, Any]) -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from memory3.__main__ import add_kv_dtype_arg, add_model_args
 
     add_model_args(p)
     add_kv_dtype_arg(p)
@@ -753,7 +751,6 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _memory_override_args(p: argparse.ArgumentParser, what: str) -> None:
-    from memory3.__main__ import add_memory_args
 
     add_memory_args(
         p,
@@ -770,7 +767,6 @@ def _leak_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add `eval` and `bench` to the `memory3` command line."""
-    from memory3.__main__ import add_min_score_arg
 
     p_eval = subparsers.add_parser("eval", help="quality: question answering and perplexity")
     ev = p_eval.add_subparsers(dest="eval_command", required=True)
@@ -879,7 +875,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_bench_storage)
 
     p = be.add_parser("all", help="run every benchmark, then rewrite BENCHMARKS.md sections and the figures")
-    from memory3.__main__ import add_kv_dtype_arg, add_model_args
 
     add_model_args(p)
     add_kv_dtype_arg(p)
@@ -905,14 +900,3 @@ def _with_sets(fn: Any) -> Any:
         return fn(args)
 
     return run
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m memory3.eval.cli …`: the same as `memory3 …`."""
-    from memory3.__main__ import main as memory3_main
-
-    return memory3_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

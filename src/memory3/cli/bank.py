@@ -11,6 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from memory3.cli.common import (
+    add_memory_args,
+    add_model_args,
+    load_model,
+)
 from memory3.errors import InputError
 
 
@@ -25,7 +30,6 @@ def _codec_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from memory3.__main__ import load_model
     from memory3.memory.build import BuildConfig, build, build_distributed
     from memory3.memory.ingest import IngestStats
     from memory3.retrieval.index import IndexConfig
@@ -101,7 +105,6 @@ def _skipped(stats: Any) -> str:
 
 
 def _open(args: argparse.Namespace, writable: bool) -> Any:
-    from memory3.__main__ import load_model
     from memory3.retrieval.retriever import StoreRetriever
 
     loaded = load_model(args)
@@ -178,7 +181,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from memory3.__main__ import add_memory_args, add_model_args
 
     p = sub.add_parser("build", help="build a memory bank from files, a directory, JSONL or 'wikipedia'")
     p.add_argument("source", help="a text/Markdown/JSONL file, a directory of them, or 'wikipedia' (bundled)")

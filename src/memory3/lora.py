@@ -9,12 +9,51 @@ and reads memories like any other. An adapter file holds only A and B (a few MB 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from memory3.model import Memory3Model
-from memory3.train.config import LoRAConfig
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021) on the named linear layers of every block.
+
+    rank 0 means no adapters: then `trainable` (parameter-name substrings) chooses which tensors
+    are trained in full, and an empty `trainable` trains every parameter.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    layers: tuple[int, ...] | None = None  # None = every block
+    trainable: tuple[str, ...] = ()  # full training of a subset when rank == 0
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"lora rank must be ≥ 0 (0 = no adapters), got {self.rank}")
+        if self.rank and not self.targets:
+            raise ValueError(
+                "lora targets is empty: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoRAConfig:
+        """From `to_dict`/JSON form (lists become tuples)."""
+        layers = d.get("layers")
+        return cls(
+            rank=int(d.get("rank", 0)),
+            alpha=float(d.get("alpha", 16.0)),
+            targets=tuple(d.get("targets", cls.targets)),
+            layers=None if layers is None else tuple(int(i) for i in layers),
+            trainable=tuple(d.get("trainable", ())),
+        )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
 
 
 class LoRALinear(nn.Module):

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from memory3.cli.common import (
+    load_model,
+)
 from memory3.config import GenerationConfig
 from memory3.data.qa import QAItem, answer_contained, load_qa, shipped_path
 from memory3.generate import MODES, Generator
@@ -38,7 +41,6 @@ def _questions(n_wiki: int, n_fictional: int) -> tuple[list[QAItem], list[Docume
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from memory3.__main__ import load_model
 
     t0 = time.perf_counter()
     loaded = load_model(args)

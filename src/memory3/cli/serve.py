@@ -13,6 +13,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from memory3.cli.common import (
+    add_kv_dtype_arg,
+    add_memory_args,
+    add_min_score_arg,
+    add_model_args,
+    kv_dtype_of,
+    load_model,
+)
+
 if TYPE_CHECKING:
     from memory3.config import Selection
 
@@ -20,7 +29,6 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    from memory3.__main__ import add_kv_dtype_arg, add_memory_args, add_min_score_arg, add_model_args
 
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server with explicit memory and knowledge endpoints"
@@ -150,7 +158,6 @@ def open_stores(
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from memory3.__main__ import kv_dtype_of, load_model
     from memory3.generate import Generator
     from memory3.scheduler import SchedulerConfig
     from memory3.serve import ServerConfig, create_app
