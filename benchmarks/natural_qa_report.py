@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,15 @@ from memory3.eval.report import table, update_section
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
+
+
+# a unit of 1 to 8 characters repeated 6 more times: an answer that degenerated into repetition
+REPEATED = re.compile(r"(.{1,8}?)\1{5,}", re.S)
+
+
+def repeated(s: dict[str, Any], mode: str) -> int:
+    """Answers of `mode` that degenerated into one piece repeated (issue: "Vivoshashashasha…")."""
+    return sum(bool(REPEATED.search(it["texts"][mode])) for it in s["items"] if mode in it["texts"])
 
 
 def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -44,6 +54,9 @@ def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{p['diff_points']:+.1f} ({p['ci95'][0]:+.1f} to {p['ci95'][1]:+.1f})" if p else "–"
                 ),
                 f"hit@{summ['k']}": _pct(summ["hit_rate"]),
+                "repeating answers (none / memory / RAG)": " / ".join(
+                    str(repeated(s, m)) for m in ("none", "memory", "rag")
+                ),
             }
         )
     return rows
@@ -81,7 +94,8 @@ def main() -> int:
         f"{first['memory']['kept_tokens']} kept tokens per head; {cfg['k']} references per retrieval, greedy, "
         f"≤ {cfg['max_new_tokens']} new tokens, leak filter {cfg['leak_threshold']:.3g}. Knowledge base: "
         f"{meta['kb']} (every summary a question names, both splits, and held-out distractors); retriever "
-        f"`{meta['embedder']}`. Score: a gold answer contained in the answer (normalised). Paired intervals: "
+        f"`{meta['embedder']}`. Score: a gold answer contained in the answer (normalised). Repeating answers: "
+        "a piece of 1 to 8 characters repeated 6 times or more in a row. Paired intervals: "
         "normal approximation to the mean per-question difference. Machine: "
         f"{m['platform']}, torch {m['torch']}, {first['threads']} thread, {m['date']}. Commands:\n\n"
         + "\n".join(f"- `{res.get('reproduce', '?')}`" for res in runs)
@@ -91,9 +105,15 @@ def main() -> int:
     if args.report:
         cmd = "python benchmarks/natural_qa_report.py " + " ".join(args.results)
         cmd += f" --compare {args.compare}" if args.compare else ""
-        compact = {
-            Path(p).name: {k: v["summary"] for k, v in res["sets"].items()}
-            for p, res in zip(args.results, runs, strict=True)
+        compact = {  # the headline figures; every row of the tables is in the results files
+            name: {
+                "n": v["summary"]["n"],
+                "hit_rate": v["summary"]["hit_rate"],
+                "contained": {m: x["contained"] for m, x in v["summary"]["modes"].items()},
+                "memory_vs_rag": v["summary"].get("memory_vs_rag"),
+            }
+            for res in runs
+            for name, v in res["sets"].items()
         }
         update_section(
             args.report,
