@@ -323,7 +323,8 @@ def test_server_over_a_real_bank_sees_document_changes(tmp_path, model, tok) -> 
     build(DOCS[:3], tmp_path / "bank", model, tok, MEM, CFG, progress=False)
     retr = StoreRetriever.open(tmp_path / "bank", model, tok, writable=True)
     gen = Generator(model, tok, retr, MEM, chat=False)
-    with BackgroundServer(create_app(gen, {"bank": retr}, ServerConfig(model_name="tiny"))) as s:
+    app = create_app(gen, {"bank": retr}, ServerConfig(model_name="tiny"))
+    with BackgroundServer(app) as s:
         body = {"model": "tiny", "prompt": "Which river flows through Dresk?", "max_tokens": 4}
 
         def docs_read() -> set[str]:
@@ -342,6 +343,18 @@ def test_server_over_a_real_bank_sees_document_changes(tmp_path, model, tok) -> 
         assert "ostrel" in docs_read()
         assert httpx.delete(s.url + "/v1/documents/ostrel", timeout=60).status_code == 200
         assert "ostrel" not in docs_read()
+        # a batch is written in steps of 4 documents, one scheduler operation each, the first
+        # one checking the ids and the last one committing: 6 documents are 2 operations
+        ops = app.state.scheduler.stats.operations
+        many = [
+            {"id": f"n{i}", "text": f"Note {i}: the Ostrel bridge was rebuilt in {1900 + i}."}
+            for i in range(6)
+        ]
+        assert httpx.post(s.url + "/v1/documents", json={"documents": many}, timeout=60).status_code == 201
+        assert app.state.scheduler.stats.operations - ops == 2
+        assert (
+            httpx.post(s.url + "/v1/documents", json={"documents": many[:1]}, timeout=60).status_code == 409
+        )
     retr.store.close()
 
 

@@ -538,7 +538,11 @@ def test_malformed_bodies_and_routes(http) -> None:
     assert http.get("/v1/completions").status_code == 405
     assert http.get("/v1/documents", params={"limit": "many"}).json()["error"]["param"] == "limit"
     assert http.get("/v1/documents", params={"limit": 0}).status_code == 400
-    assert http.put("/v1/documents/a%2Fb", json={"text": "x"}).status_code == 404
+    # ids may hold '/' (builds name documents wikipedia/<title>), encoded or not; never a '..' segment
+    assert http.put("/v1/documents/wiki%2FZantoria", json={"text": "Zantoria lies east."}).status_code == 200
+    assert http.get("/v1/documents/wiki/Zantoria").json()["id"] == "wiki/Zantoria"
+    assert http.delete("/v1/documents/wiki%2FZantoria").status_code == 200
+    assert http.get("/v1/documents/a%2F..%2Fb").json()["error"]["param"] == "id"
 
 
 def test_openai_client_sees_errors(client) -> None:

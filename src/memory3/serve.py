@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -242,14 +242,15 @@ class ChatBody(_Sampling):
 
 
 def _bad_id(value: str) -> str | None:
+    """Why a document id cannot be used, or None. Ids are never file paths (the store keeps them
+    in SQLite); they may hold '/' (`memory3 build` names documents `wikipedia/<title>` or by their
+    relative path), but no '.' or '..' segment, which clients and proxies drop from URLs."""
     if not 1 <= len(value) <= 256:
         return "must be 1 to 256 characters"
-    if (
-        value in (".", "..")
-        or any(c in value for c in "/\\")
-        or any(ord(c) < 32 or ord(c) == 127 for c in value)
-    ):
-        return "must not be '.' or '..' nor contain '/', '\\' or control characters"
+    if any(part in (".", "..", "") for part in value.split("/")) or "\\" in value:
+        return "must not have an empty, '.' or '..' segment between '/' nor contain '\\'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "must not contain control characters"
     return None
 
 
@@ -659,17 +660,8 @@ class _App:
         ids = [d["id"] for d in docs if "id" in d]
         if len(set(ids)) != len(ids):
             raise APIError(400, "document ids repeat within the request", param="documents")
-        if ids:
-            existing = await self.on_scheduler(lambda: [i for i in ids if kb.get_document(i) is not None])
-            if existing:
-                raise APIError(
-                    409,
-                    f"documents already exist: {existing}; replace them with PUT /v1/documents/{{id}}",
-                    param="documents",
-                    code="conflict",
-                )
         async with self.editing(name):
-            added = await self.write_documents(kb, docs)
+            added, _ = await self.write_documents(kb, docs, new_ids=ids)
         data = [{"object": "document", **r} for r in jsonable_encoder(added)]
         return JSONResponse({"object": "list", "store": name, "data": data}, status_code=201)
 
@@ -678,22 +670,70 @@ class _App:
         several scheduler steps, and a store has one batch open at a time."""
         return self._edit_locks.setdefault(name, asyncio.Lock())
 
-    async def write_documents(self, kb: KnowledgeBase, docs: list[dict]) -> list[dict]:
-        """Add (or replace) `docs`, all of them or none. A knowledge base with batches
-        (`begin_documents`) writes a few documents per scheduler step, so that decoding goes on
-        in between, and commits them together; others take them in one step."""
+    async def write_documents(
+        self, kb: KnowledgeBase, docs: list[dict], new_ids: Sequence[str] = ()
+    ) -> tuple[list[dict], list[str]]:
+        """Add (or replace) `docs`, all of them or none; `new_ids` must not exist yet (409).
+        Returns the added documents and the ids of those that replaced a version.
+
+        A knowledge base with batches (`begin_documents`) writes `documents_per_step` documents
+        per scheduler operation, so that decoding goes on in between, and commits them together:
+        the first operation also checks `new_ids` and begins the batch, the last one also
+        commits, so a request of up to `documents_per_step` documents is one operation (each
+        operation waits for the batch being decoded). Others take them in one operation."""
+
+        def check() -> None:
+            existing = [i for i in new_ids if kb.get_document(i) is not None]
+            if existing:
+                raise APIError(
+                    409,
+                    f"documents already exist: {existing}; replace them with PUT /v1/documents/{{id}}",
+                    param="documents",
+                    code="conflict",
+                )
+
         begin = getattr(kb, "begin_documents", None)
         if begin is None:
-            return await self.on_scheduler(kb.add_documents, docs)
-        batch = await self.on_scheduler(begin)
+
+            def add_all() -> tuple[list[dict], list[str]]:
+                check()
+                ids = [d["id"] for d in docs if "id" in d]
+                old = [d for d in map(kb.get_document, ids) if d is not None]
+                if old:  # one operation: no batch sees the document missing
+                    kb.delete_documents([d["id"] for d in old])
+                try:
+                    return kb.add_documents(docs), [d["id"] for d in old]
+                except BaseException:  # put the old versions back, then report
+                    kb.add_documents(
+                        [{k: d[k] for k in ("id", "text", "title", "metadata") if k in d} for d in old]
+                    )
+                    raise
+
+            return await self.on_scheduler(add_all)
+        step = self.cfg.documents_per_step
+        steps = [docs[i : i + step] for i in range(0, len(docs), step)]
+        holder: list[Any] = []
+
+        def add(part: list[dict], first: bool, last: bool) -> list[dict] | None:
+            if first:
+                check()
+                holder.append(begin())
+            batch = holder[0]
+            try:
+                batch.add(part)
+                return batch.commit() if last else None
+            except BaseException:
+                batch.abort()
+                raise
+
         try:
-            step = self.cfg.documents_per_step
-            for i in range(0, len(docs), step):
-                await self.on_scheduler(batch.add, docs[i : i + step])
-            return await self.on_scheduler(batch.commit)
+            for n, part in enumerate(steps):
+                out = await self.on_scheduler(add, part, n == 0, n == len(steps) - 1)
         except BaseException:
-            await asyncio.shield(self.on_scheduler_quietly(batch.abort))
+            if holder:  # a later step failed or was cancelled: nothing of the batch stays
+                await asyncio.shield(self.on_scheduler_quietly(holder[0].abort))
             raise
+        return out, list(holder[0].replaced)
 
     async def on_scheduler_quietly(self, fn: Callable[..., Any]) -> None:
         """Run `fn` on the scheduler if it still runs (clean-up after a failed request)."""
@@ -733,17 +773,8 @@ class _App:
         )
 
         async with self.editing(name):
-            existed = await self.on_scheduler(kb.get_document, doc_id) is not None
-            if existed and not hasattr(kb, "begin_documents"):
-                # one operation: no batch sees the document missing
-                def replace() -> list[dict]:
-                    kb.delete_documents([doc_id])
-                    return kb.add_documents([doc])
-
-                added = await self.on_scheduler(replace)
-            else:  # a batch replaces the old version in the same transaction
-                added = await self.write_documents(kb, [doc])
-        n = int(existed)
+            added, replaced = await self.write_documents(kb, [doc])
+        n = len(replaced)
         return JSONResponse(
             {"object": "document", **jsonable_encoder(added[0]), "store": name, "replaced": n > 0}
         )
@@ -940,15 +971,15 @@ def create_app(
     async def list_documents(request: Request) -> JSONResponse:
         return await state.list_documents(request)
 
-    @api.get("/documents/{doc_id}")
+    @api.get("/documents/{doc_id:path}")
     async def get_document(request: Request, doc_id: str) -> JSONResponse:
         return await state.get_document(request, doc_id)
 
-    @api.put("/documents/{doc_id}")
+    @api.put("/documents/{doc_id:path}")
     async def replace_document(request: Request, doc_id: str) -> JSONResponse:
         return await state.replace_document(request, doc_id)
 
-    @api.delete("/documents/{doc_id}")
+    @api.delete("/documents/{doc_id:path}")
     async def delete_document(request: Request, doc_id: str) -> JSONResponse:
         return await state.delete_document(request, doc_id)
 

@@ -358,8 +358,8 @@ class DocumentBatch:
     crash before the store's commit leaves the bank as it was; a crash after it leaves
     references the index lacks, which `StoreRetriever.open` indexes (`reconcile_index`). Use it
     as a context manager (commits on success, aborts on an exception) or call `commit` / `abort`.
-    After `commit`: `result` (per added document {"id", "reference_ids"}) and `deleted` (ids of
-    the deleted documents that existed)."""
+    After `commit`: `result` (per added document {"id", "reference_ids"}), `deleted` (ids of
+    the deleted documents that existed) and `replaced` (added documents that had a version)."""
 
     def __init__(self, retriever: StoreRetriever, replace: bool = True, write_batch: int = 16) -> None:
         self.retriever = retriever
@@ -371,6 +371,7 @@ class DocumentBatch:
         self._deleting: list[str] = []
         self.result: list[dict[str, Any]] = []
         self.deleted: list[str] = []
+        self.replaced: list[str] = []
 
     def add(self, docs: Sequence[Document | dict[str, Any]]) -> None:
         """Write the memories of these documents and stage them."""
@@ -428,6 +429,7 @@ class DocumentBatch:
                 r._save_index()
         self.result = [{"id": d, "reference_ids": new[d]} for d in self._added]
         self.deleted = [d for d in dict.fromkeys(self._deleting) if d in old]
+        self.replaced = [d for d in self._added if d in old]
         return self.result
 
     def abort(self) -> None:
