@@ -18,11 +18,12 @@ import torch
 from conftest import free_port, run_checked, tiny_model
 from memory3.checkpoint import save_checkpoint
 from memory3.config import GenerationConfig, MemoryConfig
+from memory3.errors import FingerprintMismatchError
 from memory3.generate import Generator
 from memory3.memory.build import BuildConfig, build
 from memory3.memory.codec import CodecConfig
 from memory3.memory.ingest import Document
-from memory3.memory.store import FingerprintMismatchError, MemoryStore
+from memory3.memory.store import MemoryStore
 from memory3.memory.write import MemoryWriter, reference_prefix_ids
 from memory3.retrieval.index import IndexConfig
 from memory3.retrieval.retriever import MemoryCache, StoreRetriever

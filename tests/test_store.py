@@ -19,15 +19,10 @@ import pytest
 import torch
 
 from memory3.config import MemoryConfig, ModelConfig
+from memory3.errors import FingerprintMismatchError, StoreCorruptError, StoreError
 from memory3.memory.codec import CodecConfig, MemoryCodec, MemoryShape, train_codec
-from memory3.memory.store import (
-    FingerprintMismatchError,
-    MemoryStore,
-    RefMeta,
-    StoreCorruptError,
-    StoreError,
-    merge_stores,
-)
+from memory3.memory.merge import merge_stores
+from memory3.memory.store import MemoryStore, RefMeta
 from memory3.memory.write import Memories, MemoryFormatError
 
 SHAPE = MemoryShape(layers=2, kv_heads=2, slots=4, head_dim=16)
@@ -309,7 +304,7 @@ def store_state(path: Path) -> tuple[dict[str, bytes], list[tuple]]:
     with MemoryStore.open(path) as s:
         ids = list(range(1, s.counts()["live"] + s.counts()["pending"] + 1))
         rows = [(r.ref_id, r.doc_id, r.chunk, r.built) for r in s.refs(ids)]
-        places = s._conn().execute("SELECT ref_id, shard, slot FROM refs ORDER BY ref_id").fetchall()
+        places = s.meta.conn.execute("SELECT ref_id, shard, slot FROM refs ORDER BY ref_id").fetchall()
     return shards, rows + places
 
 
@@ -427,7 +422,7 @@ def test_merge_two_stores(tmp_path: Path) -> None:
         assert m.verify().ok and m.manifest["index"] is None
         new = m.add(refs_for("d", 1), mem_for([9]))
         assert new == [10]
-        shard_of_new = m._conn().execute("SELECT shard FROM refs WHERE ref_id = 10").fetchone()[0]
+        shard_of_new = m.meta.conn.execute("SELECT shard FROM refs WHERE ref_id = 10").fetchone()[0]
         assert shard_of_new == 4  # appends go to a shard of its own, not into a part's file
     with MemoryStore.open(p1) as s:  # parts kept intact
         assert_same(s.get([1, 2, 3, 4]), mem_for([1, 2, 3, 4]))

@@ -14,8 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from memory3.config import MemoryConfig, ModelConfig, fingerprint
 from memory3.errors import CheckpointError
+from memory3.files import recover_dir, replace_dir
 from memory3.lora import LoRAConfig, apply_lora, load_lora_state, merge_lora
 from memory3.model import Memory3Model
 from memory3.shipped import ADAPTER_META, BUNDLED, TRAINED, models_dir, shipped_models
@@ -70,9 +69,7 @@ def save_checkpoint(
 ) -> Path:
     """Write atomically: a half-written checkpoint never replaces a good one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-    try:
+    with replace_dir(path, label="checkpoint") as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         if model.config.tie_embeddings:
             state.pop("lm_head.weight", None)
@@ -87,12 +84,6 @@ def save_checkpoint(
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -103,7 +94,7 @@ def _set_fingerprint(model: Memory3Model, digest: str) -> None:
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Loaded:
-    path = Path(path)
+    path = recover_dir(path)
     meta_path = path / META_FILE
     if not meta_path.exists():
         if (path / "config.json").exists():

@@ -146,7 +146,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 def cmd_add(args: argparse.Namespace) -> int:
     from memory3.memory.ingest import IngestStats
-    from memory3.memory.store import read_manifest
+    from memory3.memory.manifest import read_manifest
 
     read_manifest(args.store)  # a wrong path is said before the model loads
     stats = IngestStats()

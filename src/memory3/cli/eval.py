@@ -54,7 +54,7 @@ _LOADED: dict[tuple[str, str, str], Any] = {}  # models loaded by this process (
 
 
 def _store_size(path: str) -> int | str:
-    from memory3.memory.store import read_manifest
+    from memory3.memory.manifest import read_manifest
 
     return (read_manifest(path).get("extra") or {}).get("references", "?")
 
@@ -379,7 +379,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         tok, [a.text for a in prompt_articles], max(config.batch_sizes), config.prompt_tokens
     )
     if args.store is not None:  # a bank's memories were written with its own config
-        from memory3.memory.store import read_memory_config
+        from memory3.memory.manifest import read_memory_config
 
         mem_cfg = read_memory_config(args.store)
     else:

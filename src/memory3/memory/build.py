@@ -43,13 +43,14 @@ from memory3.config import MemoryConfig
 from memory3.faults import crash_point
 from memory3.memory.codec import CodecConfig, MemoryCodec, train_codec
 from memory3.memory.ingest import Document, IngestStats, Reference, chunk_documents
-from memory3.memory.store import MemoryStore, RefMeta, merge_stores
+from memory3.memory.manifest import INDEX_DIR
+from memory3.memory.merge import merge_stores
+from memory3.memory.store import MemoryStore, RefMeta
 from memory3.memory.transform import CodecCalibration
 from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
 from memory3.model import Memory3Model
 from memory3.retrieval.embed import get_embedder
 from memory3.retrieval.index import IndexConfig, VectorIndex
-from memory3.retrieval.retriever import INDEX_SUBDIR
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ class _EmbedInBackground:
 def _index(store: MemoryStore, config: BuildConfig, progress: bool, again: bool = False) -> None:
     """Embed every reference (resumable: one .npy per batch) and build the retrieval index
     (`again`: also when the bank has one; it is replaced when the new one is complete)."""
-    index_dir = store.path / INDEX_SUBDIR
+    index_dir = store.path / INDEX_DIR
     if not again and (index_dir / "index.json").exists() and store.manifest.get("index"):
         return
     part_dir = store.path / PARTIAL

@@ -29,9 +29,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +37,7 @@ import faiss
 import numpy as np
 
 from memory3.errors import StoreCorruptError
-from memory3.faults import crash_point
+from memory3.files import recover_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,41 +52,6 @@ _IVF_TRAIN_PER_LIST = 64  # k-means sample size per ivf list (FAISS needs ≥ 39
 
 class IndexFormatError(StoreCorruptError, ValueError):
     """An index directory that is incomplete, inconsistent or of another format."""
-
-
-def _aside(path: Path) -> Path:
-    return path.with_name(path.name + ".replaced")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _dir_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o777 & ~mask
-
-
-def recover_index_dir(path: str | Path) -> bool:
-    """Finish a `save` that a crash cut between its two renames (the old index moved aside, the
-    new one not yet in place): move the old one back. Returns whether anything was done. Half
-    written `<name>.writing-*` directories are left to the next `save` of a writer."""
-    path = Path(path)
-    aside = _aside(path)
-    if path.exists() or not aside.is_dir():
-        return False
-    try:
-        aside.rename(path)
-    except OSError as e:  # a read-only bank: read the old index where it lies
-        log.warning("cannot move %s back to %s (%s)", aside, path, e)
-        return False
-    log.warning("restored the index %s left aside by an interrupted save", path)
-    return True
 
 
 @dataclass(frozen=True)
@@ -349,47 +311,21 @@ class VectorIndex:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the index directory; the directory belongs to the index and is replaced. At any
-        moment of a crash, `path` holds the old index or the new one, whole: the new one is
-        written aside and fsynced, the old one is renamed to `<path>.replaced` and the new one
-        into place (two renames; `load` takes `<path>.replaced` back if a crash fell between
-        them), then the old one is deleted."""
+        """Write the index directory; the directory belongs to the index and is replaced, whole
+        (`memory3.files.replace_dir`: a crash leaves the old index or the new one)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for old in path.parent.glob(path.name + ".writing-*"):  # left by a save a crash cut short
-            shutil.rmtree(old, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".writing-", dir=path.parent))
-        aside = _aside(path)
-        try:
-            os.chmod(tmp, _dir_mode())
+        with replace_dir(path, label="index") as tmp:
             if self._index is not None:
                 faiss.write_index(self._index, str(tmp / INDEX_FILE))
             np.save(tmp / IDS_FILE, self.ids(), allow_pickle=False)
             deleted = np.sort(np.fromiter(self._deleted, dtype=np.int64, count=len(self._deleted)))
             np.save(tmp / DELETED_FILE, deleted, allow_pickle=False)
             (tmp / META_FILE).write_text(json.dumps(self.describe(), indent=2) + "\n")
-            for f in tmp.iterdir():
-                _fsync(f)
-            _fsync(tmp)
-            if aside.exists():  # a complete index at `path`: the leftover of a finished save
-                shutil.rmtree(aside) if path.exists() else aside.rename(path)
-            crash_point("index.written")
-            if path.exists():
-                path.rename(aside)
-            crash_point("index.moved_aside")
-            tmp.rename(path)
-            _fsync(path.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> VectorIndex:
-        path = Path(path)
-        if not recover_index_dir(path) and not path.exists() and _aside(path).is_dir():
-            path = _aside(path)  # cannot move it back (read-only): read it where it is
+        path = recover_dir(path)
         meta_path = path / META_FILE
         if not meta_path.exists():
             raise FileNotFoundError(f"{path}: not an index directory ({META_FILE} missing); build one first")

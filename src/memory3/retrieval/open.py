@@ -35,7 +35,7 @@ def open_retriever(
     if store is not None and kb is not None:
         raise ValueError("give either --store (a memory bank) or --kb (a small text file), not both")
     if store is not None:
-        from memory3.memory.store import read_memory_config
+        from memory3.memory.manifest import read_memory_config
         from memory3.retrieval.retriever import StoreRetriever
 
         have = read_memory_config(store)

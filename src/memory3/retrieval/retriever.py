@@ -22,18 +22,19 @@ import torch
 from memory3.config import MemoryConfig
 from memory3.errors import StoreError
 from memory3.faults import crash_point
+from memory3.files import recover_dir
+from memory3.memory.batch import DocumentBatch as StoreBatch
 from memory3.memory.ingest import Document, Reference, chunk_documents
+from memory3.memory.manifest import INDEX_DIR
 from memory3.memory.store import MemoryStore, RefMeta, VerifyReport
 from memory3.memory.write import Memories, MemoryWriter, memory_fingerprint, reference_prefix_ids
 from memory3.model import Memory3Model
 from memory3.retrieval.base import Embedder, Hit
 from memory3.retrieval.embed import from_spec
-from memory3.retrieval.index import VectorIndex, recover_index_dir
+from memory3.retrieval.index import VectorIndex
 from memory3.retrieval.leak import leaks
 
 log = logging.getLogger(__name__)
-
-INDEX_SUBDIR = "index"
 
 
 class MemoryCache:
@@ -117,7 +118,7 @@ class StoreRetriever:
         what memories are decoded to and cached in (None: the model's dtype); give the KV cache's
         dtype (`Generator.kv_dtype`) so that no retrieval converts them, and a bfloat16 cache
         holds twice the memories a float32 one does in the same RAM."""
-        from memory3.memory.store import read_manifest
+        from memory3.memory.manifest import read_manifest
 
         path = Path(path)
         manifest = read_manifest(path)
@@ -130,12 +131,8 @@ class StoreRetriever:
         except BaseException:
             store.close()
             raise
-        index_dir = path / INDEX_SUBDIR
-        recover_index_dir(index_dir)
-        if (
-            not (index_dir / "index.json").exists()
-            and not (index_dir.with_name(index_dir.name + ".replaced") / "index.json").exists()
-        ):
+        index_dir = path / INDEX_DIR
+        if not (recover_dir(index_dir) / "index.json").exists():
             store.close()
             raise StoreError(
                 f"{index_dir}: the bank has no retrieval index; finish the build (run the same "
@@ -286,7 +283,7 @@ class StoreRetriever:
         return len(batch.deleted)
 
     def _save_index(self) -> None:
-        self.index.save(self.store.path / INDEX_SUBDIR)
+        self.index.save(self.store.path / INDEX_DIR)
         crash_point("batch.index_saved")
         self.store.set_index_info({**(self.store.manifest.get("index") or {}), **self.index.describe()})
 
@@ -365,7 +362,7 @@ class DocumentBatch:
         self.retriever = retriever
         self.replace = replace
         self.write_batch = write_batch
-        self._store_batch = retriever.store.batch()
+        self._store_batch = StoreBatch(retriever.store)
         self._vectors: dict[str, np.ndarray] = {}
         self._added: list[str] = []
         self._deleting: list[str] = []
@@ -480,7 +477,7 @@ def verify_bank(path: str | Path) -> VerifyReport:
     path = Path(path)
     with MemoryStore.open(path) as store:
         report = store.verify()
-        index_dir = path / INDEX_SUBDIR
+        index_dir = path / INDEX_DIR
         try:
             index = VectorIndex.load(index_dir)
         except FileNotFoundError:

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memory3.config import MemoryConfig, ModelConfig
+from memory3.files import recover_dir, replace_dir
 from memory3.lora import apply_lora, select_trainable
 from memory3.model import Memory3Model
 from memory3.train.adapters import save_adapter
@@ -209,9 +209,7 @@ def save_training(
 ) -> Path:
     """Trainable tensors + optimizer state + RNG + counters, written atomically to out/checkpoint.
     `extra(directory)` writes a recipe's own state (e.g. the codec trained in the loop) inside it."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=CKPT_DIR + ".", dir=out))
-    try:
+    with replace_dir(out / CKPT_DIR, label="training") as tmp:
         if extra is not None:
             extra(tmp)
         save_file(trainable_state(model), tmp / "trainable.safetensors")
@@ -226,19 +224,12 @@ def save_training(
         save_file({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
         meta = {"state": state.__dict__, "param_groups": sd["param_groups"]}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
-        final = out / CKPT_DIR
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / CKPT_DIR
 
 
 def load_training(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> TrainState | None:
     """Restore what `save_training` wrote; None when there is no checkpoint yet."""
-    ckpt = out / CKPT_DIR
+    ckpt = recover_dir(out / CKPT_DIR)
     if not (ckpt / "state.json").exists():
         return None
     meta = json.loads((ckpt / "state.json").read_text())
