@@ -32,7 +32,8 @@ from memory3.scheduler import (
     select_batch,
     trim_output,
 )
-from memory3.serve import BackgroundServer, ServerConfig, _references, create_app
+from memory3.serve import BackgroundServer, ServerConfig, create_app
+from memory3.serve.app import _references
 from test_generate import FACTS, BagOfWords
 
 KEY = "test-key"
