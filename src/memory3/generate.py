@@ -16,9 +16,10 @@ The "none" and "rag" modes pad on the left.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -320,6 +321,9 @@ class Generator:
         queries: Sequence[str] | None = None,
         min_score: float | None = None,
     ) -> Iterator[StreamEvent | list[GenerationOutput]]:
+        """Prefill every prompt in `mode`, then decode the batch step by step: each step samples a
+        token per sequence, which `_Sequence.take` checks against EOS and the stop strings; every
+        `chunk_tokens` generated tokens, memory mode retrieves the memories the next chunk reads."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(prompts, str):
@@ -333,9 +337,7 @@ class Generator:
         floor = self.min_score if min_score is None else check_min_score(min_score)
         self.timing = Timing()
         t_start = time.perf_counter()
-        B = len(prompts)
-        refs: list[list[list[Hit]]] = [[] for _ in range(B)]
-
+        refs: list[list[list[Hit]]] = [[] for _ in prompts]
         if mode == "rag":
             hits = self._search(list(queries or prompts), k, leak_threshold, floor)
             prompts = [rag_prompt(p, h) for p, h in zip(prompts, hits, strict=True)]
@@ -345,10 +347,56 @@ class Generator:
             for e, q in zip(enc, queries, strict=True):
                 e.queries[0] = q
         max_new = self._check_length(enc, mode, gen.max_new_tokens)
+        logits, cache, next_pos, prompt_refs = self._prefill(enc, mode, k, max_new, leak_threshold, floor)
+        if mode == "memory":
+            refs = prompt_refs
 
-        # ---- prefill
+        g = torch.Generator(device="cpu")
+        if gen.seed is not None:
+            g.manual_seed(gen.seed)
+        else:
+            g.seed()  # unseeded sampling differs from call to call
+        seqs = [_Sequence(len(e.ids)) for e in enc]
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        hold = max((len(s) for s in gen.stop), default=0)
+        step_valid = torch.ones(len(enc), 1, dtype=torch.bool, device=self.model.device)
+        t_dec = time.perf_counter()
+        for step in range(max_new):
+            tok = sample(logits.float(), gen, g).tolist()
+            if step == 0:
+                self.timing.first_token_s = time.perf_counter() - t_start
+            last_step = step == max_new - 1
+            for b, seq in enumerate(seqs):
+                event = seq.take(tok[b], b, self.eos_ids, gen, stream, last_step, hold, decode)
+                if event is not None:
+                    yield event
+            if all(q.done for q in seqs) or last_step:
+                break
+            if mode == "memory" and (step + 1) % self.mem_cfg.chunk_tokens == 0:
+                self._retrieve_while_decoding(seqs, refs, cache, k, leak_threshold, floor)
+            feed = torch.tensor([[t] for t in tok], device=self.model.device)
+            logits = self.model(feed, next_pos[:, None], token_valid=step_valid, cache=cache, last_only=True)[
+                :, -1
+            ]
+            next_pos += 1
+            self.timing.decode_steps += 1
+        self.timing.decode_s = time.perf_counter() - t_dec
+        self.timing.generated_tokens = sum(len(q.out) for q in seqs)
+        yield [
+            GenerationOutput(
+                q.text if (gen.stop or stream) else decode(q.out), q.out, q.prompt_tokens, q.finish, r
+            )
+            for q, r in zip(seqs, refs, strict=True)
+        ]
+
+    def _prefill(
+        self, enc: list[_Prompt], mode: Mode, k: int, max_new: int, leak: float | None, floor: float | None
+    ) -> tuple[Tensor, KVCache, Tensor, list[list[list[Hit]]]]:
+        """Lay the prompts out and run them: memory mode puts [prefix][prompt][pad…] at positions
+        0..p and p+R.. (chunks line up), reading each chunk's memories; none/rag left-pad. Returns
+        the last logits, the cache, each row's next position, and the hits the prompts read."""
         model, device = self.model, self.model.device
-        lens = [len(e.ids) for e in enc]
+        B, lens = len(enc), [len(e.ids) for e in enc]
         n_max = max(lens)
         p = len(self.prefix_ids) if mode == "memory" else 0
         T = p + n_max
@@ -357,7 +405,6 @@ class Generator:
         pos = torch.zeros(B, T, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)
         for b, e in enumerate(enc):
-            # memory: [prefix][prompt][pad…] so that chunks line up; none/rag: [pad…][prompt]
             start = 0 if mode == "memory" else n_max - lens[b]
             ids[b, start : start + p] = torch.tensor(self.prefix_ids[:p], dtype=torch.long)
             ids[b, start + p : start + p + lens[b]] = torch.tensor(e.ids)
@@ -367,9 +414,10 @@ class Generator:
         ids, pos, valid = ids.to(device), pos.to(device), valid.to(device)
         slots = k * self.mem_cfg.kept_tokens if mode == "memory" else 0
         cache = KVCache(model.config, B, T + max_new, slots, device, self.kv_dtype)
-
+        refs: list[list[list[Hit]]] = [[] for _ in range(B)]
+        t0 = time.perf_counter()
         if mode == "memory":
-            mem, index, refs = self._prompt_memories(enc, k, leak_threshold, floor)
+            mem, index, refs = self._prompt_memories(enc, k, leak, floor)
             t0 = time.perf_counter()
             if p:
                 cache.write_prefix(self._prefix_kv())
@@ -382,85 +430,32 @@ class Generator:
             last = index[torch.arange(B), torch.tensor([len(e.queries) - 1 for e in enc])]
             layout.into_cache(mem, last, cache)
         else:
-            t0 = time.perf_counter()
             logits = model(ids, pos, token_valid=valid, cache=cache, last_only=True)[:, -1]
             self.timing.prefill_s = time.perf_counter() - t0
+        return logits, cache, torch.tensor([first_pos + n for n in lens], device=device), refs
 
-        # ---- decode
-        g = torch.Generator(device="cpu")
-        if gen.seed is not None:
-            g.manual_seed(gen.seed)
-        else:
-            g.seed()  # unseeded sampling differs from call to call
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        finish: list[Literal["stop", "length"]] = ["length"] * B
-        emitted = [0] * B
-        texts = [""] * B
-        hold = max((len(s) for s in gen.stop), default=0)
-        next_pos = torch.tensor([first_pos + n for n in lens], device=device)
-        step_valid = torch.ones(B, 1, dtype=torch.bool, device=device)
-        t_dec = time.perf_counter()
-        for step in range(max_new):
-            tok = sample(logits.float(), gen, g)
-            if step == 0:
-                self.timing.first_token_s = time.perf_counter() - t_start
-            tok_list = tok.tolist()
-            for b in range(B):
-                if done[b]:
-                    continue
-                t = tok_list[b]
-                if t in self.eos_ids and not gen.ignore_eos:
-                    done[b], finish[b] = True, "stop"
-                else:
-                    out[b].append(t)
-                if gen.stop or stream:
-                    texts[b] = self.tokenizer.decode(out[b], skip_special_tokens=True)
-                    cut = _find_stop(texts[b], gen.stop, emitted[b])
-                    if cut is not None:
-                        texts[b], done[b], finish[b] = texts[b][:cut], True, "stop"
-                if stream:
-                    if done[b] or step == max_new - 1:
-                        upto = len(texts[b])
-                    else:
-                        upto = len(texts[b]) - max(hold - 1, 0)
-                        while upto > emitted[b] and texts[b][upto - 1] == "\ufffd":
-                            upto -= 1  # an incomplete UTF-8 character: wait for its next byte
-                    if upto > emitted[b] or done[b] or step == max_new - 1:
-                        fin = finish[b] if (done[b] or step == max_new - 1) else None
-                        yield StreamEvent(b, texts[b][emitted[b] : upto], fin)
-                        emitted[b] = max(emitted[b], upto)
-            if all(done) or step == max_new - 1:
-                break
-            n_gen = step + 1  # tokens generated so far; the one fed next is number n_gen
-            if mode == "memory" and n_gen % self.mem_cfg.chunk_tokens == 0:
-                # §3.1 drop the memories; retrieve new ones with the last 64 generated tokens
-                active = [b for b in range(B) if not done[b]]
-                last = [
-                    self.tokenizer.decode(out[b][-self.mem_cfg.chunk_tokens :], skip_special_tokens=True)
-                    for b in active
-                ]
-                found = self._search([q if q.strip() else " " for q in last], k, leak_threshold, floor)
-                hits: list[list[Hit]] = [[] for _ in range(B)]  # finished sequences read nothing
-                for b, h in zip(active, found, strict=True):
-                    hits[b] = h
-                    refs[b].append(h)
-                layout.into_cache(*self._fetch(hits, k), cache)
-            feed = torch.tensor([[t] for t in tok_list], device=device)
-            logits = model(feed, next_pos[:, None], token_valid=step_valid, cache=cache, last_only=True)[
-                :, -1
-            ]
-            next_pos += 1
-            self.timing.decode_steps += 1
-        self.timing.decode_s = time.perf_counter() - t_dec
-        self.timing.generated_tokens = sum(len(o) for o in out)
-        results = []
-        for b in range(B):
-            text = (
-                texts[b] if (gen.stop or stream) else self.tokenizer.decode(out[b], skip_special_tokens=True)
-            )
-            results.append(GenerationOutput(text, out[b], lens[b], finish[b], refs[b]))
-        yield results
+    def _retrieve_while_decoding(
+        self,
+        seqs: list[_Sequence],
+        refs: list[list[list[Hit]]],
+        cache: KVCache,
+        k: int,
+        leak: float | None,
+        floor: float | None,
+    ) -> None:
+        """Drop the memories the last chunk read and put in those retrieved with its 64 generated
+        tokens (the paper, §3.1); finished sequences read nothing."""
+        active = [b for b, q in enumerate(seqs) if not q.done]
+        last = [
+            self.tokenizer.decode(seqs[b].out[-self.mem_cfg.chunk_tokens :], skip_special_tokens=True)
+            for b in active
+        ]
+        found = self._search([q if q.strip() else " " for q in last], k, leak, floor)
+        hits: list[list[Hit]] = [[] for _ in seqs]
+        for b, h in zip(active, found, strict=True):
+            hits[b] = h
+            refs[b].append(h)
+        layout.into_cache(*self._fetch(hits, k), cache)
 
     def _prompt_memories(
         self, enc: list[_Prompt], k: int, leak: float | None, min_score: float | None
@@ -529,7 +524,59 @@ def prefill_chunks(
     return model.lm_head(hidden)
 
 
-def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
+@dataclass
+class _Sequence:
+    """One sequence of a batch while it decodes: its tokens, text so far (kept when stop strings
+    or streaming need it), how much of it was streamed, and how it finished."""
+
+    prompt_tokens: int
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    done: bool = False
+    finish: Literal["stop", "length"] = "length"
+
+    def take(
+        self,
+        token: int,
+        row: int,
+        eos_ids: Sequence[int],
+        gen: GenerationConfig,
+        stream: bool,
+        last_step: bool,
+        hold: int,
+        decode: Callable[[list[int]], str],
+    ) -> StreamEvent | None:
+        """Add a sampled token: EOS or a stop string ends the sequence; in streaming, returns
+        the text now safe to send (a possible stop string's start and an incomplete UTF-8
+        character are held back)."""
+        if self.done:
+            return None
+        if token in eos_ids and not gen.ignore_eos:
+            self.done, self.finish = True, "stop"
+        else:
+            self.out.append(token)
+        if gen.stop or stream:
+            self.text = decode(self.out)
+            cut = find_stop(self.text, gen.stop, self.emitted)
+            if cut is not None:
+                self.text, self.done, self.finish = self.text[:cut], True, "stop"
+        if not stream:
+            return None
+        ending = self.done or last_step
+        upto = len(self.text)
+        if not ending:
+            upto -= max(hold - 1, 0)
+            while upto > self.emitted and self.text[upto - 1] == "\ufffd":
+                upto -= 1  # an incomplete UTF-8 character: wait for its next byte
+        if upto <= self.emitted and not ending:
+            return None
+        event = StreamEvent(row, self.text[self.emitted : upto], self.finish if ending else None)
+        self.emitted = max(self.emitted, upto)
+        return event
+
+
+def find_stop(text: str, stops: Sequence[str], emitted: int = 0) -> int | None:
     """Index where the first stop string starts, searching only text not yet emitted (and the
     overlap a stop string could straddle)."""
     best = None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from memory3.config import GenerationConfig
-from memory3.generate import GenerationOutput, Generator, Mode, StreamEvent
+from memory3.generate import GenerationOutput, Generator, Mode, StreamEvent, find_stop
 from memory3.retrieval.base import Retriever
 
 log = logging.getLogger(__name__)
@@ -197,11 +197,6 @@ def select_batch(waiting: Iterable[Job], max_batch: int, context_limit: int) -> 
     return batch
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i != -1]
-    return min(found) if found else None
-
-
 def trim_output(
     out: GenerationOutput,
     max_tokens: int,
@@ -218,7 +213,7 @@ def trim_output(
     if len(ids) >= max_tokens:
         ids = ids[:max_tokens]
         full = decode(ids)
-        cut = _find_stop(full, stops)
+        cut = find_stop(full, stops)
         text, finish = (full[:cut], "stop") if cut is not None else (full, "length")
         draws = max_tokens  # tokens it sampled
     else:
