@@ -21,7 +21,7 @@ from memory3.config import GenerationConfig
 from memory3.data.qa import QAItem, answer_contained, load_qa, shipped_path
 from memory3.generate import MODES, Generator
 from memory3.memory.ingest import Document, chunk_documents
-from memory3.memory.write import MemoryWriter, reference_prefix_ids
+from memory3.memory.write import MemoryWriter
 from memory3.retrieval.embed import get_embedder
 from memory3.retrieval.inmemory import InMemoryRetriever
 
@@ -54,7 +54,7 @@ def run_demo(args: argparse.Namespace) -> int:
     cfg = loaded.memory_config
     items, docs = _questions(args.articles, max(3, args.articles // 2))
     refs = list(chunk_documents(docs, tok, cfg.reference_tokens))
-    writer = MemoryWriter(model, reference_prefix_ids(tok, model.config.bos_token_id, cfg), cfg)
+    writer = MemoryWriter.for_model(model, tok, cfg)
     t0 = time.perf_counter()
     with torch.inference_mode():
         bank = InMemoryRetriever(refs, writer, tok, get_embedder("minilm"))

@@ -47,7 +47,7 @@ from memory3.memory.manifest import INDEX_DIR
 from memory3.memory.merge import merge_stores
 from memory3.memory.store import MemoryStore, RefMeta
 from memory3.memory.transform import CodecCalibration
-from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
+from memory3.memory.write import Memories, MemoryWriter
 from memory3.model import Memory3Model
 from memory3.retrieval.embed import get_embedder
 from memory3.retrieval.index import IndexConfig, VectorIndex
@@ -176,7 +176,7 @@ def build(
     mem_cfg = memory_config or MemoryConfig()
     config = config or BuildConfig()
     stats = stats if stats is not None else IngestStats()
-    writer = MemoryWriter(model, reference_prefix_ids(tokenizer, model.config.bos_token_id, mem_cfg), mem_cfg)
+    writer = MemoryWriter.for_model(model, tokenizer, mem_cfg)
     refs = list(
         chunk_documents(
             tqdm(docs, desc="read", disable=not progress, unit="doc"),
@@ -407,9 +407,7 @@ def build_distributed(
     codec_dir = parts / "codec"
     if rank == 0 and not (codec_dir / "codec.json").exists():
         # one codec for every part, so their records are interchangeable (merge moves shard files)
-        writer = MemoryWriter(
-            model, reference_prefix_ids(tokenizer, model.config.bos_token_id, mem_cfg), mem_cfg
-        )
+        writer = MemoryWriter.for_model(model, tokenizer, mem_cfg)
         refs = list(chunk_documents(docs, tokenizer, mem_cfg.reference_tokens))
         _codec_for(refs, writer, config, progress, calibration).save(codec_dir)
     dist.barrier()

@@ -188,6 +188,11 @@ class MemoryWriter:
         self.prefix_ids = list(prefix_ids)
         self.fingerprint = memory_fingerprint(model, config)
 
+    @classmethod
+    def for_model(cls, model: Memory3Model, tokenizer: Any, config: MemoryConfig) -> MemoryWriter:
+        """The writer of `model`'s memories, with the reference prefix its tokenizer makes."""
+        return cls(model, reference_prefix_ids(tokenizer, model.config.bos_token_id, config), config)
+
     @property
     def prefix_len(self) -> int:
         return len(self.prefix_ids)

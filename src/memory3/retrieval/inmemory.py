@@ -14,7 +14,7 @@ import numpy as np
 from memory3.memory.ingest import Reference
 from memory3.memory.write import Memories, MemoryWriter
 from memory3.retrieval.base import Embedder, Hit
-from memory3.retrieval.leak import leaks
+from memory3.retrieval.leak import leak_check
 
 if TYPE_CHECKING:
     from memory3.memory.codec import MemoryCodec
@@ -69,18 +69,15 @@ class InMemoryRetriever:
         scores = self.embedder.embed(list(queries)) @ self._vectors.T  # (Q, N) cosine
         order = np.argsort(-scores, axis=1, kind="stable")
         out = []
+        is_leak = leak_check(leak_texts, leak_threshold)
         for qi, row in enumerate(order):
             hits: list[Hit] = []
             for i in row:
                 if len(hits) == k:
                     break
                 r = self.references[i]
-                if (
-                    leak_texts is not None
-                    and leak_threshold is not None
-                    and leaks(leak_texts[qi], r.text, leak_threshold)
-                ):
-                    continue  # §4.4 the reference (nearly) contains the query text
+                if is_leak(qi, r.text):
+                    continue  # the next hit takes the slot
                 hits.append(Hit(int(i), float(scores[qi, i]), r.text, r.title, r.doc_id))
             out.append(hits)
         return out

@@ -26,7 +26,7 @@ evaluation, references with overlap > 2/3 with the question are dropped.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -190,6 +190,15 @@ def leaks(t: Seq, r: Seq, threshold: float) -> bool:
     while allowed > 0 and allowed / m > threshold:
         allowed -= 1
     return _best_lcs(ta, ra, allowed) / m > threshold
+
+
+def leak_check(leak_texts: Sequence[str] | None, threshold: float | None) -> Callable[[int, str], bool]:
+    """The leak filter of a batch of queries (the paper, §4.4): `is_leak(i, reference_text)` says
+    whether the reference (nearly) contains query i's text, so that it is skipped and the next
+    hit takes its place. Never true without both texts and a threshold."""
+    if leak_texts is None or threshold is None:
+        return lambda i, text: False
+    return lambda i, text: leaks(leak_texts[i], text, threshold)
 
 
 def filter_hits(hits: Sequence[H], text: str, threshold: float, k: int | None = None) -> list[H]:

@@ -53,7 +53,7 @@ def open_retriever(
     if kb is None:
         return None, loaded.memory_config.override(kept_tokens, selection)
     from memory3.memory.ingest import IngestStats, chunk_documents, read_documents
-    from memory3.memory.write import MemoryWriter, reference_prefix_ids
+    from memory3.memory.write import MemoryWriter
     from memory3.retrieval.embed import get_embedder
     from memory3.retrieval.inmemory import InMemoryRetriever
 
@@ -64,7 +64,6 @@ def open_retriever(
     )
     if not refs:
         raise ValueError(f"{kb}: no text to remember ({stats.as_dict()})")
-    prefix = reference_prefix_ids(loaded.tokenizer, loaded.model.config.bos_token_id, cfg)
-    writer = MemoryWriter(loaded.model, prefix, cfg)
+    writer = MemoryWriter.for_model(loaded.model, loaded.tokenizer, cfg)
     log.info("writing %d memories from %s", len(refs), kb)
     return InMemoryRetriever(refs, writer, loaded.tokenizer, get_embedder(embedder)), cfg

@@ -27,12 +27,12 @@ from memory3.memory.batch import DocumentBatch as StoreBatch
 from memory3.memory.ingest import Document, Reference, chunk_documents
 from memory3.memory.manifest import INDEX_DIR
 from memory3.memory.store import MemoryStore, RefMeta, VerifyReport
-from memory3.memory.write import Memories, MemoryWriter, memory_fingerprint, reference_prefix_ids
+from memory3.memory.write import Memories, MemoryWriter, memory_fingerprint
 from memory3.model import Memory3Model
 from memory3.retrieval.base import Embedder, Hit
 from memory3.retrieval.embed import from_spec
 from memory3.retrieval.index import VectorIndex
-from memory3.retrieval.leak import leaks
+from memory3.retrieval.leak import leak_check
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,7 @@ class StoreRetriever:
         if writable:
             if tokenizer is None:
                 raise ValueError("a writable memory bank needs the tokenizer of its model")
-            writer = MemoryWriter(
-                model, reference_prefix_ids(tokenizer, model.config.bos_token_id, mem_cfg), mem_cfg
-            )
+            writer = MemoryWriter.for_model(model, tokenizer, mem_cfg)
         retriever = cls(store, index, embedder, writer, tokenizer, cache_size, dtype or model.dtype)
         retriever.reconcile_index()
         return retriever
@@ -191,18 +189,15 @@ class StoreRetriever:
         flat = sorted({int(i) for i in ids.ravel() if i >= 0})
         meta = {r.ref_id: r for r in self.store.refs(flat)} if flat else {}
         out, short = [], False
+        is_leak = leak_check(leak_texts, leak_threshold)
         for qi in range(len(ids)):
             hits: list[Hit] = []
             for s, i in zip(scores[qi], ids[qi], strict=True):
                 r = meta.get(int(i))
                 if r is None or r.deleted or (not r.built and self.writer is None):
                     continue
-                if (
-                    leak_texts is not None
-                    and leak_threshold is not None
-                    and leaks(leak_texts[qi], r.text, leak_threshold)
-                ):
-                    continue  # §4.4 leak filter: the next hit takes the slot
+                if is_leak(qi, r.text):
+                    continue  # the next hit takes the slot
                 hits.append(Hit(int(i), float(s), r.text, r.title, r.doc_id))
                 if len(hits) == k:
                     break
