@@ -218,8 +218,12 @@ def register(sub: Any) -> None:
         help="embed references in a second thread while memories are written "
         "(auto: when the writer leaves a core free or runs on an accelerator)",
     )
-    p.set_defaults(func=cmd_build)
 
+    p.set_defaults(func=cmd_build)
+    _register_store(sub)
+
+
+def _register_store(sub: Any) -> None:
     store = sub.add_parser("store", help="inspect and change a memory bank").add_subparsers(
         dest="store_command", required=True
     )

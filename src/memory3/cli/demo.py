@@ -75,10 +75,18 @@ def run_demo(args: argparse.Namespace) -> int:
 
     gen = Generator(model, tok, bank, cfg)
     gcfg = GenerationConfig(max_new_tokens=40)
+    results = _answer_three_ways(gen, items, gcfg)
+    _report(items, results, gcfg, str(args.model))
+    sys.stdout.flush()
+    return 0
+
+
+def _answer_three_ways(gen: Generator, items: list[QAItem], gcfg: GenerationConfig) -> dict[str, Any]:
+    """Each mode's answers to the same questions, accuracy and speeds."""
     questions = [q.question for q in items]
-    assert all(questions)
-    results: dict[str, Any] = {}
-    # one untimed call first: loading the decode kernel (compiled on a machine's first run) and
+    results: dict[
+        str, Any
+    ] = {}  # one untimed call first: loading the decode kernel (compiled on a machine's first run) and
     # first allocations would otherwise be charged to whichever mode runs first
     gen.generate(questions, mode="memory", config=GenerationConfig(max_new_tokens=2))
     for mode in MODES:
@@ -99,6 +107,10 @@ def run_demo(args: argparse.Namespace) -> int:
             "prompt_tokens": sum(o.prompt_tokens for o in outs) / len(outs),
         }
 
+    return results
+
+
+def _report(items: list[QAItem], results: dict[str, Any], gcfg: GenerationConfig, model: str) -> None:
     for i, q in enumerate(items):
         _say(f"Q{i + 1}. {q.question}")
         _say(f"    expected: {q.answers[0]}")
@@ -127,10 +139,8 @@ def run_demo(args: argparse.Namespace) -> int:
         "accuracy = expected answer contained in the reply; a decode step runs the whole batch; "
         "timed after one warm-up call."
     )
-    if not str(args.model).endswith("memory3"):
+    if not model.endswith("memory3"):
         _say(
             "note: this base model was never trained to read explicit memory (the paper trains it, §3.5); "
             "its memory answers show what an untrained reader does. RAG and no-memory are the baselines."
         )
-    sys.stdout.flush()
-    return 0
