@@ -14,9 +14,9 @@ is handled in the same single attention call.
 
 The KV cache may be kept in a lower precision than the model (`resolve_kv_dtype`): on a CPU with
 native bfloat16 a float32 model generates with a bfloat16 cache, and a decoding step attends
-with two bfloat16 matmuls (`matmul_attention`), about 1.6x faster than float32 SDPA over the
-same keys at batch 32 here. Such a step reads the whole preallocated cache, unwritten slots
-masked, because the CPU matmul copies a strided slice before using it.
+with two bfloat16 matmuls (`matmul_attention`), faster than float32 SDPA over the same keys
+(BENCHMARKS.md, decode attention). Such a step reads the whole preallocated cache, unwritten
+slots masked, because the CPU matmul copies a strided slice before using it.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     stacked as the rows of one matmul (grouped-query attention without copying keys); scores go
     to float32 for the mask and the softmax. For single-token steps on CPUs this beats SDPA,
     whose bfloat16 kernel is slower than its float32 one, which reads twice the bytes. Decoding
-    uses it where the fused kernel (`memory3.kernels.fused_decode`, 2–4× faster) does not apply.
+    uses it where the fused kernel (`memory3.kernels.fused_decode`, faster still) does not apply.
     """
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]

@@ -31,7 +31,7 @@ def add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
         default=dtype,
         choices=DTYPES,
         help="float32 (default) or bfloat16, which halves memory and, on GPUs and CPUs with native "
-        "bfloat16, generates 2-2.6x faster (measured at batch 32 here); elsewhere it is emulated and slow",
+        "bfloat16, generates faster (BENCHMARKS.md, speed); elsewhere it is emulated and slow",
     )
 
 

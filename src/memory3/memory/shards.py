@@ -79,8 +79,7 @@ class Shards:
 
         Every record is requested from the kernel first (POSIX_FADV_WILLNEED), so that records
         not in the page cache come from disk in parallel, across shards, rather than one shard
-        after another (5 cold 248 kB records, mostly in different shards: read and checksummed in
-        1.2-1.4 ms here, against 2.1-2.5 ms when each shard's records were asked for in turn).
+        after another (BENCHMARKS.md, retrieval latency).
         Reading with pread rather than through a memory map also means a shard truncated under a
         reader gives an error here, not a SIGBUS, and pages read are not left mapped."""
         out = np.empty((len(places), self.rs), dtype=np.uint8)

@@ -106,8 +106,8 @@ class SentenceTransformerEmbedder:
     pooling: "default" keeps the model's own pooling; "cls" takes the first token's vector (as the
     paper does with BGE-M3, whose own configuration already pools that way).
     precision: "auto" runs the model under bfloat16 autocast on a CPU with native bfloat16
-    (2-3x faster; all-MiniLM-L6-v2's vectors then have a cosine of 0.9999 with float32 ones, so
-    an index built either way serves queries embedded the other way), else in float32;
+    (faster; the vectors differ from float32 ones by rounding only, so an index built either way
+    serves queries embedded the other way: tests/test_embed_index.py), else in float32;
     "float32" or "bfloat16" force it. It is not part of `spec()`: it does not change which
     vectors an index holds beyond that rounding.
     """
