@@ -237,7 +237,9 @@ class Generator:
 
     def _check_length(self, prompts: list[_Prompt], mode: Mode, max_new: int) -> int:
         limit = self.model.config.max_seq_len
-        offset = len(self.prefix_ids) + self.mem_cfg.reference_tokens if mode == "memory" else 0
+        offset = (
+            layout.text_start(len(self.prefix_ids), self.mem_cfg.reference_tokens) if mode == "memory" else 0
+        )
         longest = max(len(p.ids) for p in prompts)
         if offset + longest >= limit:
             raise ValueError(
@@ -400,7 +402,7 @@ class Generator:
         n_max = max(lens)
         p = len(self.prefix_ids) if mode == "memory" else 0
         T = p + n_max
-        first_pos = p + self.mem_cfg.reference_tokens if mode == "memory" else 0
+        first_pos = layout.text_start(p, self.mem_cfg.reference_tokens) if mode == "memory" else 0
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         pos = torch.zeros(B, T, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)

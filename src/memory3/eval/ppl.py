@@ -275,7 +275,8 @@ def _nll_layout(
     T = ids.shape[1]
     pos = torch.zeros(len(batch), T, dtype=torch.long)
     pos[:, :p] = torch.arange(p)
-    pos[:, p:] = torch.arange(p + R, p + R + T - p)  # §3.2 the text starts after the memories' interval
+    start = layout.text_start(p, R)  # the text starts after the memories' interval
+    pos[:, p:] = torch.arange(start, start + T - p)
     pos = pos.to(device)
     if memory is not None and not memory.visible.shape[-1]:
         memory = None  # no chunk found anything

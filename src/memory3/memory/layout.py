@@ -15,6 +15,13 @@ from memory3.memory.write import Memories
 from memory3.model import KVCache, MemoryInput
 
 
+def text_start(prefix_len: int, reference_tokens: int) -> int:
+    """Position of a text's first token in the memory layout: after the reference prefix
+    (positions 0..p-1) and the interval p..p+R-1 at which every memory was written (§3.2), so
+    that all memories sit before the text whatever reference they came from."""
+    return prefix_len + reference_tokens
+
+
 def _place(mem: Memories, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """index (B, C, J) into `mem` (-1 = no memory) -> k, v (Lm, B, K, C·J·S, D) and valid
     (B, C·J·S): memory index[b, c, j] in slots (c·J + j)·S … +S of row b.

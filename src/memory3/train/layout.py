@@ -45,7 +45,7 @@ def text_batch(
     of seqs[b] whose *prediction target* counts (answer-only loss); None = every target. With
     `prefix_ids` the memory layout is used, else plain positions from 0."""
     p = len(prefix_ids) if prefix_ids else 0
-    first = p + reference_tokens if prefix_ids else 0
+    first = layout.text_start(p, reference_tokens) if prefix_ids else 0
     B, n = len(seqs), max(len(s) for s in seqs)
     T = p + n
     ids = torch.full((B, T), pad_id, dtype=torch.long)
