@@ -346,15 +346,6 @@ def checkpoint_due(step: int, loop: LoopConfig, last_save: float) -> bool:
     return bool(loop.checkpoint_minutes) and time.perf_counter() - last_save >= 60 * loop.checkpoint_minutes
 
 
-def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over targets != -100 (in fp32), and how many there were."""
-    n = int((targets != -100).sum())
-    loss = nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss / max(n, 1), n
-
-
 def answer_logits(model: Memory3Model, batch: Any, memory: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float logits and targets at the positions of `batch` whose target is trained, in order
     (row by row): (n, vocab), (n,). The vocabulary projection runs only there."""
