@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.memory3-setup
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml requirements-cpu.txt requirements-bundled.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+test-fast: setup  # the tests not marked slow (no real model, no subprocess servers)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks

@@ -415,6 +415,7 @@ def test_generate_kept_tokens_writes_a_kb_and_must_match_a_bank(tmp_path, model,
         assert s.verify().ok and s.manifest["memory"]["kept_tokens"] == 4
 
 
+@pytest.mark.slow
 def test_build_with_the_transform_codec_uses_the_models_calibration(
     tmp_path, model, tok, caplog, capsys
 ) -> None:

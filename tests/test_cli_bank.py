@@ -330,6 +330,7 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_serve_writable_changes_documents_through_the_real_command(setup, tmp_path) -> None:
     """`memory3 serve --store NAME=relative/path --writable`, started as a user starts it."""
     bank = _bank_copy(setup, tmp_path, "banks")

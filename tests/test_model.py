@@ -25,6 +25,7 @@ def test_logits_match_transformers_llama(preset: str) -> None:
         assert_close(model(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_on_smollm2(smol) -> None:
     model, tok = smol.model, smol.tokenizer
     hf = hf_twin(model)
@@ -72,6 +73,7 @@ def test_matmul_attention_equals_sdpa() -> None:
     assert_close(matmul_attention(qs, k, v, causal), want, rtol=0.02, atol=0.02)
 
 
+@pytest.mark.slow
 def test_bfloat16_cache_decodes_like_float32(tiny: Memory3Model) -> None:
     """A bfloat16 KV cache (the CPU default for float32 models where bfloat16 is native) gives
     the float32 cache's logits to bfloat16 precision: left padding, memories with empty slots,
