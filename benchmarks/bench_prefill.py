@@ -1,6 +1,6 @@
 """Memory-mode prefill: one block-masked pass over every chunk, or chunk by chunk through the cache?
 
-SPEC §3 asks for prompt chunks to read their memories in one attention call with a block mask.
+docs/design.md, "Reading memories" asks for prompt chunks to read their memories in one attention call with a block mask.
 That call scores every query against every chunk's memories and masks the others', so its work
 grows with chunks × memory keys, and each memory layer concatenates all chunks' memories with the
 context. Generation instead runs the prompt chunk by chunk (`generate.prefill_chunks`): the

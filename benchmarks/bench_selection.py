@@ -1,4 +1,4 @@
-"""Which tokens should a memory keep? (SPEC §2: check whether the paper's rule keeps the tokens
+"""Which tokens should a memory keep? (docs/design.md, "Writing a memory": check whether the paper's rule keeps the tokens
 that carry the answer, and if not, measure alternatives rather than guess.)
 
 For each selection rule of `MemoryConfig.selection` and each number of kept tokens per head:

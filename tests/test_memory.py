@@ -269,7 +269,7 @@ def test_cached_decoding_with_memories_equals_full_recompute() -> None:
 
 
 def test_full_memory_at_all_layers_equals_plain_forward_over_reference_and_prompt() -> None:
-    """Positive control (SPEC §5): unsparsified memory in every layer is exactly the model
+    """Positive control (docs/design.md, "Training a model to read memory"): unsparsified memory in every layer is exactly the model
     reading prefix + reference + prompt with the same position ids."""
     model, cfg, _ = _setup(all_layers=True, selection="all")
     ref = refs(1, 16, 16, seed=8)[0]

@@ -196,7 +196,7 @@ def test_chunked_memory_matches_a_plain_loop() -> None:
 
 
 def test_gradients_flow_through_kept_keys_and_values(tok) -> None:
-    """SPEC §5: the writer runs with grad, so the loss of a reading sequence reaches the weights
+    """docs/design.md, "Training a model to read memory": the writer runs with grad, so the loss of a reading sequence reaches the weights
     through the memories (here: only memory-layer weights below the reader's first token)."""
     model = tiny_model(seed=5)
     cfg = MemoryConfig(reference_tokens=16, kept_tokens=4, chunk_tokens=8, memories_per_chunk=2)

@@ -1,7 +1,7 @@
 """Configuration dataclasses: one per concern, each validating itself, saved with every artifact.
 
 `fingerprint()` hashes the fields that change results, so that a memory written by one model or
-configuration is never read by another (SPEC §2).
+configuration is never read by another (docs/design.md, "Writing a memory").
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def load_json(cls: type[T], path: str | Path) -> T:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (SPEC §1). Field names follow nanoGPT/litgpt; weights follow HF."""
+    """A Llama-family decoder (docs/design.md, "The model"). Field names follow nanoGPT/litgpt; weights follow HF."""
 
     name: str = "custom"
     vocab_size: int = 32000
@@ -188,7 +188,7 @@ SELECTIONS: tuple[str, ...] = typing.get_args(Selection)
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """How memories are written and read (SPEC §2–3)."""
+    """How memories are written and read (docs/design.md, "Writing a memory" / "Reading memories")."""
 
     prefix: str = "Reference:"  # §3.1 the reference prefix, after the BOS token
     reference_tokens: int = 128  # a reference is at most this many tokens

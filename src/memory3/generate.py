@@ -1,4 +1,4 @@
-"""Generation with explicit memory, without memory, or with RAG, behind one API (SPEC §3).
+"""Generation with explicit memory, without memory, or with RAG, behind one API (docs/design.md, "Reading memories").
 
 Memory mode lays a sequence out as
     [prefix: <s>Reference: at positions 0..p-1] [prompt at positions p+R, p+R+1, …] [pad…]

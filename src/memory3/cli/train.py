@@ -138,7 +138,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model to read explicit memory (warmup, continual, sft)")
     tsub = p.add_subparsers(dest="train_command", required=True)
     _add_recipe(tsub, "warmup", "stage 1: next-token training without memory", cmd_warmup)
-    _add_recipe(tsub, "continual", "stage 2: continual training with memory (SPEC §5)", cmd_continual)
+    _add_recipe(
+        tsub, "continual", "stage 2: continual training with memory (docs/training.md)", cmd_continual
+    )
     _add_recipe(tsub, "sft", "SFT with memories retrieved for the prompt, loss on the answer", cmd_sft)
 
     q = tsub.add_parser("pair", help="precompute the reference of every 64-token chunk (continual's dataset)")

@@ -1,4 +1,4 @@
-"""Building a memory bank from a corpus, resumably (SPEC §2, §4).
+"""Building a memory bank from a corpus, resumably (docs/design.md, "Storing memories").
 
     1. read and chunk the corpus into references of ≤128 tokens        (memory.ingest)
     2. train the codec on memories of uniformly sampled references     (memory.codec, §3.3)

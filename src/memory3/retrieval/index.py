@@ -1,4 +1,4 @@
-"""A FAISS vector index with int64 ids and cosine similarity (SPEC §4).
+"""A FAISS vector index with int64 ids and cosine similarity (docs/design.md, "Retrieving memories").
 
 Vectors are L2-normalised on the way in (queries too), so inner product is cosine similarity,
 whatever the embedder did. Three kinds:

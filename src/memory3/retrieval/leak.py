@@ -19,7 +19,7 @@ whose bag-of-tokens intersection with r, an upper bound on the LCS, cannot beat 
 far (or cannot exceed the threshold, in `leaks`). `overlap_reference` is the textbook dynamic
 program, kept to check it.
 
-SPEC §4: references with overlap > 0.9 with a training sequence are not paired with it; at
+docs/design.md, "Retrieving memories": references with overlap > 0.9 with a training sequence are not paired with it; at
 evaluation, references with overlap > 2/3 with the question are dropped.
 """
 

@@ -1,4 +1,4 @@
-"""Retrieval from a memory bank on disk (SPEC §4): query text -> top-k reference ids (FAISS) ->
+"""Retrieval from a memory bank on disk (docs/design.md, "Retrieving memories"): query text -> top-k reference ids (FAISS) ->
 leak filter -> decoded memories through an LRU cache -> what generation reads.
 
 Cold start (§3.1): references registered but not yet written are written the first time they are

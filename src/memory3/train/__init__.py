@@ -1,4 +1,4 @@
-"""Training a model to read explicit memory (SPEC §5): three recipes and their parts.
+"""Training a model to read explicit memory (docs/design.md, "Training a model to read memory"): three recipes and their parts.
 
 - `warmup.run_warmup(WarmupConfig, out)`: stage 1, next-token training without memory.
 - `continual.prepare_continual(...)` then `continual.run_continual(ContinualConfig, out)`: stage 2,

@@ -28,7 +28,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     decay_fraction: float = 0.2  # the last 20% of the steps decay
-    weight_decay: float = 0.1  # SPEC §5
+    weight_decay: float = 0.1  # docs/design.md, "Training a model to read memory"
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     grad_accum: int = 1

@@ -1,4 +1,4 @@
-"""Stage 2, continual training with memory (SPEC §5), and its offline reference pairing.
+"""Stage 2, continual training with memory (docs/design.md, "Training a model to read memory"), and its offline reference pairing.
 
 Pairing (`prepare_continual`, run once, stored with the dataset): the corpus is cut into training
 sequences; each 64-token chunk of a sequence is paired with 1 reference of the knowledge base,
@@ -200,7 +200,7 @@ def memory_batch(
     memory: MemoryConfig,
     with_memory: bool = True,
 ) -> tuple[torch.Tensor, int]:
-    """Loss of sequences `seq_ids` reading their paired memories (SPEC §5), or none."""
+    """Loss of sequences `seq_ids` reading their paired memories (docs/design.md, "Training a model to read memory"), or none."""
     seqs = [data.sequence(i) for i in seq_ids]
     if not with_memory:
         return batch_loss(model, text_batch(seqs, None, None, 0, 0))

@@ -1,4 +1,4 @@
-"""Training batches laid out exactly as `memory3.generate` lays out inference (SPEC §3):
+"""Training batches laid out exactly as `memory3.generate` lays out inference (docs/design.md, "Reading memories"):
 
     [prefix <s>Reference: at positions 0..p-1] [text at positions p+R, p+R+1, …]
 
@@ -83,7 +83,7 @@ def shared_memory(mem: Memories, batch: Batch) -> MemoryInput:
 
 def chunked_memory(mem: Memories, slots: Tensor, batch: Batch, chunk_tokens: int) -> MemoryInput:
     """Each 64-token chunk c of sequence b reads the memories slots[b, c] (indices into `mem`,
-    -1 = none), e.g. its own reference and those of the previous 4 chunks (SPEC §5).
+    -1 = none), e.g. its own reference and those of the previous 4 chunks (docs/design.md, "Training a model to read memory").
 
     slots: (B, C, J) long. k, v: (Lm, B, K, C·J·S, D); visible is block-diagonal over chunks.
     """

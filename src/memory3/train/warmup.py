@@ -1,4 +1,4 @@
-"""Stage 1, warmup (SPEC §5): ordinary next-token training on text, no memory.
+"""Stage 1, warmup (docs/design.md, "Training a model to read memory"): ordinary next-token training on text, no memory.
 
 `run_warmup` is the whole recipe, top to bottom: model, trainable tensors, optimizer, token
 stream; then for each step, `grad_accum` micro-batches of `batch_size` sequences, AdamW with
