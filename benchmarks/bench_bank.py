@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from memory3.checkpoint import load_pretrained
+from memory3.eval.fidelity import codec_report
 from memory3.eval.report import machine, table, update_section
 from memory3.memory import layout
 from memory3.memory.build import BuildConfig, build
-from memory3.memory.codec import CodecConfig, codec_report, train_codec
+from memory3.memory.codec import CodecConfig, train_codec
 from memory3.memory.ingest import Document, chunk_documents
 from memory3.memory.store import MemoryStore, RefMeta
 from memory3.memory.transform import find_calibration

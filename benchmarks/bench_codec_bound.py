@@ -23,7 +23,7 @@ memories, so the question stops being "which FAISS string next" and becomes a nu
    error of a memory layer's attention output reading 5 memories, with **real queries** (the
    memory layers' queries on train-split Factbook and invented-facts questions, at positions
    behind the memories) and with keys only or values only
-   decoded (`memory.codec.codec_report`).
+   decoded (`eval.fidelity.codec_report`).
 
 Rows are codecs: a FAISS factory string or `tc<bits per vector>` for keys and values alike, or
 `KEYS+VALUES` for one of each (e.g. `tc96+Residual2x10,PQ8`).
@@ -46,9 +46,10 @@ import torch
 from bench_codec_fidelity import rotate_keys, write_split_memories
 
 from memory3.data.qa import load_qa
+from memory3.eval.fidelity import codec_report
 from memory3.eval.qa import resolve_set, select_items
 from memory3.eval.report import machine, table, update_section
-from memory3.memory.codec import CodecConfig, MemoryShape, codec_report, train_codec
+from memory3.memory.codec import CodecConfig, MemoryShape, train_codec
 from memory3.memory.write import Memories
 from memory3.model import apply_rope, rope_cos_sin
 from memory3.shipped import default_model

@@ -2,7 +2,7 @@
 
 Memories of train-split Wikipedia references are written with the model; codecs are trained on the
 first `--train-references` and measured on the next `--test-references`, which they never saw
-(`memory.codec.codec_report`: bytes per memory, relative error of keys and values, and of a memory
+(`eval.fidelity.codec_report`: bytes per memory, relative error of keys and values, and of a memory
 layer's attention output over 5 memories when decoded memories replace exact ones, with keys only
 or values only decoded). `--pre-rope` adds, for each codec, a variant that quantizes keys before
 rotary embedding (keys un-rotated with their stored positions, rotated back after decoding), to
@@ -24,8 +24,9 @@ import torch
 
 from memory3.checkpoint import load_pretrained
 from memory3.data.wikipedia import load_articles
+from memory3.eval.fidelity import codec_report
 from memory3.eval.report import machine, table, update_section
-from memory3.memory.codec import CodecConfig, MemoryCodec, codec_report, train_codec
+from memory3.memory.codec import CodecConfig, MemoryCodec, train_codec
 from memory3.memory.transform import rotate
 from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
 from memory3.shipped import default_model

@@ -10,7 +10,7 @@ bank. Retrieval is the same for both (same vectors, exact index), so the differe
 
 The shipped sets hold a sample of the held-out questions (235 of the three sets), too few to tell
 a 1-point drop from noise. `--full-sets` answers every held-out question the three sources give
-(`FULL_SETS`: about 1,700), generated into a temporary directory as `python -m memory3.data.qa`
+(`FULL_SETS`: about 1,700), generated into a temporary directory as `python -m memory3.data.sets`
 writes the shipped files, each set with its whole knowledge base.
 """
 
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from memory3.checkpoint import load_pretrained
-from memory3.data.qa import GenerateConfig, generate, load_qa
+from memory3.data.qa import load_qa
+from memory3.data.sets import GenerateConfig, generate
 from memory3.eval.paired import paired_drop_ci
 from memory3.eval.qa import QAEvalConfig, evaluate_qa, kb_documents, resolve_set, select_items
 from memory3.eval.report import machine, table, update_section

@@ -21,7 +21,8 @@ from typing import Any
 
 from bench_codec_qa import BASELINE
 
-from memory3.data.qa import GenerateConfig, answer_contained, generate, load_qa
+from memory3.data.qa import answer_contained, load_qa
+from memory3.data.sets import GenerateConfig, generate
 from memory3.eval.paired import paired_drop_ci
 from memory3.eval.qa import resolve_set, select_items
 from memory3.eval.report import table, update_section

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from memory3.eval.fidelity import codec_report
 from memory3.memory.codec import (
     DEFAULT_FACTORY,
     CodecConfig,
     CodecError,
     MemoryCodec,
     MemoryShape,
-    codec_report,
     sample_vectors,
     straight_through,
     train_codec,

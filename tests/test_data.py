@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from memory3.data import factbook, qa
+from memory3.data import factbook, fictional, qa, sets
 from memory3.data.qa import (
     PASSAGE_TOKENS,
     Document,
@@ -222,18 +222,18 @@ def test_pack_sentences_is_balanced_ordered_and_within_budget():
 
 
 def test_fictional_is_deterministic_and_prefix_stable():
-    docs, items = factbook.build_fictional(40, seed=0)
+    docs, items = fictional.build_fictional(40, seed=0)
     assert (docs, [asdict(i) for i in items]) == (
-        factbook.build_fictional(40, seed=0)[0],
-        [asdict(i) for i in factbook.build_fictional(40, seed=0)[1]],
+        fictional.build_fictional(40, seed=0)[0],
+        [asdict(i) for i in fictional.build_fictional(40, seed=0)[1]],
     )
-    assert factbook.build_fictional(20, seed=0)[0] == docs[:20]
-    assert factbook.build_fictional(40, seed=1)[0] != docs
+    assert fictional.build_fictional(20, seed=0)[0] == docs[:20]
+    assert fictional.build_fictional(40, seed=1)[0] != docs
     assert {d.doc_id.split("/")[1] for d in docs} == {"person", "town", "company"}
 
 
 def test_fictional_answers_are_in_their_reference_and_splits_follow_entities():
-    docs, items = factbook.build_fictional(120)
+    docs, items = fictional.build_fictional(120)
     assert check_gold(items) == []
     by_id = {d.doc_id: d for d in docs}
     assert len(by_id) == len(docs) and len({d.title for d in docs}) == len(docs)  # names unique
@@ -369,11 +369,11 @@ def test_wikipedia_resolution_detects_a_moved_answer(tmp_path):
 @needs_factbook
 @needs_wikipedia
 def test_shipped_sets_are_valid_and_up_to_date(tmp_path):
-    counts = qa.generate(tmp_path)
+    counts = sets.generate(tmp_path)
     for name in ("factbook", "fictional", "wikipedia"):
         shipped = qa.shipped_path(f"{name}.jsonl")
         assert shipped.read_bytes() == (tmp_path / f"{name}.jsonl").read_bytes(), (
-            f"{shipped} is stale: run `python -m memory3.data.qa --out src/memory3/assets/qa`"
+            f"{shipped} is stale: run `python -m memory3.data.sets --out src/memory3/assets/qa`"
         )
         items = load_qa(shipped)
         assert check_gold(items) == []
@@ -402,7 +402,7 @@ def test_references_fit_a_memory_with_the_real_tokenizer(factbook_build):
     tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     docs, _ = factbook_build
     texts = [d.text for d in docs]
-    texts += [d.text for d in factbook.build_fictional(200)[0]]
+    texts += [d.text for d in fictional.build_fictional(200)[0]]
     texts += [i.reference for i in wikipedia.build_wikipedia_qa()]
     lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     assert max(lengths) <= 128

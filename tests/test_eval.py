@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -506,6 +507,33 @@ def test_bench_all_render_only_rewrites_report_sections_and_figures(tmp_path) ->
     assert (tmp_path / "fig" / "accuracy_vs_speed.png").exists()
 
 
+def test_bench_all_writes_into_the_repository_or_where_it_is_told(tmp_path, monkeypatch, capsys) -> None:
+    """Without --results-dir/--report/--figures `bench all` uses the repository checkout the package
+    runs from, never the working directory; an installed package has none and needs the flags."""
+    import memory3
+    from memory3.cli import eval as cli
+    from memory3.cli import main
+    from memory3.eval import render
+
+    checkout = Path(__file__).resolve().parents[1]
+    if Path(memory3.__file__).resolve().is_relative_to(checkout / "src"):  # not an installed copy
+        assert render.repository() == checkout
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    for name, res in _fake_results().items():
+        (repo / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(res))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "repository", lambda: repo)
+    assert main(["bench", "all", "--render-only", "--figures", str(tmp_path / "fig")]) == 0
+    assert "<!-- bench:eval-qa -->" in (repo / "BENCHMARKS.md").read_text()
+    assert (tmp_path / "fig" / "throughput.png").exists() and not (repo / "docs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig", "repo"]  # nothing in the cwd
+    monkeypatch.setattr(cli, "repository", lambda: None)
+    assert main(["bench", "all", "--render-only", "--report", str(tmp_path / "B.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give --results-dir --figures" in err[0], err
+
+
 def test_bench_speed_kept_tokens_refuses_a_store_written_with_its_own(tmp_path, capsys) -> None:
     from memory3.cli import main
 
@@ -590,16 +618,16 @@ def test_a_results_file_names_the_command_that_made_it(tmp_path, monkeypatch, ca
     import argparse
     import sys
 
-    from memory3.cli import eval as cli
+    from memory3.cli import measure
 
     out = tmp_path / "qa.json"
     monkeypatch.setattr(sys, "argv", ["/venv/bin/memory3", "eval", "qa", "--threads", "2", "--out", str(out)])
-    cli._emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})
+    measure.emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})
     assert json.loads(out.read_text())["reproduce"] == f"memory3 eval qa --threads 2 --out {out}"
     monkeypatch.setattr(sys, "argv", ["/src/memory3/__main__.py", "eval", "qa", "--out", str(out)])
-    cli._emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})  # python -m memory3
+    measure.emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})  # python -m memory3
     assert json.loads(out.read_text())["reproduce"] == f"memory3 eval qa --out {out}"
     for caller in ("pytest", "/work/memory3/benchmarks/bench_x.py"):  # called from Python: no command
         monkeypatch.setattr(sys, "argv", [caller])
-        cli._emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})
+        measure.emit("qa", {"sets": {}}, argparse.Namespace(out=str(out)), {})
         assert "reproduce" not in json.loads(out.read_text()), caller

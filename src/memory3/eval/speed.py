@@ -161,6 +161,88 @@ def _settings(config: SpeedConfig, caches: Sequence[str]) -> list[tuple[str, str
     return out
 
 
+def _counting_retrievers(
+    retrievers: RetrieverFactory, config: SpeedConfig
+) -> tuple[dict[str, CountingRetriever], dict[str, str]]:
+    """The retriever of each cache setting, counting what it serves, and the settings that cannot
+    be served here, with why."""
+    found: dict[str, CountingRetriever] = {}
+    skipped: dict[str, str] = {}
+    if any(m != "none" for m in config.modes):
+        for c in config.caches:
+            r = retrievers(c)
+            if r is None:
+                skipped[c] = (
+                    "no retriever for this cache setting (the cold cache needs a memory bank: --store)"
+                )
+            else:
+                found[c] = CountingRetriever(r)
+    return found, skipped
+
+
+def _timed_generate(
+    generator: Generator,
+    batch: list[str],
+    mode: str,
+    r: CountingRetriever | None,
+    gen_cfg: GenerationConfig,
+    k: int,
+) -> tuple[list[Any], float]:
+    """One batch generated in one setting, its retriever's counters reset: outputs, wall seconds."""
+    if r is not None:
+        generator.set_retriever(r)  # type: ignore[arg-type]
+        r.queries = r.memories_loaded = 0
+    t0 = time.perf_counter()
+    outs = generator.generate(batch, mode, gen_cfg, k=k, chat=False)  # type: ignore[arg-type]
+    return outs, time.perf_counter() - t0
+
+
+def _run_figures(
+    generator: Generator, outs: list[Any], wall: float, B: int, r: CountingRetriever | None
+) -> dict[str, float]:
+    """What one measured run of a batch of B gives, from its outputs and the generator's timing."""
+    tm = generator.timing
+    n_new = min(len(o.token_ids) for o in outs)
+    return {
+        "wall_s": wall,
+        "throughput": throughput(B, n_new, wall),
+        "ttft_s": tm.first_token_s,
+        "decode_tokens_per_s": B * (n_new - 1) / tm.decode_s if tm.decode_s else float("nan"),
+        "retrieval_s": tm.retrieval_s,
+        "prefill_s": tm.prefill_s,
+        "prompt_tokens": sum(o.prompt_tokens for o in outs) / B,
+        "retrievals_per_sequence": (r.queries / B) if r is not None else 0.0,
+        "memories_loaded": float(r.memories_loaded) if r is not None else 0.0,
+        "new_tokens": float(n_new),
+    }
+
+
+def _setting_row(mode: str, cache: str | None, B: int, rs: list[dict[str, float]]) -> dict[str, Any]:
+    """One setting at one batch size over its measured runs: spreads of the timings, medians of
+    the rest."""
+    row: dict[str, Any] = {"mode": mode, "cache": cache or "-", "batch": B}
+    for key in ("throughput", "ttft_s", "decode_tokens_per_s", "wall_s"):
+        row[key] = asdict(Spread.of([x[key] for x in rs]))
+    for key in (
+        "retrieval_s",
+        "prefill_s",
+        "prompt_tokens",
+        "retrievals_per_sequence",
+        "memories_loaded",
+        "new_tokens",
+    ):
+        row[key] = statistics.median(x[key] for x in rs)
+    log.info(
+        "B=%d %s/%s: %.1f tok/s, TTFT %.3fs",
+        B,
+        mode,
+        cache or "-",
+        row["throughput"]["median"],
+        row["ttft_s"]["median"],
+    )
+    return row
+
+
 def bench_speed(
     generator: Generator,
     prompts: Sequence[str],
@@ -176,17 +258,7 @@ def bench_speed(
     need = max(config.batch_sizes)
     if len(prompts) < need:
         raise ValueError(f"{len(prompts)} prompts given, batch size {need} needs {need}")
-    found: dict[str, CountingRetriever] = {}
-    skipped: dict[str, str] = {}
-    if any(m != "none" for m in config.modes):
-        for c in config.caches:
-            r = retrievers(c)
-            if r is None:
-                skipped[c] = (
-                    "no retriever for this cache setting (the cold cache needs a memory bank: --store)"
-                )
-            else:
-                found[c] = CountingRetriever(r)
+    found, skipped = _counting_retrievers(retrievers, config)
     settings = _settings(config, list(found))
     gen_cfg = GenerationConfig(max_new_tokens=config.new_tokens, ignore_eos=True)
     lens = [len(generator.tokenizer(p, add_special_tokens=True).input_ids) for p in prompts[:need]]
@@ -208,53 +280,12 @@ def bench_speed(
         for rnd in range(first, config.runs + 1):
             for mode, cache in settings:
                 r = found[cache] if cache is not None else None
-                if r is not None:
-                    generator.set_retriever(r)  # type: ignore[arg-type]
-                    r.queries = r.memories_loaded = 0
-                t0 = time.perf_counter()
-                outs = generator.generate(batch, mode, gen_cfg, k=config.k, chat=False)  # type: ignore[arg-type]
-                wall = time.perf_counter() - t0
+                outs, wall = _timed_generate(generator, batch, mode, r, gen_cfg, config.k)
                 bar.update(1)
                 if rnd == 0:
                     continue  # warm-up: first use of kernels, caches and the embedder
-                tm = generator.timing
-                n_new = min(len(o.token_ids) for o in outs)
-                runs[(mode, cache)].append(
-                    {
-                        "wall_s": wall,
-                        "throughput": throughput(B, n_new, wall),
-                        "ttft_s": tm.first_token_s,
-                        "decode_tokens_per_s": B * (n_new - 1) / tm.decode_s if tm.decode_s else float("nan"),
-                        "retrieval_s": tm.retrieval_s,
-                        "prefill_s": tm.prefill_s,
-                        "prompt_tokens": sum(o.prompt_tokens for o in outs) / B,
-                        "retrievals_per_sequence": (r.queries / B) if r is not None else 0.0,
-                        "memories_loaded": float(r.memories_loaded) if r is not None else 0.0,
-                        "new_tokens": float(n_new),
-                    }
-                )
-        for (mode, cache), rs in runs.items():
-            row: dict[str, Any] = {"mode": mode, "cache": cache or "-", "batch": B}
-            for key in ("throughput", "ttft_s", "decode_tokens_per_s", "wall_s"):
-                row[key] = asdict(Spread.of([x[key] for x in rs]))
-            for key in (
-                "retrieval_s",
-                "prefill_s",
-                "prompt_tokens",
-                "retrievals_per_sequence",
-                "memories_loaded",
-                "new_tokens",
-            ):
-                row[key] = statistics.median(x[key] for x in rs)
-            rows.append(row)
-            log.info(
-                "B=%d %s/%s: %.1f tok/s, TTFT %.3fs",
-                B,
-                mode,
-                cache or "-",
-                row["throughput"]["median"],
-                row["ttft_s"]["median"],
-            )
+                runs[(mode, cache)].append(_run_figures(generator, outs, wall, B, r))
+        rows += [_setting_row(mode, cache, B, rs) for (mode, cache), rs in runs.items()]
     bar.close()
     return {
         "config": asdict(config),

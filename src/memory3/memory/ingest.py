@@ -31,6 +31,8 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
+from memory3.shipped import wikipedia_path
+
 log = logging.getLogger(__name__)
 
 TEXT_EXTENSIONS = (".txt", ".text", ".md", ".markdown", ".rst")
@@ -279,13 +281,6 @@ def read_directory(
                 yield from read_jsonl(file, stats, rel=rel, max_bytes=max_bytes)
             else:
                 yield from read_text_file(file, stats, doc_id=rel, max_bytes=max_bytes)
-
-
-def wikipedia_path() -> Path:
-    """The bundled Wikipedia summaries file, found without importing its (GPL) package."""
-    from memory3.data.wikipedia import data_path
-
-    return data_path()
 
 
 def read_wikipedia(stats: IngestStats | None = None, *, limit: int | None = None) -> Iterator[Document]:

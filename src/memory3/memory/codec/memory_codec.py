@@ -1,176 +1,33 @@
-"""Compression of explicit memories (§3.3, App. B): vector quantization of every key and value
-head vector with FAISS, so that a memory takes a few KiB on disk instead of ~100 KiB of bf16.
-
-A `MemoryCodec` turns a batch of `Memories` into fixed-size uint8 records and back:
-
-    record = [ K codes (Lm·K·S × code_k) | V codes (Lm·K·S × code_v) | positions (Lm·K·S × 1 or 2) ]
-
-in (layer, kv head, slot) order. Keys and values get separate quantizers, which can be shared by all
-layers and heads (SPEC §2 [ours]) with `per_layer=False`; by default one pair per memory layer,
-which measured clearly better at the same size. The paper used `OPQ20_80,Residual2x14,PQ8x10` for
-head dim 80 (14 bytes per vector); its equivalent for head dim 64 is `Residual2x10,PQ8` (11 bytes).
-The default is 8-bit scalar quantization (`DEFAULT_FACTORY`), chosen by what each costs in answers.
-kind="none" stores bf16 as is (exact for bf16-representable values). kind="transform" is the
-transform coder of `memory3.memory.transform` (`--codec tc96`: 96 bits per key or value vector on
-average, 1/10 of bf16), with its bits allocated by the model's Fisher calibration when it has one.
-
-Positions are stored as uint8 `position + 1` (0 = empty slot) by default: references are written
-at positions p..p+127 behind a short prefix, so they fit in one byte; int16 is there for longer
-prefixes or references.
-
-A codec directory holds `codec.json` (config, shape, fingerprint) and one FAISS index file per
-quantizer (`faiss.write_index`, no pickle), or `transform.safetensors` for a transform codec.
-"""
+"""`MemoryCodec`: memories of one `MemoryShape` to fixed-size uint8 records and back (FAISS
+quantizers, bf16, or a transform coder), with its directory on disk (save, load, fingerprint)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import logging
 import os
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from memory3.errors import ConfigError
-from memory3.memory.transform import MAX_BITS, CodecCalibration, TransformCoder, TransformError, rotate
+from memory3.memory.codec.config import (
+    CONFIG_FILE,
+    DEFAULT_FACTORY,
+    FORMAT_VERSION,
+    TRANSFORM_FILE,
+    CodecConfig,
+    CodecError,
+    MemoryShape,
+)
+from memory3.memory.transform import TransformCoder, TransformError
 from memory3.memory.write import Memories, MemoryFormatError
 
-log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "codec.json"
-TRANSFORM_FILE = "transform.safetensors"
 _UINT8_MAX_POSITION = 254  # uint8 stores position + 1; 0 is the empty slot
-
-
-class CodecError(ConfigError):
-    """A codec that is untrained, damaged, or does not fit the memories given to it."""
-
-
-# The default quantizer: 8-bit scalar quantization of every dimension, each dimension's range
-# trained per memory layer (FAISS "SQ8"): one byte per dimension, 2× smaller than bf16, for any
-# head dim. Chosen by what it costs in answers (`benchmarks/bench_codec_qa.py`, held-out questions,
-# memory mode, reader E): SQ8 changes none of 182 answers against bf16, while the
-# paper-style vector quantizer Residual2x10,PQ8 (11× smaller) loses 13.6 points even with E trained
-# through it. With the shipped reader J at its default 32 tokens (bfloat16 KV cache) SQ8 loses 2
-# of 182 (1.1 points), SQ6 1.1 and SQ4 6.0; at 48 tokens SQ8 1.1, SQ6 1.6 and SQ4 5.5. Smaller codecs
-# stay one `--codec` away for banks where bytes matter more.
-DEFAULT_FACTORY = "SQ8"
-
-
-@dataclass(frozen=True)
-class CodecConfig:
-    """How memory vectors are compressed.
-
-    kind: "none" keeps bf16; "faiss" quantizes with `factory` (a `faiss.index_factory` string;
-      "" = `DEFAULT_FACTORY`, resolved when the codec is built); "transform" codes with
-      `memory3.memory.transform` at `bits` per vector on average (at most `max_bits` per
-      coefficient), every memory layer and head with its own basis (per_layer is implied).
-    per_layer: one key and one value quantizer per memory layer instead of one shared pair.
-    train_vectors: key (and value) vectors sampled from the training memories, per quantizer.
-    positions: "uint8" (positions 0..254) or "int16" (0..32767).
-    seed: drives the sampling of training vectors (FAISS's own k-means seeds are fixed, so the
-      same vectors give the same codec).
-    """
-
-    kind: Literal["none", "faiss", "transform"] = "faiss"
-    factory: str = ""
-    per_layer: bool = True
-    train_vectors: int = 65536
-    positions: Literal["uint8", "int16"] = "uint8"
-    seed: int = 0
-    bits: int = 96
-    max_bits: int = 12
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("none", "faiss", "transform"):
-            raise ValueError(f"codec kind must be 'none', 'faiss' or 'transform', got {self.kind!r}")
-        if self.kind != "faiss" and self.factory:
-            raise ValueError(
-                f"codec kind {self.kind!r} takes no factory, got {self.factory!r}: use kind='faiss'"
-            )
-        if self.kind == "transform":
-            if not 1 <= self.max_bits <= MAX_BITS:
-                raise ValueError(f"max_bits must be 1..{MAX_BITS}, got {self.max_bits}")
-            if self.bits < 1:
-                raise ValueError(f"a transform codec needs bits >= 1 per vector, got {self.bits}")
-        if self.positions not in ("uint8", "int16"):
-            raise ValueError(f"positions must be 'uint8' or 'int16', got {self.positions!r}")
-        if self.train_vectors < 1:
-            raise ValueError(f"train_vectors must be positive, got {self.train_vectors}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields; `bits` and `max_bits` only for a transform codec, so that the records and
-        fingerprints of other codecs are what they were before the transform codec existed."""
-        d = dataclasses.asdict(self)
-        if self.kind != "transform":
-            del d["bits"], d["max_bits"]
-        return d
-
-    @property
-    def name(self) -> str:
-        """As `memory3 build --codec` spells it: none, a FAISS factory string, or tc<bits>."""
-        if self.kind == "transform":
-            default = CodecConfig.__dataclass_fields__["max_bits"].default
-            return f"tc{self.bits}" + ("" if self.max_bits == default else f"m{self.max_bits}")
-        return "none" if self.kind == "none" else (self.factory or DEFAULT_FACTORY)
-
-    @classmethod
-    def parse(cls, spec: str) -> CodecConfig:
-        """`none`, `default`, `tc<bits>` (e.g. tc96), `tc<bits>m<max bits>` (e.g. tc96m8: at most 8
-        bits a coefficient) or a FAISS factory string (e.g. SQ8)."""
-        if spec == "none":
-            return cls(kind="none")
-        if spec == "default":
-            return cls(kind="faiss")
-        tc = re.fullmatch(r"tc(\d+)(?:m(\d+))?", spec)
-        if tc:
-            extra = {} if tc[2] is None else {"max_bits": int(tc[2])}
-            return cls(kind="transform", bits=int(tc[1]), **extra)
-        return cls(kind="faiss", factory=spec)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CodecConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"CodecConfig: unknown field(s) {sorted(set(d) - known)}")
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class MemoryShape:
-    """The shape of one memory: (layers Lm, kv heads K, slots S, head dim D)."""
-
-    layers: int
-    kv_heads: int
-    slots: int
-    head_dim: int
-
-    def __post_init__(self) -> None:
-        for name, value in dataclasses.asdict(self).items():
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MemoryShape.{name} must be a positive int, got {value!r}")
-
-    @property
-    def vectors(self) -> int:
-        """Key (or value) vectors per memory: Lm·K·S."""
-        return self.layers * self.kv_heads * self.slots
-
-    @property
-    def dims(self) -> tuple[int, int, int, int]:
-        return (self.layers, self.kv_heads, self.slots, self.head_dim)
-
-    @classmethod
-    def of(cls, mem: Memories) -> MemoryShape:
-        return cls(*(int(n) for n in mem.k.shape[1:]))
 
 
 @contextmanager
@@ -354,6 +211,15 @@ class MemoryCodec:
         self._fingerprint = None
         self._affine.clear()
         return self
+
+    def set_transform(self, coder: TransformCoder, meta: dict[str, Any]) -> None:
+        """Install a fitted transform coder (`train_codec` fits one) and `meta`, how its bits were
+        allocated (kept in `codec.json` and the fingerprint)."""
+        if self.config.kind != "transform":
+            raise CodecError(f"a {self.config.kind!r} codec takes no transform coder")
+        self._tc = coder
+        self.transform_meta = meta
+        self._fingerprint = None
 
     # --- records ----------------------------------------------------------------------------
     def _check_trained(self) -> None:
@@ -605,205 +471,3 @@ class MemoryCodec:
         kind = self.config.factory if self.config.kind == "faiss" else "bf16"
         layers = ", per layer" if self.config.per_layer else ""
         return f"MemoryCodec({kind}{layers}, {self.shape.dims}, {self.record_bytes} B/memory)"
-
-
-def sample_vectors(
-    memories: Memories | Iterable[Memories], n: int, per_layer: bool = False, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Up to n key and n value vectors of real (non-empty) slots, sampled uniformly without
-    replacement: (N, D) each, or (Lm, N, D) per layer."""
-    batches = [memories] if isinstance(memories, Memories) else list(memories)
-    if not batches:
-        raise ValueError("no memories to sample codec training vectors from")
-    ks, vs = [], []
-    for mem in batches:
-        valid = (mem.positions >= 0).permute(1, 0, 2, 3).reshape(mem.k.shape[1], -1)  # (Lm, M·K·S)
-        k = mem.k.detach().float().cpu().transpose(0, 1).reshape(*valid.shape, -1)  # (Lm, M·K·S, D)
-        v = mem.v.detach().float().cpu().transpose(0, 1).reshape(*valid.shape, -1)
-        # Every layer keeps as many real tokens (the writer pads short references alike).
-        ks.append(torch.stack([k[i][valid[i]] for i in range(len(valid))]))
-        vs.append(torch.stack([v[i][valid[i]] for i in range(len(valid))]))
-    k_all, v_all = torch.cat(ks, 1).numpy(), torch.cat(vs, 1).numpy()  # (Lm, N, D)
-    rng = np.random.default_rng(seed)
-    if per_layer:
-        N = k_all.shape[1]
-        idx = np.sort(rng.choice(N, size=min(n, N), replace=False))
-        return k_all[:, idx], v_all[:, idx]
-    D = k_all.shape[-1]
-    k_flat, v_flat = k_all.reshape(-1, D), v_all.reshape(-1, D)
-    idx = np.sort(rng.choice(len(k_flat), size=min(n, len(k_flat)), replace=False))
-    return k_flat[idx], v_flat[idx]
-
-
-def train_codec(
-    memories: Memories | Iterable[Memories],
-    config: CodecConfig,
-    threads: int | None = None,
-    rope_theta: float | None = None,
-    calibration: CodecCalibration | None = None,
-) -> MemoryCodec:
-    """A codec trained on the key/value vectors of sampled memories (§3.3: codecs are trained on
-    K/V vectors of uniformly sampled references). A transform codec needs the model's
-    `rope_theta` (it codes keys before RoPE) and uses the model's `calibration` when given."""
-    batches = [memories] if isinstance(memories, Memories) else list(memories)
-    if not batches:
-        raise ValueError("no memories to train the codec on")
-    codec = MemoryCodec(config, MemoryShape.of(batches[0]), threads)
-    if config.kind == "none":
-        return codec
-    if config.kind == "transform":
-        return _train_transform(codec, batches, rope_theta, calibration)
-    k, v = sample_vectors(batches, config.train_vectors, config.per_layer, config.seed)
-    log.info(
-        "training codec %s on %d key and value vectors", config.factory or codec.config.factory, k.shape[-2]
-    )
-    return codec.train(k, v)
-
-
-def _train_transform(
-    codec: MemoryCodec,
-    batches: list[Memories],
-    rope_theta: float | None,
-    calibration: CodecCalibration | None,
-) -> MemoryCodec:
-    config = codec.config
-    if rope_theta is None:
-        raise CodecError("a transform codec codes keys before RoPE: pass train_codec(..., rope_theta=...)")
-    ks, vs = [], []
-    for mem in batches:
-        pre = rotate(mem.k.detach().float().cpu(), mem.positions.cpu(), rope_theta, -1)
-        valid = mem.positions.cpu() >= 0  # (M, Lm, K, S); every layer and head keeps as many
-        Lm, K, D = pre.shape[1], pre.shape[2], pre.shape[-1]
-        per_unit = valid.permute(1, 2, 0, 3).reshape(Lm, K, -1)
-        n = int(per_unit[0, 0].sum())
-        ks.append(pre.permute(1, 2, 0, 3, 4).reshape(Lm, K, -1, D)[per_unit].reshape(Lm, K, n, D))
-        vs.append(
-            mem.v.detach()
-            .float()
-            .cpu()
-            .permute(1, 2, 0, 3, 4)
-            .reshape(Lm, K, -1, D)[per_unit]
-            .reshape(Lm, K, n, D)
-        )
-    k, v = torch.cat(ks, 2), torch.cat(vs, 2)
-    if k.shape[2] > config.train_vectors:
-        pick = torch.from_numpy(
-            np.sort(
-                np.random.default_rng(config.seed).choice(k.shape[2], config.train_vectors, replace=False)
-            )
-        )
-        k, v = k[:, :, pick], v[:, :, pick]
-    log.info(
-        "fitting transform codec %s on %d key and value vectors per layer and head (%s)",
-        config.name,
-        k.shape[2],
-        "Fisher calibration" if calibration is not None else "no calibration: mean squared error",
-    )
-    try:
-        codec._tc = TransformCoder.fit(k, v, config.bits, rope_theta, calibration, config.max_bits)
-    except TransformError as e:
-        raise CodecError(str(e)) from None
-    codec.transform_meta = {
-        "metric": "fisher" if calibration is not None else "mse",
-        # what was measured, not how long it took: the same calibration gives the same codec
-        "calibration": None
-        if calibration is None
-        else {k: v for k, v in calibration.meta.items() if k != "seconds"},
-        "bits_per_vector": {
-            p: codec._tc.bits_per_slot(p) / (codec.shape.layers * codec.shape.kv_heads) for p in ("k", "v")
-        },
-    }
-    codec._fingerprint = None
-    return codec
-
-
-def straight_through(mem: Memories, codec: MemoryCodec) -> Memories:
-    """The memories as a bank built with `codec` returns them, for training with the codec in the
-    loop: the forward pass reads the decoded keys and values, and gradients reach the exact ones
-    unchanged (straight-through estimator), so the writer and the reader learn to live with the
-    quantization error."""
-    dec = codec.decode(codec.encode(mem), mem.fingerprint).to(device=mem.k.device, dtype=mem.k.dtype)
-    k = mem.k + (dec.k - mem.k).detach()
-    v = mem.v + (dec.v - mem.v).detach()
-    return Memories(k, v, mem.positions, mem.fingerprint)
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√D) v over memory slots. q (G, Q, D), k/v (G, N, D), valid (G, N) -> (G, Q, D)."""
-    logits = torch.einsum("gqd,gnd->gqn", q, k) / k.shape[-1] ** 0.5
-    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    return torch.softmax(logits, -1) @ v
-
-
-def codec_report(
-    mem: Memories,
-    codec: MemoryCodec,
-    group: int = 5,
-    queries: torch.Tensor | int = 8,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """How much a codec costs and how much it changes what a memory layer reads.
-
-    Returns bytes per memory (and bf16 bytes), the relative reconstruction error ‖x̂−x‖/‖x‖ of
-    keys and values over real slots, and the relative error of a memory-layer attention output
-    when decoded memories replace exact ones: for each layer and kv head, queries attend with one
-    softmax over the slots of `group` memories (§3.1: a chunk reads 5 memories), nothing else.
-    `queries` is either a count of random queries per group (Gaussian with the per-dimension
-    mean and spread of that head's keys) or real post-RoPE queries (Lm, K, Q, D) grouped by the
-    kv head they read. For scale, `attn_rel_error_other_memories` is the error of reading the
-    wrong memories (the next group's) exactly; `_k_only`/`_v_only` decode only keys or values.
-    """
-    if len(mem) < 2 * group:
-        raise ValueError(f"codec_report needs at least 2 × group = {2 * group} memories, got {len(mem)}")
-    exact = mem.to(dtype=torch.float32)
-    got = codec.decode(codec.encode(mem), mem.fingerprint)
-    valid = exact.positions >= 0  # (M, Lm, K, S)
-
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b)[valid].norm() / b[valid].norm())
-
-    G = len(mem) // group
-    Lm, K, S, D = codec.shape.dims
-
-    def grouped(x: torch.Tensor) -> torch.Tensor:  # (M, Lm, K, S, ...) -> (Lm·K·G, group·S, ...)
-        x = x[: G * group].reshape(G, group, Lm, K, S, *x.shape[4:])
-        x = x.permute(2, 3, 0, 1, 4, *range(5, x.ndim))
-        return x.reshape(Lm * K * G, group * S, *x.shape[5:])
-
-    if isinstance(queries, int):
-        # Queries with the mean and spread of each (layer, head)'s real keys.
-        w = valid.float().sum(dim=(0, 3))[..., None].clamp(min=1)  # (Lm, K, 1)
-        mean = (exact.k * valid[..., None]).sum(dim=(0, 3)) / w  # (Lm, K, D)
-        std = (((exact.k - mean[None, :, :, None]) ** 2 * valid[..., None]).sum(dim=(0, 3)) / w).sqrt()
-        gen = torch.Generator().manual_seed(seed)
-        q = torch.randn(Lm, K, G, queries, D, generator=gen) * std[:, :, None, None] + mean[:, :, None, None]
-    else:
-        if queries.ndim != 4 or tuple(queries.shape[:2]) != (Lm, K) or queries.shape[-1] != D:
-            raise ValueError(
-                f"queries must be (Lm, K, Q, D) = ({Lm}, {K}, Q, {D}), got {tuple(queries.shape)}"
-            )
-        q = queries.float()[:, :, None].expand(Lm, K, G, *queries.shape[2:])
-    q = q.reshape(Lm * K * G, -1, D)
-    gk, gv, gvalid = grouped(exact.k), grouped(exact.v), grouped(valid)
-    hk, hv = grouped(got.k), grouped(got.v)
-    out = _attention(q, gk, gv, gvalid)
-
-    def err(o: torch.Tensor) -> float:
-        return float((o - out).norm() / out.norm())
-
-    decoded = _attention(q, hk, hv, gvalid)
-    per_layer = (decoded - out).view(Lm, -1).norm(dim=1) / out.view(Lm, -1).norm(dim=1)
-    other = [t.view(Lm * K, G, *t.shape[1:]).roll(1, dims=1).view_as(t) for t in (gk, gv, gvalid)]
-    return {
-        "codec": repr(codec),
-        "bytes_per_memory": codec.record_bytes,
-        "bf16_bytes_per_memory": codec.raw_bytes,
-        "compression": codec.raw_bytes / codec.record_bytes,
-        "k_rel_error": rel(got.k, exact.k),
-        "v_rel_error": rel(got.v, exact.v),
-        "attn_rel_error": err(decoded),
-        "attn_rel_error_k_only": err(_attention(q, hk, gv, gvalid)),
-        "attn_rel_error_v_only": err(_attention(q, gk, hv, gvalid)),
-        "attn_rel_error_other_memories": err(_attention(q, *other)),
-        "attn_rel_error_per_layer": [round(float(e), 4) for e in per_layer],
-    }
