@@ -8,7 +8,8 @@ import torch
 
 from conftest import tiny_model
 from memory3.config import GenerationConfig, MemoryConfig
-from memory3.generate import Generator, prefill_chunks, sample
+from memory3.decoding import sample
+from memory3.generate import Generator, prefill_chunks
 from memory3.memory import layout
 from memory3.memory.write import Memories, MemoryFormatError, MemoryWriter
 from memory3.model import KVCache, MemoryInput

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                  "memory3.retrieval.leak")),
     ("bank", ("memory3.memory",)),
     ("retrieval", ("memory3.retrieval",)),
-    ("generation engine", ("memory3.generate", "memory3.scheduler")),
+    ("generation engine", ("memory3.decoding", "memory3.generate", "memory3.scheduler")),
     ("data sets", ("memory3.data",)),
     ("evaluation and training", ("memory3.eval", "memory3.train")),
     ("server", ("memory3.serve",)),

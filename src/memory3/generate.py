@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from memory3 import kernels
 from memory3.config import GenerationConfig, MemoryConfig
+from memory3.decoding import DecodingSequence, StreamEvent, sample
 from memory3.memory import layout
 from memory3.memory.write import Memories, MemoryFormatError, memory_fingerprint, reference_prefix_ids
 from memory3.model import KVCache, Memory3Model, resolve_kv_dtype
@@ -50,13 +51,6 @@ class GenerationOutput:
     finish_reason: Literal["stop", "length"]
     # memory: the hits read by each chunk (prompt chunks, then decoded chunks); rag: one list
     references: list[list[Hit]] = field(default_factory=list)
-
-
-@dataclass
-class StreamEvent:
-    index: int  # which prompt of the batch
-    delta: str  # new text since the previous event of this prompt
-    finish_reason: Literal["stop", "length"] | None = None  # set on the last event of a prompt
 
 
 @dataclass
@@ -324,7 +318,7 @@ class Generator:
         min_score: float | None = None,
     ) -> Iterator[StreamEvent | list[GenerationOutput]]:
         """Prefill every prompt in `mode`, then decode the batch step by step: each step samples a
-        token per sequence, which `_Sequence.take` checks against EOS and the stop strings; every
+        token per sequence, which `DecodingSequence.take` checks against EOS and the stop strings; every
         `chunk_tokens` generated tokens, memory mode retrieves the memories the next chunk reads."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -358,7 +352,7 @@ class Generator:
             g.manual_seed(gen.seed)
         else:
             g.seed()  # unseeded sampling differs from call to call
-        seqs = [_Sequence(len(e.ids)) for e in enc]
+        seqs = [DecodingSequence(len(e.ids)) for e in enc]
         decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
         hold = max((len(s) for s in gen.stop), default=0)
         step_valid = torch.ones(len(enc), 1, dtype=torch.bool, device=self.model.device)
@@ -438,7 +432,7 @@ class Generator:
 
     def _retrieve_while_decoding(
         self,
-        seqs: list[_Sequence],
+        seqs: list[DecodingSequence],
         refs: list[list[list[Hit]]],
         cache: KVCache,
         k: int,
@@ -524,86 +518,3 @@ def prefill_chunks(
         rows = ((last >= start) & (last < end)).nonzero().flatten()
         hidden[rows] = h[rows, last[rows] - start]
     return model.lm_head(hidden)
-
-
-@dataclass
-class _Sequence:
-    """One sequence of a batch while it decodes: its tokens, text so far (kept when stop strings
-    or streaming need it), how much of it was streamed, and how it finished."""
-
-    prompt_tokens: int
-    out: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    done: bool = False
-    finish: Literal["stop", "length"] = "length"
-
-    def take(
-        self,
-        token: int,
-        row: int,
-        eos_ids: Sequence[int],
-        gen: GenerationConfig,
-        stream: bool,
-        last_step: bool,
-        hold: int,
-        decode: Callable[[list[int]], str],
-    ) -> StreamEvent | None:
-        """Add a sampled token: EOS or a stop string ends the sequence; in streaming, returns
-        the text now safe to send (a possible stop string's start and an incomplete UTF-8
-        character are held back)."""
-        if self.done:
-            return None
-        if token in eos_ids and not gen.ignore_eos:
-            self.done, self.finish = True, "stop"
-        else:
-            self.out.append(token)
-        if gen.stop or stream:
-            self.text = decode(self.out)
-            cut = find_stop(self.text, gen.stop, self.emitted)
-            if cut is not None:
-                self.text, self.done, self.finish = self.text[:cut], True, "stop"
-        if not stream:
-            return None
-        ending = self.done or last_step
-        upto = len(self.text)
-        if not ending:
-            upto -= max(hold - 1, 0)
-            while upto > self.emitted and self.text[upto - 1] == "\ufffd":
-                upto -= 1  # an incomplete UTF-8 character: wait for its next byte
-        if upto <= self.emitted and not ending:
-            return None
-        event = StreamEvent(row, self.text[self.emitted : upto], self.finish if ending else None)
-        self.emitted = max(self.emitted, upto)
-        return event
-
-
-def find_stop(text: str, stops: Sequence[str], emitted: int = 0) -> int | None:
-    """Index where the first stop string starts, searching only text not yet emitted (and the
-    overlap a stop string could straddle)."""
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, emitted - len(s) + 1))
-        if i != -1 and (best is None or i < best):
-            best = i
-    return best
-
-
-def sample(logits: Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> Tensor:
-    """Greedy when temperature is 0, else temperature / top-k / top-p (nucleus) sampling.
-    logits (B, V) -> token ids (B,)."""
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / cfg.temperature
-    if cfg.top_k:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens before it already reach top_p
-        drop = probs.cumsum(-1) - probs >= cfg.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1).cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)

