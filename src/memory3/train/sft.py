@@ -1,4 +1,4 @@
-"""SFT with explicit memory (docs/design.md, "Training a model to read memory"): chat samples whose prompt reads memories of 5 references
+"""SFT with explicit memory (SPEC §5): chat samples whose prompt reads memories of 5 references
 (the gold one among them), loss on the answer only.
 
 One step, read top to bottom in `run_sft`:
