@@ -1,5 +1,5 @@
 """Crash points, for the tests that kill memory3 at chosen moments of a write and check that
-nothing acknowledged is lost (tests/test_faults.py).
+nothing acknowledged is lost (tests/cli/test_faults.py).
 
 A crash point is a name in the code where a crash matters: between writing records and
 committing them, between the two renames of an index save, and so on. With the environment

@@ -3,8 +3,9 @@
 One thread owns the model. Requests wait in a bounded queue; the thread takes the oldest one,
 waits a short collection window for others that can share its batch (same mode, store, number
 of references and sampling settings) and decodes them together as one `Generator` batch.
-Knowledge-base operations (adding, replacing, deleting documents) run on the same thread between
-batches, because neither the model nor a store is assumed to be thread-safe.
+Knowledge-base operations (adding, replacing, deleting documents) run on the same thread, because
+neither the model nor a store is assumed to be thread-safe: between two batches, and one at a time
+between two decoding steps of a running batch, so that an edit waits for a step, not a batch.
 
 A batch decodes until its longest member is done (the Generator has no continuous batching), so
 requests that want fewer tokens are cut afterwards to exactly what they would have produced
@@ -41,7 +42,7 @@ class KnowledgeBase(Protocol):
 
     A document dict has `text` and optionally `id`, `title` and `metadata`; a store cuts it into
     references and writes their memories. Implementations need not be thread-safe: the server
-    calls them from its scheduler thread only, between batches.
+    calls them from its scheduler thread only, between batches or decoding steps.
     """
 
     def add_documents(self, docs: list[dict]) -> list[dict]:
@@ -249,7 +250,7 @@ class SchedulerStats:
     cancelled: int = 0  # jobs dropped before or while running because their client left
     timed_out: int = 0
     failed: int = 0
-    operations: int = 0  # knowledge-base calls run between batches
+    operations: int = 0  # knowledge-base calls run between batches or decoding steps
     busy_s: float = 0.0
 
 
@@ -324,8 +325,8 @@ class Scheduler:
         return job
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        """Run `fn(*args, **kwargs)` on the scheduler thread between two batches (operations go
-        before waiting batches, one at a time, alternating with batches)."""
+        """Run `fn(*args, **kwargs)` on the scheduler thread between two batches or two decoding
+        steps of a batch (operations go before waiting batches, one at a time)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             self._check_open()
@@ -374,6 +375,15 @@ class Scheduler:
             job._deliver(error)
         for _, fut in calls:
             fut.set_exception(error)
+
+    def _run_one_waiting_call(self) -> None:
+        """Run the oldest waiting knowledge-base operation, if any. Between two decoding steps
+        this is safe: the running batch holds its memories in its own cache, and the next
+        retrieval it makes sees the store as the operation left it, as a new request would."""
+        with self._cv:
+            call = self._calls.popleft() if self._calls else None
+        if call is not None:
+            self._run_call(*call)
 
     def _run_call(self, fn: Callable[[], Any], fut: concurrent.futures.Future) -> None:
         if not fut.set_running_or_notify_cancel():
@@ -485,6 +495,7 @@ class Scheduler:
                         job._deliver(StreamEvent(item.index, item.delta, None))
                 else:
                     outputs = item
+                self._run_one_waiting_call()  # an edit waits for a decoding step, not the batch
                 if not self._still_wanted(batch):
                     for job in batch:
                         if job.cancelled:

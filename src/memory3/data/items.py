@@ -17,7 +17,7 @@ HELDOUT_FRACTION = 0.2
 _SPLIT_SALT = "memory3-heldout-v1"
 
 # A reference is at most 128 tokens (docs/design.md, "Writing a memory"); passages are built to stay under this estimate so
-# they survive a real tokenizer with room to spare (checked in tests/test_data.py).
+# they survive a real tokenizer with room to spare (checked in tests/data/test_data.py).
 PASSAGE_TOKENS = 100
 
 

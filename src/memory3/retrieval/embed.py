@@ -107,7 +107,7 @@ class SentenceTransformerEmbedder:
     paper does with BGE-M3, whose own configuration already pools that way).
     precision: "auto" runs the model under bfloat16 autocast on a CPU with native bfloat16
     (faster; the vectors differ from float32 ones by rounding only, so an index built either way
-    serves queries embedded the other way: tests/test_embed_index.py), else in float32;
+    serves queries embedded the other way: tests/retrieval/test_embed_index.py), else in float32;
     "float32" or "bfloat16" force it. It is not part of `spec()`: it does not change which
     vectors an index holds beyond that rounding.
     """

@@ -40,7 +40,7 @@ class ServerConfig:
     max_k: int = 16  # references per retrieval
     max_documents: int = 64  # documents per POST
     max_document_chars: int = 200_000
-    documents_per_step: int = 4  # documents written between two batches, so decoding is not held up long
+    documents_per_step: int = 4  # documents written per scheduler operation, so decoding is not held up long
     max_list: int = 1000
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ knows about memories.
 Exact resume: a batch is a pure function of (seed, step, micro-step, rank), the learning rate a
 function of the step, and a checkpoint holds the trainable tensors, the optimizer state and the
 torch RNG state bit for bit (safetensors + JSON, no pickle). So a resumed run computes the same
-next loss as one that was never interrupted (tests/test_train.py checks it).
+next loss as one that was never interrupted (tests/train/test_train.py checks it).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
 def test_shipped_configs_load() -> None:
     from memory3.train.sft import SFTConfig
 
-    root = Path(__file__).parents[1] / "configs" / "train"
+    root = Path(__file__).parents[2] / "configs" / "train"
     for path in sorted(root.glob("sft*.json")):
         cfg = load_config(SFTConfig, path)
         # a chain of runs names the run it continues: the shipped adapter changes when a run ships

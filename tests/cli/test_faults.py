@@ -15,13 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_cli_bank import _wait_for
 
 from conftest import free_port, tiny_model
 from memory3.checkpoint import load_bundled_tokenizer, load_pretrained, save_checkpoint
 from memory3.faults import ENV
 from memory3.memory.store import MemoryStore
 from memory3.retrieval.retriever import StoreRetriever, verify_bank
-from test_cli_bank import _wait_for
 
 pytestmark = pytest.mark.slow
 

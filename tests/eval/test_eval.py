@@ -515,7 +515,7 @@ def test_bench_all_writes_into_the_repository_or_where_it_is_told(tmp_path, monk
     from memory3.cli import main
     from memory3.eval import render
 
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]
     if Path(memory3.__file__).resolve().is_relative_to(checkout / "src"):  # not an installed copy
         assert render.repository() == checkout
     repo = tmp_path / "repo"
@@ -597,19 +597,24 @@ def test_eval_qa_kept_tokens_writes_the_kb_with_them_and_records_it(tmp_path, to
     assert res["sets"]["fictional"]["summary"]["n"] == 2
 
 
-def test_publish_writes_all_results_and_a_section_without_the_bulky_keys(tmp_path) -> None:
+def test_publish_writes_all_results_and_a_section_that_names_the_file_and_machine(tmp_path) -> None:
     from memory3.eval.report import publish
 
     md = tmp_path / "B.md"
     md.write_text(
         "# b\n\n<!-- bench:x -->\nold\n<!-- /bench:x -->\n\n<!-- bench:y -->\nkept\n<!-- /bench:y -->\n"
     )
-    res = {"rows": [{"a": 1}], "answers": {"q": ["long answer"]}}
+    res = {
+        "rows": [{"a": 1}],
+        "answers": {"q": ["long answer"]},
+        "machine": {"cpu": "Some CPU", "cpu_count": 2},
+    }
     publish(res, tmp_path / "r" / "x.json", md, "x", "X", "python x.py", "body")
     assert json.loads((tmp_path / "r" / "x.json").read_text()) == res
     text = md.read_text()
     assert "old" not in text and "body" in text and "python x.py" in text and "kept" in text
-    assert '"rows"' in text and "long answer" not in text
+    assert "Machine: Some CPU, 2 cores" in text and f"Results: `{tmp_path / 'r' / 'x.json'}`" in text
+    assert '"rows"' not in text and "long answer" not in text  # the results stay in their file
 
 
 def test_a_results_file_names_the_command_that_made_it(tmp_path, monkeypatch, capsys) -> None:

@@ -270,7 +270,7 @@ def _same_memories(a: Path, b: Path) -> None:
 @pytest.mark.slow
 def test_build_killed_with_sigkill_resumes_to_the_same_store(tmp_path) -> None:
     script = tmp_path / "build.py"
-    script.write_text(_BUILD_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(_BUILD_SCRIPT.format(tests=str(Path(__file__).parents[1])))  # where conftest.py is
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "ref")], check=True, env=env)
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "bank")], env=env)

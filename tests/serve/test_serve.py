@@ -420,7 +420,7 @@ def test_documents_without_id_get_one_and_a_batch_is_one_operation(http, server,
     ids = [d["id"] for d in r.json()["data"]]
     assert len(set(ids)) == 6
     # a knowledge base without batches (begin_documents) takes a request's documents in one
-    # operation, all or nothing; a memory bank writes them in steps (tests/test_bank.py)
+    # operation, all or nothing; a memory bank writes them in steps (tests/memory/test_bank.py)
     assert server.scheduler.stats.operations - ops == 1
     assert http.get("/v1/stores/facts").json()["documents"] == len(store.docs)
     for i in ids:
@@ -683,6 +683,46 @@ def test_requests_arriving_spread_out_still_share_a_batch() -> None:
         while len(got) < 6 and time.monotonic() - t0 < 5:
             time.sleep(0.01)
         assert sizes == [6] and all(o.finish_reason == "stop" for o in got)
+    finally:
+        sched.close()
+
+
+def test_an_operation_runs_between_the_decoding_steps_of_a_running_batch() -> None:
+    """A document edit waits for one decoding step, not for the batch to finish."""
+    from types import SimpleNamespace
+
+    from memory3.decoding import StreamEvent
+    from memory3.generate import GenerationOutput
+
+    timeline: list[str] = []
+    decoding = threading.Event()
+
+    def runner(generator, prompts, mode, config, **kw):
+        for step in range(25):
+            timeline.append(f"step {step}")
+            decoding.set()
+            time.sleep(0.02)
+            yield StreamEvent(0, "x", None)
+        timeline.append("batch done")
+        yield [GenerationOutput("x", [1], 1, "length", []) for _ in prompts]
+
+    fake = SimpleNamespace(
+        model=SimpleNamespace(config=SimpleNamespace(max_seq_len=1024)),
+        mem_cfg=MemoryConfig(),
+        tokenizer=SimpleNamespace(decode=lambda ids, **kw: ""),
+        retriever=None,
+    )
+    sched = Scheduler(fake, SchedulerConfig(batch_window_s=0.01), runner=runner).start()
+    try:
+        got: list = []
+        sched.submit(GenerationRequest("x", "none", GenerationConfig(max_new_tokens=25)), got.append)
+        assert decoding.wait(5)
+        sched.call(lambda: timeline.append("operation")).result(timeout=5)
+        assert "batch done" not in timeline and timeline[0] == "step 0"  # ran mid-batch
+        t0 = time.monotonic()
+        while not got and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert got and timeline[-1] == "batch done"
     finally:
         sched.close()
 

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_codec import random_memories
 
 from memory3.memory.codec import CodecConfig, CodecError, MemoryCodec, MemoryShape, train_codec
 from memory3.memory.transform import (
@@ -22,7 +23,6 @@ from memory3.memory.transform import (
     rotate,
 )
 from memory3.memory.write import Memories
-from test_codec import random_memories
 
 THETA = 10000.0
 SHAPE = MemoryShape(layers=2, kv_heads=2, slots=4, head_dim=16)
