@@ -613,7 +613,7 @@ def test_publish_writes_all_results_and_a_section_that_names_the_file_and_machin
     assert json.loads((tmp_path / "r" / "x.json").read_text()) == res
     text = md.read_text()
     assert "old" not in text and "body" in text and "python x.py" in text and "kept" in text
-    assert "Machine: Some CPU, 2 cores" in text and f"Results: `{tmp_path / 'r' / 'x.json'}`" in text
+    assert "Machine: Some CPU, 2 cores" in text and "Results: `r/x.json`" in text  # relative to the report
     assert '"rows"' not in text and "long answer" not in text  # the results stay in their file
 
 

@@ -54,8 +54,9 @@ def update_section(
     machine = (figures or {}).get("machine")
     if isinstance(machine, dict):
         head.append("Machine: " + machine_line(machine))
-    if results_file is not None:
-        head.append(f"Results: `{results_file}`")
+    if results_file is not None:  # relative to the report, where it lies below it
+        rel = Path(os.path.relpath(Path(results_file).resolve(), path.resolve().parent))
+        head.append(f"Results: `{results_file if rel.parts[:1] == ('..',) else rel}`")
     section = f"{start}\n## {title}\n\n" + "\n".join(head) + f"\n\n{body_md.strip()}\n{end}"
     text = (
         path.read_text()
