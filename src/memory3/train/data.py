@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,3 +229,215 @@ def make_group(pool: Sequence[Entity], rng: random.Random, memories: int, questi
 
 def load_kb_entities(name: str) -> list[Document]:
     return load_kb(shipped_path(name))
+
+
+# --- self-supervised reading questions ------------------------------------------------------------
+
+# Words too common to be a fact worth a blank (an ordinary-word answer must carry content).
+_STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "but",
+        "by",
+        "for",
+        "has",
+        "had",
+        "her",
+        "his",
+        "in",
+        "is",
+        "it",
+        "its",
+        "of",
+        "on",
+        "or",
+        "not",
+        "the",
+        "to",
+        "was",
+        "who",
+        "about",
+        "above",
+        "after",
+        "again",
+        "against",
+        "along",
+        "also",
+        "among",
+        "another",
+        "around",
+        "because",
+        "been",
+        "before",
+        "being",
+        "below",
+        "between",
+        "both",
+        "during",
+        "each",
+        "either",
+        "every",
+        "first",
+        "from",
+        "further",
+        "have",
+        "having",
+        "into",
+        "itself",
+        "known",
+        "large",
+        "later",
+        "least",
+        "less",
+        "like",
+        "made",
+        "main",
+        "many",
+        "more",
+        "most",
+        "much",
+        "must",
+        "near",
+        "only",
+        "other",
+        "over",
+        "same",
+        "several",
+        "should",
+        "since",
+        "some",
+        "such",
+        "than",
+        "that",
+        "their",
+        "them",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "those",
+        "through",
+        "under",
+        "until",
+        "upon",
+        "used",
+        "very",
+        "well",
+        "were",
+        "what",
+        "when",
+        "where",
+        "whether",
+        "which",
+        "while",
+        "whom",
+        "whose",
+        "will",
+        "with",
+        "within",
+        "without",
+        "would",
+    ]
+)
+_WORD = re.compile(r"(?<=[\s(])([a-z][a-z-]{4,})(?=[\s,;:.)])")
+_PHRASE = re.compile(r"(?<=[\s(])([a-z][a-z-]{2,} (?:[a-z-]{2,} )?[a-z][a-z-]{3,})(?=[\s,;:.)])")
+_CLOZE_FORMS = (
+    "Fill in the blank: {s}",
+    "What is missing from this sentence of the text? {s}",
+    "Complete with the {what} from the text: {s}",
+    "What goes in the blank? {s}",
+)
+_QUOTE_FORMS = (
+    "Quote the sentence of the text that mentions {x}.",
+    "What does the text say about {x}? Quote it.",
+    "Repeat the sentence about {x}.",
+)
+_WHAT = {"number": "number", "name": "name", "word": "word", "phrase": "words"}
+
+
+def _spans_of(sentence: str, title_words: set[str]) -> dict[str, list[str]]:
+    """Candidate answers in one sentence, by kind: numbers and years, capitalised names (not the
+    sentence's first word), ordinary content words, and phrases of two or three ordinary words.
+    Each occurs once in the sentence, so its blank is unambiguous."""
+    from memory3.data.wikipedia import _ENTITY, _NUMBER, _YEAR
+
+    found: dict[str, list[str]] = {"number": [], "name": [], "word": [], "phrase": []}
+    for kind, pattern in (("number", _YEAR), ("number", _NUMBER), ("name", _ENTITY)):
+        found[kind] += [m.group(1) for m in pattern.finditer(sentence)]
+    found["word"] = [w for w in _WORD.findall(sentence) if w not in _STOPWORDS]
+    found["phrase"] = [
+        p for p in _PHRASE.findall(sentence) if not set(p.split()) & _STOPWORDS and len(p.split()) > 1
+    ]
+    return {
+        k: sorted(
+            a
+            for a in set(v)
+            if sentence.count(a) == 1
+            and not set(a.lower().split()) & title_words
+            and not sentence[sentence.index(a) + len(a) :].startswith(("'", "’"))  # "People's"
+        )
+        for k, v in found.items()
+    }
+
+
+def _blank_window(sentence: str, start: int, answer: str, before: int = 14, after: int = 8) -> str:
+    """The sentence with the answer blanked, cut to a few words on each side (the question must
+    fit one 64-token chunk with the chat template); the text around the blank keeps its spacing."""
+    head, tail = sentence[:start].split(" "), sentence[start + len(answer) :].split(" ")
+    left = ("… " if len(head) > before + 1 else "") + " ".join(head[-(before + 1) :])
+    right = " ".join(tail[: after + 1]) + (" …" if len(tail) > after + 1 else "")
+    return f"{left}____{right}"
+
+
+def reading_facts(article: Any, reference: str, rng: random.Random, per_sentence: int = 2) -> list[Fact]:
+    """Questions whose answer is a span of `reference` (blanks of every kind: numbers, names,
+    ordinary words, phrases) or one of its sentences (quoted), so that answering them means
+    copying names, words and numbers out of the reference."""
+    from memory3.data.qa import estimate_tokens
+    from memory3.data.wikipedia import sentence_spans
+
+    title_words = set(re.findall(r"\w+", article.title.lower()))
+    facts: list[Fact] = []
+    sentences = [reference[a:b] for a, b in sentence_spans(reference)]
+    for s in sentences:
+        if "  " in s or "\n" in s or " ," in s or " ." in s:
+            continue  # formulas or markup stripped: garbled
+        spans = _spans_of(s, title_words)
+        kinds = [k for k in spans if spans[k]]
+        rng.shuffle(kinds)
+        for kind in kinds[:per_sentence]:
+            answer = rng.choice(spans[kind])
+            form = rng.choice(_CLOZE_FORMS)
+            q = form.format(s=_blank_window(s, s.index(answer), answer), what=_WHAT[kind])
+            facts.append(Fact(q, answer))
+        # quote: a name or word found in this sentence only, asked for the whole sentence
+        keys = [a for k in ("name", "word") for a in spans[k] if sum(a in t for t in sentences) == 1]
+        if keys and len(s.split()) >= 6 and estimate_tokens(s) <= 40:
+            form = rng.choice(_QUOTE_FORMS)
+            facts.append(Fact(form.format(x=rng.choice(keys)), s.strip()))
+    return facts
+
+
+def reading_training_entities(max_tokens: int = 128, seed: int = 0) -> list[Entity]:
+    """Self-supervised reading questions on train-split Wikipedia articles: each article's leading
+    passage (whole sentences within about `max_tokens` tokens) is the reference, and its questions
+    ask for spans of every kind, or a whole sentence, out of it (`reading_facts`). The kind is the
+    article's topic, so a group's distractors share it. Held-out articles are never read."""
+    from memory3.data.wikipedia import leading_passage_end, load_articles
+
+    out = []
+    for a in load_articles("train"):
+        if split_of(a.title) != "train":
+            continue
+        reference = a.text[: leading_passage_end(a.text, max_tokens)]
+        facts = reading_facts(a, reference, rng_for("reading", seed, a.title))
+        if facts:
+            out.append(Entity(a.title, f"reading/{a.topic}", reference, tuple(facts)))
+    return out

@@ -48,6 +48,7 @@ from memory3.train.data import (
     factbook_training_entities,
     fictional_training_entities,
     make_group,
+    reading_training_entities,
     rng_for,
     sequence_at,
     tokenize_corpus,
@@ -107,6 +108,10 @@ class SFTConfig:
     fictional_seed: int = 1
     factbook_fraction: float = 0.25  # share of groups drawn from Factbook train countries
     wikipedia_fraction: float = 0.0  # share of groups of fill-in-the-blank questions on train articles
+    # share of groups of self-supervised reading questions on train articles: blanks of every kind
+    # (numbers, names, ordinary words, phrases) in any sentence of the reference, and whole
+    # sentences quoted (`memory3.train.data.reading_training_entities`)
+    reading_fraction: float = 0.0
     questions_per_group: int = 24
     rag_per_step: int = 1
     rag_weight: float = 0.5
@@ -137,12 +142,11 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if not self.stages or abs(self.stages[-1].until - 1.0) > 1e-9:
             raise ValueError(f"the last stage must end at until=1.0, got stages {self.stages}")
-        if min(self.factbook_fraction, self.wikipedia_fraction) < 0 or (
-            self.factbook_fraction + self.wikipedia_fraction > 1
-        ):
+        shares = (self.factbook_fraction, self.wikipedia_fraction, self.reading_fraction)
+        if min(shares) < 0 or sum(shares) > 1:
             raise ValueError(
-                "factbook_fraction and wikipedia_fraction are shares of the groups: each ≥ 0 and "
-                f"together ≤ 1, got {self.factbook_fraction} and {self.wikipedia_fraction}"
+                "factbook_fraction, wikipedia_fraction and reading_fraction are shares of the "
+                f"groups: each ≥ 0 and together ≤ 1, got {shares}"
             )
         if self.irrelevant_questions < 0 or self.irrelevant_weight < 0:
             raise ValueError(
@@ -202,6 +206,9 @@ class SFTData:
                 for e in wikipedia_training_entities()
                 if all(len(self.prompt_ids(f.question)) <= n for f in e.facts)
             ]
+        self.reading: list[Entity] = []
+        if config.reading_fraction > 0:
+            self.reading = self._fitting(reading_training_entities(config.memory.reference_tokens))
         self.text = None
         if config.text_per_step:
             texts = corpus_texts(config.text_corpus, "train")
@@ -210,20 +217,39 @@ class SFTData:
                 texts, tokenizer, tokenizer.eos_token_id, cache_dir / f"tokens-{name}.npy"
             )
         log.info(
-            "SFT data: %d fictional, %d factbook, %d wikipedia entities; %d kept aside for validation",
+            "SFT data: %d fictional, %d factbook, %d wikipedia, %d reading entities; %d kept aside "
+            "for validation",
             len(self.fictional),
             len(self.factbook),
             len(self.wikipedia),
+            len(self.reading),
             len(self.val_pool),
         )
 
+    def _fitting(self, entities: list[Entity]) -> list[Entity]:
+        """Entities whose questions fit one chunk and whose answers lie in the tokens a memory
+        holds (the first `reference_tokens` of the reference); questions that do not are dropped."""
+        out = []
+        for e in entities:
+            held = self.tok.decode(self.reference_ids(e.reference))
+            facts = tuple(
+                f
+                for f in e.facts
+                if f.answer in held and len(self.prompt_ids(f.question)) <= self.config.memory.chunk_tokens
+            )
+            if facts:
+                out.append(Entity(e.name, e.kind, e.reference, facts))
+        return out
+
     def group(self, rng: Any) -> Group:
         c = self.config
-        r = rng.random() if (self.factbook or self.wikipedia) else 1.0  # draws as before without them
+        r = rng.random() if (self.factbook or self.wikipedia or self.reading) else 1.0  # as before without
         if self.factbook and r < c.factbook_fraction:
             pool = self.factbook
         elif self.wikipedia and r < c.factbook_fraction + c.wikipedia_fraction:
             pool = self.wikipedia
+        elif self.reading and r < c.factbook_fraction + c.wikipedia_fraction + c.reading_fraction:
+            pool = self.reading
         else:
             pool = self.fictional
         return make_group(pool, rng, c.memory.memories_per_chunk, c.questions_per_group)
