@@ -108,6 +108,16 @@ def test_every_bank_verb_takes_relative_and_absolute_paths(setup, tmp_path, monk
     assert run("store", "compact", p("bank"))["records"] == 13
     report = run("store", "verify", p("bank"))
     assert report["ok"] and report["counts"]["index_entries"] == 13
+    questions = [{"question": "How heavy is crate d4?", "answers": ["31"], "doc_id": "d4"},
+                 {"question": "How heavy is crate m2?", "answers": ["17"], "doc_id": "m2"}]  # fmt: skip
+    _jsonl(work / "questions.jsonl", questions)
+    qa = ["eval", "qa", "--set", p("questions.jsonl"), "--store", p("bank"), *model, "--dtype", "float32"]
+    out = work / "qa.json"
+    assert (
+        main([*qa, "--modes", "memory", "--max-new-tokens", "2", "--no-progress", "--out", p("qa.json")]) == 0
+    )
+    capsys.readouterr()
+    assert out.exists() and json.loads(out.read_text())
 
 
 def test_read_only_commands_write_nothing_into_the_bank(setup, tmp_path, capsys) -> None:
