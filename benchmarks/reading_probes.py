@@ -77,7 +77,8 @@ TYPES = ("number", "person", "place", "name", "word", "phrase")
 
 def table(paths: list[str]) -> str:
     """A markdown table of every row of saved probe results: memory accuracy overall and by answer
-    type, each with memory/RAG (RAG of the same model)."""
+    type, each with memory/RAG (RAG of the same model), and the paired difference from the first
+    row on the same questions."""
     head = (
         "| model | layers | kept | memory | memory/RAG | "
         + " | ".join(TYPES)
@@ -87,6 +88,8 @@ def table(paths: list[str]) -> str:
     base: dict[str, Any] | None = None
     for path in paths:
         res = json.loads(Path(path).read_text())
+        if base is not None and set(base) != set(res["rows"][0]["answers"]):
+            base = None  # another set: compare with its own first row
         for r in res["rows"]:
             base = base or r["answers"]
             ids = sorted(base)
