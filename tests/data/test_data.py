@@ -392,8 +392,8 @@ def test_shipped_sets_are_valid_and_up_to_date(tmp_path):
 def test_references_fit_a_memory_with_the_real_tokenizer(factbook_build):
     """The estimate is an upper bound in practice: every reference is <= 128 SmolLM2 tokens."""
     transformers = pytest.importorskip("transformers")
-    from memory3.checkpoint import bundled_gguf
     from memory3.data import wikipedia
+    from memory3.shipped import bundled_gguf
 
     try:
         gguf = bundled_gguf()
