@@ -79,13 +79,16 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
 
 
 def test_shipped_configs_load() -> None:
+    from memory3.shipped import shipped_models
     from memory3.train.sft import SFTConfig
 
     root = Path(__file__).parents[2] / "configs" / "train"
     for path in sorted(root.glob("sft*.json")):
         cfg = load_config(SFTConfig, path)
-        # a chain of runs names the run it continues: the shipped adapter changes when a run ships
-        assert cfg.init_adapter in ("", *(f"~/.cache/memory3/runs/{p.stem}/adapter" for p in root.iterdir()))
+        # a chain of runs names the run it continues, or a shipped model (on every install; it
+        # changes when a run ships, so such a config says which one in its own name or notes)
+        runs = (f"~/.cache/memory3/runs/{p.stem}/adapter" for p in root.iterdir())
+        assert cfg.init_adapter in ("", *runs, *shipped_models()), path.name
 
 
 # --- LoRA ---------------------------------------------------------------------------------------------
@@ -411,7 +414,7 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
     assert meta["memory"]["kept_tokens"] == 16  # the last stage's: how the trained model reads
     from safetensors.torch import load_file
 
-    from memory3.train.sft import adapter_from_run
+    from memory3.train.export import adapter_from_run
 
     again = adapter_from_run(run, tmp_path / "exported")  # from the checkpoint, as after a time-boxed session
     a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(again / "adapter.safetensors")

@@ -118,7 +118,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from memory3.train.sft import adapter_from_run
+    from memory3.train.export import adapter_from_run
 
     command = args.command or (
         f"memory3 train sft --config {args.config} --out {args.run}" if args.config else ""

@@ -1,4 +1,4 @@
-"""SFT with explicit memory (SPEC §5): chat samples whose prompt reads memories of 5 references
+"""SFT with explicit memory (docs/design.md, "Training a model to read memory"): chat samples whose prompt reads memories of 5 references
 (the gold one among them), loss on the answer only.
 
 One step, read top to bottom in `run_sft`:
@@ -26,21 +26,20 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from memory3.config import MemoryConfig
 from memory3.generate import rag_prompt
-from memory3.lora import apply_lora, load_lora_state
 from memory3.memory.codec import CodecConfig, MemoryCodec, straight_through, train_codec
 from memory3.memory.write import MemoryWriter, reference_prefix_ids
-from memory3.train.adapters import init_from_adapter, save_adapter
-from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, from_dict, load_config, save_config
+from memory3.train.adapters import init_from_adapter
+from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, load_config, save_config
 from memory3.train.data import (
     Entity,
     Group,
@@ -58,7 +57,6 @@ from memory3.train.fisher import fisher_from_data
 from memory3.train.layout import shared_memory, text_batch
 from memory3.train.loop import (
     CKPT_DIR,
-    CONFIG_FILE,
     Progress,
     TrainState,
     all_mean,
@@ -361,8 +359,6 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
     torch.manual_seed(config.loop.seed)
     if config.loop.threads:
         torch.set_num_threads(config.loop.threads)
-
-    # ---- model, trainable tensors, optimizer, data
     model, tok = load_base(config.model, config.model_overrides, config.loop.seed)
     params = prepare_trainable(model, config.lora, config.loop.seed)
     if config.init_adapter:  # continue where an earlier (time-boxed) run's adapter left off
@@ -393,49 +389,18 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
         lr = wsd_lr(step, config.loop.steps, config.optim)
         set_lr(opt, lr)
         step_tokens, parts = 0, {"mem": 0.0, "rag": 0.0, "text": 0.0, "irrelevant": 0.0}
+        do_rag = config.aux_every == 1 or step % config.aux_every == 0
+        do_text = config.aux_every == 1 or step % config.aux_every == 1
         for micro in range(config.optim.grad_accum):
             rng = rng_for(config.loop.seed, step, micro, d.rank)
-            group = data.group(rng)
             with autocast(config.loop.bf16, model.device):
-                # 1-2. the questions read the group's memories; answer-only loss
-                loss, _ = sft_losses(model, data, group, writer, prefix, codec=codec)
-                parts["mem"] += loss.item() / config.optim.grad_accum
-                total = loss
-                ntok = sum(len(s) for s in data.qa_seqs(group.questions)[0])
-                # 3a. RAG: the same references as text in the prompt
-                do_rag = config.aux_every == 1 or step % config.aux_every == 0
-                do_text = config.aux_every == 1 or step % config.aux_every == 1
-                for _ in range(config.rag_per_step if do_rag else 0):
-                    f = group.questions[rng.randrange(len(group.questions))]
-                    seqs, starts = data.qa_seqs(
-                        [f], tuple(rng.sample(group.references, len(group.references)))
-                    )
-                    b = text_batch(seqs, starts, None, 0, pad)
-                    rag_loss, _ = batch_loss(model, b)
-                    total = total + config.rag_weight * rag_loss / config.rag_per_step
-                    parts["rag"] += rag_loss.item() / config.rag_per_step / config.optim.grad_accum
-                    ntok += b.n_tokens
-                # 3b. general text, no memory
-                if data.text is not None and do_text:
-                    seqs = [
-                        sequence_at(data.text, config.text_seq_len, rng.randrange(1 << 30)).tolist()
-                        for _ in range(config.text_per_step)
-                    ]
-                    b = text_batch(seqs, None, None, 0, pad)
-                    text_loss, _ = batch_loss(model, b)
-                    total = total + config.text_weight * text_loss
-                    parts["text"] += text_loss.item() / config.optim.grad_accum
-                    ntok += b.n_tokens
-                # 3c. memories without the answer: answer as without memory
-                if config.irrelevant_questions:
-                    irr = irrelevant_loss(model, data, group, data.group(rng), writer, prefix, rng, codec)
-                    if irr is not None:
-                        total = total + config.irrelevant_weight * irr[0]
-                        parts["irrelevant"] += irr[0].item() / config.optim.grad_accum
-                        ntok += irr[1]
+                total, ntok, got = _micro_losses(
+                    model, data, writer, prefix, pad, codec, config, rng, do_rag, do_text
+                )
+            for k, v in got.items():
+                parts[k] += v / config.optim.grad_accum
             (total / config.optim.grad_accum).backward()
             step_tokens += ntok
-        # 4. the update
         average_gradients(params, d)
         torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
         opt.step()
@@ -443,13 +408,10 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
         state.step = step + 1
         state.tokens += int(all_mean(step_tokens, d) * d.world)
         state.seconds = seconds0 + time.perf_counter() - t_start
-        done = {
-            "mem": True,
-            "rag": do_rag and config.rag_per_step > 0,
-            "text": do_text and data.text is not None,
-            "irrelevant": config.irrelevant_questions > 0,
-        }
-        extra = {k: round(all_mean(v, d), 4) for k, v in parts.items() if done[k]}
+        ran = {"mem", *(["rag"] if do_rag and config.rag_per_step > 0 else [])}
+        ran |= {*(["text"] if do_text and data.text is not None else [])}
+        ran |= {*(["irrelevant"] if config.irrelevant_questions > 0 else [])}
+        extra = {k: round(all_mean(v, d), 4) for k, v in parts.items() if k in ran}
         extra["kept"], extra["layers"] = stage.kept_tokens, len(layers)
         if config.loop.eval_every and state.step % config.loop.eval_every == 0 and d.main:
             extra.update(loss_gap(model, data, writer, prefix, config, codec))
@@ -464,30 +426,7 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
             save_training(out, model, opt, state, _codec_saver(codec))
         return out
     if d.main:
-        shipped = export(model, tok, config, out, state, memory=final_memory_config(config))
-        if config.codec is not None and config.codec.kind == "transform":
-            # a model trained through a transform codec is built with one: leave its calibration
-            # beside it, where `memory3 build --codec tc<bits>` finds it
-            from memory3.memory.transform import CALIBRATION_FILE, weights_digest_of
-
-            mc = memory_config_for(config, config.stages[-1])
-            cal = fisher_from_data(
-                model, tok, mc, data, config.codec_calibration_groups, seed=state.step, progress=False
-            )
-            cal.meta["weights"] = weights_digest_of(shipped)
-            cal.save(shipped / CALIBRATION_FILE)
-        if config.probe_questions:
-            from memory3.train.probe import probe
-
-            with torch.no_grad():
-                res = probe(
-                    model,
-                    tok,
-                    config.probe_questions,
-                    memory_config=memory_config_for(config, config.stages[-1]),
-                )
-            (out / "probe.json").write_text(json.dumps({"step": state.step, **res.__dict__}, indent=2) + "\n")
-            log.info("probe: %s", res.accuracy)
+        _finish(model, tok, config, out, state, data)
     return out
 
 
@@ -580,27 +519,82 @@ def main_from_file(
 __all__ = ["SFTConfig", "Stage", "run_sft", "save_config"]
 
 
+def _micro_losses(
+    model: Any,
+    data: SFTData,
+    writer: MemoryWriter,
+    prefix: list[int],
+    pad: int,
+    codec: MemoryCodec | None,
+    config: SFTConfig,
+    rng: random.Random,
+    do_rag: bool,
+    do_text: bool,
+) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """One micro-batch's weighted loss, tokens and parts: a group's questions reading its memories,
+    then as configured RAG, general text, and memories without the answer."""
+    group = data.group(rng)
+    loss, _ = sft_losses(model, data, group, writer, prefix, codec=codec)
+    parts = {"mem": loss.item()}
+    total, ntok = loss, sum(len(s) for s in data.qa_seqs(group.questions)[0])
+    for _ in range(config.rag_per_step if do_rag else 0):
+        f = group.questions[rng.randrange(len(group.questions))]
+        seqs, starts = data.qa_seqs([f], tuple(rng.sample(group.references, len(group.references))))
+        b = text_batch(seqs, starts, None, 0, pad)
+        rag_loss, _ = batch_loss(model, b)
+        total = total + config.rag_weight * rag_loss / config.rag_per_step
+        parts["rag"] = parts.get("rag", 0.0) + rag_loss.item() / config.rag_per_step
+        ntok += b.n_tokens
+    if data.text is not None and do_text:
+        seqs = [
+            sequence_at(data.text, config.text_seq_len, rng.randrange(1 << 30)).tolist()
+            for _ in range(config.text_per_step)
+        ]
+        b = text_batch(seqs, None, None, 0, pad)
+        text_loss, _ = batch_loss(model, b)
+        total = total + config.text_weight * text_loss
+        parts["text"] = text_loss.item()
+        ntok += b.n_tokens
+    if config.irrelevant_questions:
+        irr = irrelevant_loss(model, data, group, data.group(rng), writer, prefix, rng, codec)
+        if irr is not None:
+            total = total + config.irrelevant_weight * irr[0]
+            parts["irrelevant"] = irr[0].item()
+            ntok += irr[1]
+    return total, ntok, parts
+
+
+def _finish(model: Any, tok: Any, config: SFTConfig, out: Path, state: TrainState, data: SFTData) -> None:
+    """A finished run: export the adapter (with the codec calibration when trained through a
+    transform codec) and, as configured, probe held-out accuracy."""
+    shipped = export(model, tok, config, out, state, memory=final_memory_config(config))
+    if config.codec is not None and config.codec.kind == "transform":
+        # a model trained through a transform codec is built with one: leave its calibration
+        # beside it, where `memory3 build --codec tc<bits>` finds it
+        from memory3.memory.transform import CALIBRATION_FILE, weights_digest_of
+
+        mc = memory_config_for(config, config.stages[-1])
+        cal = fisher_from_data(
+            model, tok, mc, data, config.codec_calibration_groups, seed=state.step, progress=False
+        )
+        cal.meta["weights"] = weights_digest_of(shipped)
+        cal.save(shipped / CALIBRATION_FILE)
+    if config.probe_questions:
+        from memory3.train.probe import probe
+
+        with torch.no_grad():
+            res = probe(
+                model,
+                tok,
+                config.probe_questions,
+                memory_config=memory_config_for(config, config.stages[-1]),
+            )
+        (out / "probe.json").write_text(json.dumps({"step": state.step, **res.__dict__}, indent=2) + "\n")
+        log.info("probe: %s", res.accuracy)
+
+
 def final_memory_config(config: Any) -> MemoryConfig:
     """How the trained model reads: the memory config of a curriculum's last stage, else the run's."""
     if getattr(config, "stages", None):
         return memory_config_for(config, config.stages[-1])
     return getattr(config, "memory", MemoryConfig())
-
-
-def adapter_from_run(run: str | Path, out: str | Path, command: str = "") -> Path:
-    """Export the adapter of a run's last checkpoint (an unfinished run too: the result of a
-    time-boxed session), with the run's config and counters."""
-    run = Path(run)
-    config = from_dict(SFTConfig, json.loads((run / CONFIG_FILE).read_text()))
-    meta = json.loads((run / CKPT_DIR / "state.json").read_text())
-    model, _ = load_base(config.model)
-    apply_lora(model, config.lora)
-    state = load_file(run / CKPT_DIR / "trainable.safetensors")
-    load_lora_state(model, state)
-    step = meta["state"]["step"]
-    set_memory_layers(
-        model, layers_for(stage_at(config, max(step - 1, 0)).memory_layers, model.config.n_layer)
-    )
-    info = {**meta["state"], "finished": step >= config.loop.steps}
-    info["train_seconds"] = round(info.pop("seconds"), 1)
-    return save_adapter(model, out, config, info, command, memory=final_memory_config(config))
