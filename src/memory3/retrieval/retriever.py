@@ -288,6 +288,7 @@ class StoreRetriever:
         of references the store no longer has. `save` (default: when the bank is open for
         writing) writes the repaired index; a read-only bank is repaired in memory only.
         Returns {"indexed": …, "removed": …}."""
+        save = self.writer is not None if save is None else save
         with self._lock:
             missing, extra = index_drift(self.store, self.index)
             if extra.size:
@@ -301,11 +302,9 @@ class StoreRetriever:
                     self.store.path,
                     missing.size,
                     extra.size,
-                    ""
-                    if (self.writer is not None if save is None else save)
-                    else " in memory (open the bank for writing to save it)",
+                    "" if save else " in memory (open the bank for writing to save it)",
                 )
-                if self.writer is not None if save is None else save:
+                if save:
                     self._save_index()
             return {"indexed": int(missing.size), "removed": int(extra.size)}
 
