@@ -224,7 +224,7 @@ def real_queries(
         for text in questions:
             ids = torch.tensor([tok.encode(text)])
             pos = torch.arange(position, position + ids.shape[1])[None]
-            cos, sin = rope_cos_sin(pos, D, theta, torch.float32)
+            cos, sin = rope_cos_sin(pos, theta, D, torch.float32)
             for i, cap in enumerate(model.capture_memory_layers(ids, pos)):
                 pre[i].append(cap.q[0].transpose(0, 1))  # (T, H, D)
                 post[i].append(apply_rope(cap.q, cos, sin)[0].transpose(0, 1))

@@ -23,9 +23,10 @@ import time
 
 import torch
 
-from memory3.checkpoint import load_pretrained, to_hf_llama
+from memory3.checkpoint import load_pretrained
 from memory3.config import GenerationConfig, MemoryConfig
 from memory3.eval.report import machine, table, update_section
+from memory3.families import to_hf
 from memory3.generate import Generator
 from memory3.memory.write import MemoryWriter
 from memory3.retrieval.inmemory import InMemoryRetriever
@@ -94,7 +95,7 @@ def main() -> int:
         for dtype in (torch.float32, torch.bfloat16):
             loaded = load_pretrained(dtype=dtype)
             model, tok = loaded.model, loaded.tokenizer
-            hf = to_hf_llama(model)
+            hf = to_hf(model)
             gen = Generator(model, tok, chat=True)
             chat_ids = tok.apply_chat_template(
                 [{"role": "user", "content": PROMPT}], add_generation_prompt=True

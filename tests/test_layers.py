@@ -16,8 +16,9 @@ ROOT = Path(memory3.__file__).parent
 # Lowest first. A module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("memory3", "memory3.errors", "memory3.config", "memory3.device", "memory3.faults",
-              "memory3.files", "memory3.shipped")),
-    ("model", ("memory3.model", "memory3.kernels", "memory3.lora", "memory3.checkpoint")),
+              "memory3.files", "memory3.shipped", "memory3.rope")),
+    ("model", ("memory3.model", "memory3.kernels", "memory3.lora", "memory3.checkpoint",
+               "memory3.families")),
     ("memory mechanism", ("memory3.memory.write", "memory3.memory.layout")),
     ("vectors", ("memory3.retrieval.base", "memory3.retrieval.embed", "memory3.retrieval.index",
                  "memory3.retrieval.leak")),

@@ -1,5 +1,6 @@
 """Checkpoints: our own format (safetensors + JSON, no pickle), conversion from Hugging Face
-Llama-family directories and from the bundled SmolLM2 GGUF file.
+directories of the supported families (memory3.families) and from GGUF files, and export back to
+a Hugging Face directory.
 
 A memory3 checkpoint directory holds:
   model.safetensors   weights with Hugging Face Llama names (lm_head omitted when tied)
@@ -9,6 +10,7 @@ A memory3 checkpoint directory holds:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,10 +24,20 @@ from safetensors.torch import load_file, save_file
 
 from memory3.config import MemoryConfig, ModelConfig, fingerprint
 from memory3.errors import CheckpointError
+from memory3.families import config_from_hf, state_from_hf, to_hf
 from memory3.files import recover_dir, replace_dir
-from memory3.lora import LoRAConfig, apply_lora, load_lora_state, merge_lora
+from memory3.lora import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    LoRAConfig,
+    apply_lora,
+    from_peft_state,
+    load_lora_state,
+    lora_config_from_peft,
+    merge_lora,
+)
 from memory3.model import Memory3Model
-from memory3.shipped import ADAPTER_META, BUNDLED, TRAINED, bundled_gguf, models_dir, shipped_models
+from memory3.shipped import ADAPTER_META, BUNDLED, HF_IDS, TRAINED, bundled_gguf, models_dir, shipped_models
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +112,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} is not a memory3 checkpoint ({META_FILE} missing) nor a Hugging Face model "
             f"directory (config.json missing). Give a directory written by `memory3 convert` or a "
-            f"Hugging Face Llama checkpoint, or {BUNDLED!r} for the bundled model."
+            f"Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3), or {BUNDLED!r} for the bundled model."
         )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT_VERSION:
@@ -135,41 +147,9 @@ def _load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
-    """Map a Hugging Face Llama-family config.json to our ModelConfig."""
-    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
-    if hf.get("model_type", "llama") not in ("llama", "mistral", "qwen2") and "Llama" not in arch:
-        raise CheckpointError(f"model type {hf.get('model_type')!r} ({arch}) is not Llama-family")
-    if hf.get("rope_scaling"):
-        raise CheckpointError(
-            f"rope_scaling {hf['rope_scaling']} is not supported yet; use a model without it"
-        )
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise CheckpointError("attention/MLP biases are not supported: memory3 reads bias-free Llama models")
-    n_head = hf["num_attention_heads"]
-    rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    eos = hf.get("eos_token_id", 2)
-    return ModelConfig(
-        name=name,
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["num_hidden_layers"],
-        n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads", n_head),
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope),
-        rms_eps=hf.get("rms_norm_eps", 1e-5),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,
-        eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 2),
-    )
-
-
 def model_from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> Memory3Model:
     model = Memory3Model(config)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    state = state_from_hf(state)
     if config.tie_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -178,45 +158,10 @@ def model_from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -
     return model.eval()
 
 
-def to_hf_llama(model: Memory3Model, attn_implementation: str | None = None) -> Any:
-    """The same weights as a transformers `LlamaForCausalLM` (no memory): for comparisons, for
-    `save_pretrained`, and for tools that take a Hugging Face model. Same device and dtype."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = model.config
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.n_layer,
-            num_attention_heads=c.n_head,
-            num_key_value_heads=c.n_kv_head,
-            head_dim=c.head_dim,
-            max_position_embeddings=c.max_seq_len,
-            rope_theta=c.rope_theta,
-            rms_norm_eps=c.rms_eps,
-            tie_word_embeddings=c.tie_embeddings,
-            bos_token_id=c.bos_token_id,
-            eos_token_id=c.eos_token_id,
-            pad_token_id=c.eos_token_id,
-            **extra,
-        )
-    )
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    missing = [m for m in missing if "rotary" not in m and not (c.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}"
-        )
-    return hf.to(device=model.device, dtype=model.dtype).eval()
-
-
 def load_hf_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Loaded:
-    """Any Hugging Face Llama-family directory with config.json and *.safetensors."""
+    """A Hugging Face directory of a supported family (memory3.families) with config.json and *.safetensors."""
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
     config = config_from_hf(hf, name=path.name)
@@ -233,8 +178,24 @@ def load_hf_checkpoint(
     return Loaded(model, _load_tokenizer(path), path, {"source": str(path), "model": config.to_dict()})
 
 
+def export_hf(loaded: Loaded, out: str | Path) -> Path:
+    """Write a model (an adapter merged into its base included) as a Hugging Face checkpoint of its
+    family: config.json, model.safetensors and the tokenizer; loadable by transformers'
+    `AutoModelForCausalLM` and by memory3 (`memory3 convert`, or directly as a model)."""
+    from transformers.utils import logging as hf_logging
+
+    out = Path(out)
+    with replace_dir(out, label="export") as tmp:
+        hf = to_hf(loaded.model)
+        hf_logging.disable_progress_bar()  # one shard of a few files: no bar
+        hf.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+    return out
+
+
 def convert_gguf(gguf: str | Path, out: str | Path, preset: str | None = None) -> Path:
-    """Dequantize a Llama GGUF file through transformers + gguf and save it in our format."""
+    """Dequantize a GGUF file of a supported family through transformers + gguf and save it in our format."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
@@ -258,7 +219,7 @@ def load_pretrained(
     """`smollm2-135m-instruct` (the bundled model, converted once and cached), a shipped trained
     model such as `smollm2-135m-instruct-memory3` (the bundled model with an adapter trained to read
     memory), a trained adapter directory, a memory3 checkpoint directory, or a Hugging Face
-    Llama-family directory."""
+    directory of a supported family."""
     if is_adapter(name_or_path):
         return load_trained(name_or_path, device, dtype)
     if str(name_or_path) == BUNDLED:
@@ -284,29 +245,98 @@ def load_bundled_tokenizer() -> Any:
 
 
 # --- trained adapters (a shipped model is its base plus one) --------------------------------------
-# An adapter directory holds adapter.safetensors (the LoRA A/B tensors) and adapter.json (base model,
-# LoRA config, memory layers and config, and how it was trained: memory3.train.adapters writes it).
-ADAPTER_FORMAT = 1
-ADAPTER_FILE = "adapter.safetensors"
+# An adapter directory holds the LoRA tensors in PEFT's format (adapter_config.json and
+# adapter_model.safetensors, loadable by `peft`) and adapter.json: base model, memory layers and
+# config, and how it was trained (memory3.train.adapters writes it). Format 1 kept the tensors in
+# adapter.safetensors with memory3's names, and is still read. A directory with PEFT's files alone
+# (an adapter trained by `peft`) loads too: its base is its base_model_name_or_path, and it reads
+# memory in the default memory layers.
+ADAPTER_FORMAT = 2
+ADAPTER_FILE = "adapter.safetensors"  # format 1
 
 
 def is_adapter(name: str | Path) -> bool:
-    """A shipped model's name or a directory holding a trained adapter."""
-    return (Path(name).expanduser() / ADAPTER_META).exists() or (
-        models_dir() / str(name) / ADAPTER_META
-    ).exists()
+    """A shipped model's name or a directory holding a trained adapter (memory3's or PEFT's)."""
+    path = Path(name).expanduser()
+    return (
+        (path / ADAPTER_META).exists()
+        or (path / PEFT_CONFIG).exists()
+        or (models_dir() / str(name) / ADAPTER_META).exists()
+    )
 
 
 def adapter_dir(name: str | Path) -> Path:
     path = Path(name).expanduser()
-    if (path / ADAPTER_META).exists():
+    if (path / ADAPTER_META).exists() or (path / PEFT_CONFIG).exists():
         return path
     shipped = models_dir() / str(name)
     if (shipped / ADAPTER_META).exists():
         return shipped
     raise FileNotFoundError(
-        f"no trained adapter {str(name)!r}: give an adapter directory (with {ADAPTER_META}) or one of "
-        f"the shipped models {shipped_models()}"
+        f"no trained adapter {str(name)!r}: give an adapter directory (with {ADAPTER_META} or PEFT's "
+        f"{PEFT_CONFIG}) or one of the shipped models {shipped_models()}"
+    )
+
+
+@dataclass
+class Adapter:
+    """A trained adapter as read from its directory: memory3's metadata ({} for a PEFT-only
+    adapter), its LoRA config, its tensors under memory3's names, and its base model."""
+
+    path: Path
+    meta: dict[str, Any]
+    lora: LoRAConfig
+    state: dict[str, torch.Tensor]
+    base: str
+
+    def canonical_bytes(self) -> bytes:
+        """The tensors under memory3's names, serialized as format 1 stored them: the same
+        adapter identifies the same in either format (banks written with it stay valid)."""
+        from safetensors.torch import save
+
+        return save(self.state, metadata={"format": "pt"})
+
+
+def read_adapter(name: str | Path) -> Adapter:
+    path = adapter_dir(name)
+    meta = json.loads((path / ADAPTER_META).read_text()) if (path / ADAPTER_META).exists() else {}
+    if meta and meta.get("format") not in (1, ADAPTER_FORMAT):
+        raise CheckpointError(
+            f"{path}: adapter format {meta.get('format')}, this memory3 reads formats 1 and {ADAPTER_FORMAT}; "
+            "upgrade memory3"
+        )
+    peft = json.loads((path / PEFT_CONFIG).read_text()) if (path / PEFT_CONFIG).exists() else None
+    try:
+        if (path / PEFT_WEIGHTS).exists() and peft is not None:
+            lora = lora_config_from_peft(peft)
+            state = from_peft_state(load_file(path / PEFT_WEIGHTS))
+        elif (path / ADAPTER_FILE).exists() and "lora" in meta:
+            lora, state = LoRAConfig.from_dict(meta["lora"]), load_file(path / ADAPTER_FILE)
+        else:
+            raise CheckpointError(
+                f"{path}: no adapter tensors ({PEFT_WEIGHTS} with {PEFT_CONFIG}, or {ADAPTER_FILE})"
+            )
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    base = meta.get("base") or _peft_base(path, (peft or {}).get("base_model_name_or_path"))
+    return Adapter(path, meta, lora, state, base)
+
+
+def _peft_base(path: Path, name: str | None) -> str:
+    """The base model a PEFT adapter names: the bundled model by its Hugging Face id, a memory3
+    or Hugging Face directory (relative to the adapter or the working directory)."""
+    if not name:
+        raise CheckpointError(
+            f"{path}/{PEFT_CONFIG} names no base_model_name_or_path; add the base model's directory"
+        )
+    if name in HF_IDS:
+        return HF_IDS[name]
+    for candidate in (Path(name).expanduser(), path / name):
+        if candidate.exists():
+            return str(candidate)
+    raise CheckpointError(
+        f"{path}: the base model {name!r} is not on this machine (nothing is downloaded): convert it "
+        f"with `memory3 convert` or point base_model_name_or_path in {PEFT_CONFIG} at a local directory"
     )
 
 
@@ -315,26 +345,28 @@ def load_trained(
 ) -> Any:
     """The base model with the adapter merged (a plain Memory3Model) -> checkpoint.Loaded.
     The memory layers are those it was trained with, saved in adapter.json."""
-    path = adapter_dir(name)
-    meta = json.loads((path / ADAPTER_META).read_text())
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise CheckpointError(
-            f"{path}: adapter format {meta.get('format')}, this memory3 reads {ADAPTER_FORMAT}"
-        )
-    base = load_pretrained(meta["base"])  # fp32, merged before any cast
-    lora = LoRAConfig.from_dict(meta["lora"])
+    adapter = read_adapter(name)
+    meta = dict(adapter.meta)
+    base = load_pretrained(adapter.base)  # fp32, merged before any cast
     model = base.model
-    apply_lora(model, lora)
-    state = {k: v.float() for k, v in load_file(path / ADAPTER_FILE).items()}
-    load_lora_state(model, state)
+    try:
+        apply_lora(model, adapter.lora)
+        load_lora_state(model, {k: v.float() for k, v in adapter.state.items()})
+    except ValueError as e:
+        raise CheckpointError(f"{adapter.path}: {e}") from None
     merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.set_memory_layers(tuple(meta["memory_layers"]))
+    if "memory_layers" in meta:
+        model.set_memory_layers(tuple(meta["memory_layers"]))
     model = model.to(device=device, dtype=dtype).eval()
     digest = hashlib.sha256()
     digest.update(str(base.meta.get("weights_sha256", base.path)).encode())
-    digest.update((path / ADAPTER_FILE).read_bytes())
+    old = meta.get("format") == 1
+    digest.update((adapter.path / ADAPTER_FILE).read_bytes() if old else adapter.canonical_bytes())
     model._memory3_fingerprint = fingerprint(model.config, digest.hexdigest())  # type: ignore[assignment]
-    meta["memory_config"] = MemoryConfig.from_dict(meta["memory"]).to_dict()
-    return Loaded(model, base.tokenizer, path, meta)
+    meta.setdefault("base", adapter.base)
+    meta["lora"] = dataclasses.asdict(adapter.lora)
+    if "memory" in meta:
+        meta["memory_config"] = MemoryConfig.from_dict(meta["memory"]).to_dict()
+    return Loaded(model, base.tokenizer, adapter.path, meta)

@@ -20,7 +20,17 @@ T = TypeVar("T")
 
 
 def _to_json(obj: Any) -> str:
-    return json.dumps(dataclasses.asdict(obj), sort_keys=True, separators=(",", ":"))
+    d = dataclasses.asdict(obj)
+    for f in dataclasses.fields(obj):
+        # fields added after a config's first release leave the fingerprint of every config that
+        # keeps their default unchanged, so that banks written before them still open
+        if f.metadata.get("fingerprint") == "unless-default" and d[f.name] == f.default:
+            del d[f.name]
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+# the metadata of a field added after the first release (see `_to_json`)
+ADDED = {"fingerprint": "unless-default"}
 
 
 def fingerprint(*objs: Any) -> str:
@@ -57,9 +67,14 @@ def load_json(cls: type[T], path: str | Path) -> T:
     return _from_dict(cls, json.loads(path.read_text()))
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (docs/design.md, "The model"). Field names follow nanoGPT/litgpt; weights follow HF."""
+    """A Llama-family decoder (docs/design.md, "The model"). Field names follow nanoGPT/litgpt;
+    weights follow Hugging Face. The families differ in a few switches: Qwen2 has q/k/v biases,
+    Qwen3 normalises q and k per head, Llama 3.x scales RoPE, Mistral v0.1 has a sliding window."""
 
     name: str = "custom"
     vocab_size: int = 32000
@@ -77,8 +92,32 @@ class ModelConfig:
     memory_layers: tuple[int, ...] | None = None
     bos_token_id: int = 1
     eos_token_id: int = 2
+    family: str = field(
+        default="llama", metadata=ADDED
+    )  # the Hugging Face model type it converts to and from
+    qkv_bias: bool = field(
+        default=False, metadata=ADDED
+    )  # biases on q/k/v projections (Qwen2, Llama attention_bias)
+    o_bias: bool = field(
+        default=False, metadata=ADDED
+    )  # bias on the output projection (Llama attention_bias)
+    mlp_bias: bool = field(default=False, metadata=ADDED)
+    qk_norm: bool = field(default=False, metadata=ADDED)  # RMSNorm of each head's q and k before RoPE (Qwen3)
+    rope_scaling: dict[str, Any] | None = field(default=None, metadata=ADDED)  # memory3.rope.standard_scaling
+    # Mistral v0.1 attends to the last `sliding_window` keys; memory3 runs such models up to that
+    # many tokens, where the window hides nothing (`context_limit`).
+    sliding_window: int | None = field(default=None, metadata=ADDED)
+
+    def __hash__(self) -> int:
+        return hash(_to_json(self))
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one of {FAMILIES}")
+        if self.rope_scaling is not None:
+            from memory3.rope import standard_scaling
+
+            object.__setattr__(self, "rope_scaling", standard_scaling({"rope_scaling": self.rope_scaling}))
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "head_dim", "hidden_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -94,6 +133,20 @@ class ModelConfig:
             raise ValueError(
                 f"memory_layers {layers} must be sorted, unique and within 0..{self.n_layer - 1}"
             )
+
+    @property
+    def rope(self) -> Any:
+        """This model's rotary embedding (`memory3.rope.RoPE`)."""
+        from memory3.rope import RoPE
+
+        return RoPE(self.rope_theta, self.rope_scaling, self.max_seq_len)
+
+    @property
+    def context_limit(self) -> int:
+        """The most tokens (prompt, memories' positions aside, and output) one sequence may hold:
+        `max_seq_len`, or less where a sliding window or dynamic RoPE would change results."""
+        limits = [self.max_seq_len, self.sliding_window, self.rope.context_limit]
+        return min(x for x in limits if x is not None)
 
     @property
     def last_memory_layer(self) -> int:
@@ -118,7 +171,10 @@ class ModelConfig:
 
     def n_params(self) -> int:
         attn = self.hidden_size * self.head_dim * (2 * self.n_head + 2 * self.n_kv_head)
+        attn += self.qkv_bias * self.head_dim * (self.n_head + 2 * self.n_kv_head)
+        attn += self.o_bias * self.hidden_size + self.qk_norm * 2 * self.head_dim
         mlp = 3 * self.hidden_size * self.intermediate_size
+        mlp += self.mlp_bias * (2 * self.intermediate_size + self.hidden_size)
         emb = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
         return self.n_layer * (attn + mlp + 2 * self.hidden_size) + emb + self.hidden_size
 

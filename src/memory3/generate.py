@@ -230,7 +230,7 @@ class Generator:
         return _Prompt(ids=list(ids), queries=queries, text=text)
 
     def _check_length(self, prompts: list[_Prompt], mode: Mode, max_new: int) -> int:
-        limit = self.model.config.max_seq_len
+        limit = self.model.config.context_limit
         offset = (
             layout.text_start(len(self.prefix_ids), self.mem_cfg.reference_tokens) if mode == "memory" else 0
         )

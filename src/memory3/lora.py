@@ -150,3 +150,103 @@ def load_lora_state(model: Memory3Model, state: dict[str, Tensor]) -> None:
             f"unexpected {sorted(unexpected)[:4]}; use the LoRA config saved with the adapter"
         )
     model.load_state_dict(state, strict=False)
+
+
+# --- PEFT's adapter format ------------------------------------------------------------------------
+# A PEFT LoRA adapter is adapter_config.json plus adapter_model.safetensors, whose tensors are named
+# `base_model.model.<module>.lora_A.weight` (r, in) and `….lora_B.weight` (out, r). memory3's
+# module names are transformers' names, so the mapping is the prefix and the suffix.
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+ALL_TARGETS = LoRAConfig.targets
+# PEFT fields that change what an adapter computes; anything but these values is refused by name.
+_PEFT_NEUTRAL: dict[str, tuple] = {
+    "peft_type": ("LORA",),
+    "bias": ("none",),
+    "use_rslora": (False, None),
+    "use_dora": (False, None),
+    "fan_in_fan_out": (False, None),
+    "modules_to_save": (None, []),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "layer_replication": (None,),
+    "lora_bias": (False, None),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "use_qalora": (False, None),
+    "layers_pattern": (None, "layers", ["layers"]),
+}
+
+
+def to_peft_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`lora_state` names -> PEFT's."""
+    return {f"{_PEFT_PREFIX}{k}.weight": v for k, v in state.items()}
+
+
+def from_peft_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """PEFT's tensor names (with or without the adapter name `default`) -> `lora_state` names."""
+    out = {}
+    for k, v in state.items():
+        name = k.removeprefix(_PEFT_PREFIX).removesuffix(".weight").replace(".default", "")
+        if not name.endswith((".lora_A", ".lora_B")):
+            raise ValueError(f"adapter tensor {k!r} is not a LoRA A/B matrix; memory3 loads LoRA adapters")
+        out[name] = v
+    return out
+
+
+def peft_config(config: LoRAConfig, base_model: str) -> dict:
+    """adapter_config.json for `config` (what PEFT's `LoraConfig` writes, its defaults elsewhere)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "target_modules": list(config.targets),
+        "layers_to_transform": None if config.layers is None else list(config.layers),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def lora_config_from_peft(d: dict) -> LoRAConfig:
+    """The LoRAConfig of a PEFT adapter_config.json; what memory3 does not run is refused by name."""
+    for name, neutral in _PEFT_NEUTRAL.items():
+        if name in d and d[name] not in neutral:
+            raise ValueError(f"adapter_config.json: {name}={d[name]!r} is not supported by memory3")
+    targets = d.get("target_modules") or ()
+    if targets == "all-linear":
+        targets = ALL_TARGETS
+    elif isinstance(targets, str):
+        raise ValueError(
+            f"adapter_config.json: target_modules {targets!r} is a regular expression; memory3 "
+            "loads adapters whose target_modules list module names"
+        )
+    targets = tuple(sorted({t.rsplit(".", 1)[-1] for t in targets}, key=_target_order))
+    unknown = set(targets) - set(ALL_TARGETS)
+    if unknown:
+        raise ValueError(
+            f"adapter_config.json: target_modules {sorted(unknown)} are not linear layers of a block"
+        )
+    layers = d.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    return LoRAConfig(
+        rank=int(d["r"]),
+        alpha=float(d.get("lora_alpha", 8)),
+        targets=targets,
+        layers=None if layers is None else tuple(int(i) for i in layers),
+    )
+
+
+def _target_order(name: str) -> int:
+    return ALL_TARGETS.index(name) if name in ALL_TARGETS else len(ALL_TARGETS)

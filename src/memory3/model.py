@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from memory3.config import KV_DTYPES, ModelConfig
 from memory3.device import cpu_has_native_bf16
 from memory3.kernels import fused_decode
+from memory3.rope import RoPE
 
 
 class RMSNorm(nn.Module):
@@ -49,16 +50,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(
-    position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    position_ids: Tensor, rope: RoPE | float, head_dim: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for integer positions (B, T) -> two (B, 1, T, D) tensors."""
-    inv_freq = 1.0 / (
-        theta
-        ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim)
-    )
+    """cos/sin tables for integer positions (B, T) -> two (B, 1, T, D) tensors. `rope`: the
+    model's `RoPE` (memory3.rope), or a bare θ for plain RoPE."""
+    inv_freq, scale = RoPE.of(rope).frequencies(head_dim, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:  # YaRN's attention factor
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -242,17 +244,23 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.n_head * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.n_kv_head * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.n_kv_head * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.n_head * c.head_dim, c.hidden_size, bias=False)
+        self.q_proj = nn.Linear(c.hidden_size, c.n_head * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.n_kv_head * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.n_kv_head * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_head * c.head_dim, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:  # Qwen3: each head's q and k normalised before RoPE
+            self.q_norm = RMSNorm(c.head_dim, c.rms_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_eps)
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, D), k and v (B, K, T, D), before RoPE (the writer scores with these)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v
 
     def forward(
         self,
@@ -290,9 +298,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        c = config
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -416,7 +425,7 @@ class Memory3Model(nn.Module):
                 f"{len(self.memory_layers)} memory layers {self.memory_layers}"
             )
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.rope, self.config.head_dim, x.dtype)
         key_valid = token_valid
         if cache is not None:
             cache.key_valid[:, past : past + T] = True if token_valid is None else token_valid

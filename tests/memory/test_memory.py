@@ -217,7 +217,7 @@ def test_memory_layer_attention_matches_naive_softmax() -> None:
 
     with torch.no_grad():
         x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
-        cos, sin = rope_cos_sin(pos, 16, model.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(pos, model.config.rope, 16, x.dtype)
         mask = torch.cat((mi.visible[:, None], context_mask(T, 0, None, 1, x.device)), -1)
         ours = attn(x, cos, sin, mask, 0, None, (mi.k[0], mi.v[0]), False, None)
         q, k, v = attn.qkv(x)

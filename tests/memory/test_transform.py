@@ -332,7 +332,7 @@ def test_rotate_is_the_models_rope_to_the_bit() -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 2, 8, 16, generator=g)
     pos = torch.randint(-1, 200, (2, 3, 2, 8), generator=g)
-    cos, sin = rope_cos_sin(pos.clamp(min=0).reshape(1, -1), 16, THETA, torch.float32)
+    cos, sin = rope_cos_sin(pos.clamp(min=0).reshape(1, -1), THETA, 16, torch.float32)
     for sign in (1, -1):
         want = apply_rope(x.reshape(-1, 16), cos[0, 0], sign * sin[0, 0]).reshape(x.shape)
         assert torch.equal(rotate(x, pos, THETA, sign), want)
@@ -347,7 +347,7 @@ def test_gradients_rotated_back_are_the_gradients_of_the_keys_before_rope() -> N
     g = torch.Generator().manual_seed(0)
     pre = torch.randn(2, 1, 1, 3, 16, generator=g, requires_grad=True)
     pos = torch.tensor([[[[4, 9, 77]]], [[[0, 3, 120]]]])
-    cos, sin = rope_cos_sin(pos.reshape(1, -1), 16, THETA, torch.float32)
+    cos, sin = rope_cos_sin(pos.reshape(1, -1), THETA, 16, torch.float32)
     post = apply_rope(pre.reshape(1, 1, -1, 16), cos, sin).reshape(pre.shape)
     weight = torch.randn(post.shape, generator=g)
     post_leaf = post.detach().requires_grad_(True)

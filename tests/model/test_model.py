@@ -6,14 +6,14 @@ from torch.testing import assert_close
 from transformers import LlamaForCausalLM
 
 from conftest import decode_with_memories, tiny_model
-from memory3.checkpoint import to_hf_llama
 from memory3.config import ModelConfig
 from memory3.device import cpu_has_native_bf16
+from memory3.families import to_hf
 from memory3.model import KVCache, Memory3Model, matmul_attention, resolve_kv_dtype
 
 
 def hf_twin(model: Memory3Model) -> LlamaForCausalLM:
-    return to_hf_llama(model, attn_implementation="eager")
+    return to_hf(model, attn_implementation="eager")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-tied"])

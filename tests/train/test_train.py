@@ -410,14 +410,16 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
     assert [r["layers"] for r in rows] == [4, 2] and [r["kept"] for r in rows] == [0, 16]
     assert "val_gold" in rows[-1] and "val_irrelevant" in rows[-1]
     meta = json.loads((run / "adapter" / ADAPTER_META).read_text())
-    assert meta["memory_layers"] == [0, 1] and meta["lora"]["rank"] == 2
+    peft_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert meta["memory_layers"] == [0, 1] and peft_config["r"] == 2 and meta["format"] == 2
     assert meta["memory"]["kept_tokens"] == 16  # the last stage's: how the trained model reads
     from safetensors.torch import load_file
 
     from memory3.train.export import adapter_from_run
 
     again = adapter_from_run(run, tmp_path / "exported")  # from the checkpoint, as after a time-boxed session
-    a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(again / "adapter.safetensors")
+    a = load_file(run / "adapter" / "adapter_model.safetensors")
+    b = load_file(again / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((again / ADAPTER_META).read_text())["memory_layers"] == [0, 1]
     # a run that starts from that adapter records both runs and what they cost together

@@ -2,7 +2,7 @@
 line on stderr (`-v` adds the traceback) with exit code 2 for bad input and 1 for a failure.
 
 One module per group of commands, each with a `register(subparsers)`: generate.py (demo,
-convert, generate), bank.py (build, store), eval.py (eval, bench all; bench.py: bench speed and
+convert, export, generate), bank.py (build, store), eval.py (eval, bench all; bench.py: bench speed and
 storage, measure.py: what they share), train.py (train), serve.py (serve); demo.py runs the
 demo; common.py holds the arguments every command shares. Heavy imports happen inside the
 commands, so `memory3 --help` is instant.

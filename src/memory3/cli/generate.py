@@ -36,6 +36,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from memory3.checkpoint import export_hf, load_pretrained
+
+    loaded = load_pretrained(args.model)
+    out = export_hf(loaded, args.out)
+    print(json.dumps({"hf_checkpoint": str(out), "family": loaded.model.config.family}))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from memory3.config import GenerationConfig
     from memory3.generate import Generator
@@ -108,10 +117,19 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "convert", help="convert a GGUF file or Hugging Face directory to a memory3 checkpoint"
     )
-    p.add_argument("source", help="a .gguf file or a Hugging Face Llama-family directory")
+    p.add_argument(
+        "source", help="a .gguf file or a Hugging Face directory (Llama 3.x, Mistral, Qwen2/2.5, Qwen3)"
+    )
     p.add_argument("out", help="output checkpoint directory")
     p.add_argument("--preset", default=None, help="model preset matching the GGUF file (e.g. smollm2-135m)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "export", help="write a model (a trained adapter merged in) as a Hugging Face checkpoint of its family"
+    )
+    p.add_argument("model", help="a model name, checkpoint or adapter directory (memory3's or PEFT's)")
+    p.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text with explicit memory, no memory or RAG")
     p.add_argument("prompt", nargs="*", help="prompts (default: one per line on stdin)")

@@ -365,6 +365,6 @@ def build_retriever(
     if codec is not None and codec.kind != "none":
         build = BuildConfig(codec=codec)
         sample = retriever.memories(codec_sample(len(refs), build)).to("cpu", torch.float32)
-        theta = model.config.rope_theta
+        theta = model.config.rope
         retriever.through_codec(fit_codec(sample, build, theta, memory_config.kept_tokens, calibration))
     return retriever

@@ -152,7 +152,7 @@ def _codec_for(
             mems.append(
                 writer.write([list(r.token_ids) for r in batch], config.batch_size).to("cpu", torch.float32)
             )
-    theta = writer.model.config.rope_theta
+    theta = writer.model.config.rope
     return fit_codec(mems, config, theta, writer.config.kept_tokens, calibration)
 
 

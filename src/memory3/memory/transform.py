@@ -39,6 +39,7 @@ import torch
 
 from memory3.errors import ConfigError
 from memory3.model import rope_cos_sin
+from memory3.rope import RoPE
 
 PARTS = ("k", "v")
 LLOYD_BITS = 8  # up to this many bits a coefficient has its own Lloyd levels; above, refined cells
@@ -50,26 +51,29 @@ class TransformError(ConfigError):
     """A transform codec or calibration that is damaged or does not fit the memories given."""
 
 
-def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE for positions 0..positions-1: two (positions, head_dim) tables."""
-    cos, sin = rope_cos_sin(torch.arange(positions)[None], head_dim, theta, torch.float32)
+def rope_tables(positions: int, head_dim: int, rope: RoPE | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE for positions 0..positions-1: two (positions, head_dim) tables (scaled
+    by the attention factor of YaRN, as the model's are)."""
+    cos, sin = rope_cos_sin(torch.arange(positions)[None], rope, head_dim, torch.float32)
     return cos[0, 0], sin[0, 0]
 
 
 def rotate(
     k: torch.Tensor,
     positions: torch.Tensor,
-    theta: float,
+    rope: RoPE | float,
     sign: int,
     tables: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(M, Lm, K, S, D) keys rotated by their positions' RoPE angles (sign 1: to after RoPE) or
-    back (sign -1: to before RoPE). Empty slots (position -1) are rotated by angle 0. `tables`:
-    `rope_tables` covering every position (made here when not given)."""
+    by the transposed map (sign -1: back to before RoPE, up to YaRN's attention factor squared,
+    see `unrotate`; for a gradient the transpose is what is wanted). Empty slots (position -1)
+    are rotated by angle 0. `tables`: `rope_tables` covering every position (made here when not
+    given)."""
     D, h = k.shape[-1], k.shape[-1] // 2
     at = positions.clamp(min=0).reshape(-1).long().to(k.device)
     if tables is None:
-        tables = rope_tables(int(at.max()) + 1 if at.numel() else 1, D, theta)
+        tables = rope_tables(int(at.max()) + 1 if at.numel() else 1, D, rope)
     # apply_rope's x·cos + rotate_half(x)·sin, written on the two halves (the tables repeat their
     # first half): the same products and sums, so the same floats, in fewer passes over memory
     cos, sin = (t[:, :h].to(k.device).index_select(0, at) for t in tables)
@@ -83,6 +87,16 @@ def rotate(
         torch.add(x1 * cos, x2 * sin, out=out[:, :h])
         torch.sub(x2 * cos, x1 * sin, out=out[:, h:])
     return out.reshape(k.shape)
+
+
+def unrotate(
+    k: torch.Tensor, positions: torch.Tensor, rope: RoPE | float, tables: tuple | None = None
+) -> torch.Tensor:
+    """Keys after RoPE -> before RoPE: `rotate` with sign -1, divided by the square of YaRN's
+    attention factor (1 for every other RoPE), which scales both directions' tables."""
+    out = rotate(k, positions, rope, -1, tables)
+    scale = RoPE.of(rope).frequencies(k.shape[-1])[1]
+    return out if scale == 1.0 else out / (scale * scale)
 
 
 @dataclass
@@ -227,9 +241,9 @@ class TransformCoder:
     tensors a codec has only when some coefficient has more than 8 bits)."""
 
     def __init__(
-        self, dims: tuple[int, int, int], rope_theta: float, tensors: dict[str, torch.Tensor]
+        self, dims: tuple[int, int, int], rope: RoPE | float, tensors: dict[str, torch.Tensor]
     ) -> None:
-        self.dims, self.rope_theta = dims, float(rope_theta)
+        self.dims, self.rope = dims, RoPE.of(rope)
         Lm, K, D = dims
         U = Lm * K
         self.t = {name: t.contiguous() for name, t in tensors.items()}
@@ -271,7 +285,7 @@ class TransformCoder:
         keys: torch.Tensor,
         values: torch.Tensor,
         bits: int,
-        rope_theta: float,
+        rope: RoPE | float,
         calibration: CodecCalibration | None = None,
         max_bits: int = 12,
         ridge: float = 1e-3,
@@ -337,7 +351,7 @@ class TransformCoder:
                 levels[rows] = torch.cat([lv, lv[:, -1:].expand(-1, L - lv.shape[1])], 1)
             tensors[f"{p}.bits"] = alloc[i].to(torch.int32)
             tensors[f"{p}.levels"] = levels.reshape(U, D, L)
-        return cls((Lm, K, D), rope_theta, {k: _stored(v) for k, v in tensors.items()})
+        return cls((Lm, K, D), rope, {k: _stored(v) for k, v in tensors.items()})
 
     # --- sizes -----------------------------------------------------------------------------
     def bits_per_slot(self, part: str) -> int:
@@ -379,6 +393,9 @@ class TransformCoder:
         U = Lm * K
         if part == "k":
             x = self._rotate(x, positions, -1)
+            scale = self.rope.frequencies(D)[1]
+            if scale != 1.0:
+                x = x / (scale * scale)
         x = x.double().reshape(M, U, S, D).transpose(0, 1).reshape(U, M * S, D)
         c = torch.bmm(x - self.t[f"{part}.mean"].double()[:, None], self.t[f"{part}.forward"].double())
         return c.reshape(U, M, S, D).permute(0, 3, 1, 2).reshape(U * D, M, S)
@@ -434,8 +451,8 @@ class TransformCoder:
         """`rotate` with this codec's RoPE tables, kept (positions are small integers)."""
         top = int(positions.max()) + 1 if positions.numel() else 1
         if self._rope is None or self._rope[0].shape[0] < top:
-            self._rope = rope_tables(max(top, 256), self.dims[2], self.rope_theta)
-        return rotate(x, positions, self.rope_theta, sign, self._rope)
+            self._rope = rope_tables(max(top, 256), self.dims[2], self.rope)
+        return rotate(x, positions, self.rope, sign, self._rope)
 
     # --- identity --------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:

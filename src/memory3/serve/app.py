@@ -294,7 +294,7 @@ class _App(DocumentRoutes):
             "none": 0,
         }[mode]
         context = prompt_tokens + offset
-        limit = self.gen.model.config.max_seq_len
+        limit = self.gen.model.config.context_limit
         if context >= limit:
             raise APIError(
                 400,

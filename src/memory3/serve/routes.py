@@ -134,7 +134,7 @@ def _generation_routes(api: APIRouter, state: _App) -> None:
             "object": "model",
             "created": state.created,
             "owned_by": "memory3",
-            "max_model_len": generator.model.config.max_seq_len,
+            "max_model_len": generator.model.config.context_limit,
             "memory": {
                 "modes": list(MODES),
                 "default_mode": state.default_mode,

@@ -2,8 +2,10 @@
 merged into its base model, is `memory3.checkpoint.load_trained`).
 
 An adapter directory holds
-  adapter.safetensors   the LoRA A/B tensors (bf16: a few MB)
-  adapter.json          {"format", "base", "lora", "memory_layers", "memory", "train", "train_config",
+  adapter_model.safetensors, adapter_config.json
+                        the LoRA A/B tensors (bf16: a few MB) in PEFT's format: `peft` loads them
+                        onto the base model's transformers twin
+  adapter.json          {"format", "base", "memory_layers", "memory", "train", "train_config",
                          "command", "lineage" (the runs that made it, oldest first), "train_total"}
 
 """
@@ -16,12 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from memory3.checkpoint import ADAPTER_FILE, ADAPTER_FORMAT, adapter_dir
+from memory3.checkpoint import ADAPTER_FILE, ADAPTER_FORMAT, adapter_dir, read_adapter
 from memory3.config import MemoryConfig
-from memory3.lora import load_lora_state, lora_state
-from memory3.shipped import ADAPTER_META
+from memory3.lora import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    LoRAConfig,
+    load_lora_state,
+    lora_state,
+    peft_config,
+    to_peft_state,
+)
+from memory3.shipped import ADAPTER_META, HF_IDS
 from memory3.train.config import to_dict
 
 log = logging.getLogger(__name__)
@@ -42,11 +52,11 @@ def save_adapter(
     state = {k: v.to(torch.bfloat16) for k, v in lora_state(model).items()}
     if not state:
         raise ValueError("the model has no LoRA layers to save; train with lora.rank > 0")
-    save_file(state, out / ADAPTER_FILE, metadata={"format": "pt"})
+    write_peft(out, state, config.lora, config.model)
+    (out / ADAPTER_FILE).unlink(missing_ok=True)  # a format-1 file of an adapter written before
     meta = {
         "format": ADAPTER_FORMAT,
         "base": config.model,
-        "lora": to_dict(config.lora),
         "memory_layers": list(model.memory_layers),
         "memory": to_dict(memory or getattr(config, "memory", MemoryConfig())),
         "train": info,
@@ -85,9 +95,16 @@ def _lineage(config: Any, info: dict[str, Any], command: str) -> tuple[list[dict
     return chain, total
 
 
+def write_peft(out: Path, state: dict[str, torch.Tensor], lora: LoRAConfig, base: str) -> None:
+    """The LoRA tensors (memory3's names) and config in PEFT's files. The base is named by its
+    Hugging Face id where it is one of the shipped models, so that other tools find it."""
+    hub = {v: k for k, v in HF_IDS.items()}.get(str(base), str(base))
+    save_file(to_peft_state(state), out / PEFT_WEIGHTS, metadata={"format": "pt"})
+    (out / PEFT_CONFIG).write_text(json.dumps(peft_config(lora, hub), indent=2) + "\n")
+
+
 def init_from_adapter(model: Any, name: str | Path) -> None:
     """Copy a saved adapter's tensors into a model prepared with the same LoRA config."""
-    path = adapter_dir(name)
-    state = {k: v.float() for k, v in load_file(path / ADAPTER_FILE).items()}
-    load_lora_state(model, state)
-    log.info("LoRA initialised from %s", path)
+    adapter = read_adapter(name)
+    load_lora_state(model, {k: v.float() for k, v in adapter.state.items()})
+    log.info("LoRA initialised from %s", adapter.path)

@@ -39,7 +39,7 @@ def fisher_from_data(
     prefix = reference_prefix_ids(tokenizer, model.config.bos_token_id, memory_config)
     writer = MemoryWriter(model, prefix, memory_config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    theta = model.config.rope_theta
+    theta = model.config.rope
     rng = random.Random(seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training

@@ -495,7 +495,7 @@ def fit_codec(model: Any, data: SFTData, writer: MemoryWriter, config: SFTConfig
             model, data.tok, writer.config, data, config.codec_calibration_groups, seed=step, progress=False
         )
     model.train(was)
-    codec = train_codec(mem, config.codec, rope_theta=model.config.rope_theta, calibration=calibration)
+    codec = train_codec(mem, config.codec, rope_theta=model.config.rope, calibration=calibration)
     log.info("step %d: codec %s trained on %d references", step, codec, config.codec_references)
     return codec
 

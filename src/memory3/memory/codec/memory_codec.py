@@ -26,6 +26,7 @@ from memory3.memory.codec.config import (
 )
 from memory3.memory.transform import TransformCoder, TransformError
 from memory3.memory.write import Memories, MemoryFormatError
+from memory3.rope import RoPE
 
 _UINT8_MAX_POSITION = 254  # uint8 stores position + 1; 0 is the empty slot
 
@@ -380,7 +381,8 @@ class MemoryCodec:
             "record_bytes": self.record_bytes,
         }
         if self._tc is not None:
-            d["transform"] = {"rope_theta": self._tc.rope_theta, **self.transform_meta}
+            rope = self._tc.rope.to_dict() if self._tc.rope.scaling else {"rope_theta": self._tc.rope.theta}
+            d["transform"] = {**rope, **self.transform_meta}
         return d
 
     def _files(self) -> list[str]:
@@ -443,13 +445,14 @@ class MemoryCodec:
                 tensors = load_file(str(path / TRANSFORM_FILE))
                 shape = codec.shape
                 codec._tc = TransformCoder(
-                    (shape.layers, shape.kv_heads, shape.head_dim), float(info["rope_theta"]), tensors
+                    (shape.layers, shape.kv_heads, shape.head_dim), RoPE.from_dict(info), tensors
                 )
             except (SafetensorError, TransformError, KeyError, OSError) as e:
                 raise CodecError(
                     f"{path}: the transform codec is damaged ({e}); restore the codec directory or rebuild"
                 ) from None
-            codec.transform_meta = {k: v for k, v in info.items() if k != "rope_theta"}
+            rope_keys = ("rope_theta", "rope_scaling", "max_position")
+            codec.transform_meta = {k: v for k, v in info.items() if k not in rope_keys}
         else:
             indexes = [faiss.read_index(str(path / name)) for name in meta["files"]]
             half = len(indexes) // 2

@@ -11,8 +11,9 @@ import torch
 
 from memory3.memory.codec.config import CodecConfig, CodecError, MemoryShape
 from memory3.memory.codec.memory_codec import MemoryCodec
-from memory3.memory.transform import CodecCalibration, TransformCoder, TransformError, rotate
+from memory3.memory.transform import CodecCalibration, TransformCoder, TransformError, unrotate
 from memory3.memory.write import Memories
+from memory3.rope import RoPE
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,13 @@ def train_codec(
     memories: Memories | Iterable[Memories],
     config: CodecConfig,
     threads: int | None = None,
-    rope_theta: float | None = None,
+    rope_theta: RoPE | float | None = None,
     calibration: CodecCalibration | None = None,
 ) -> MemoryCodec:
     """A codec trained on the key/value vectors of sampled memories (§3.3: codecs are trained on
     K/V vectors of uniformly sampled references). A transform codec needs the model's
-    `rope_theta` (it codes keys before RoPE) and uses the model's `calibration` when given."""
+    RoPE as `rope_theta` (it codes keys before RoPE: a θ, or the model's `config.rope` when it
+    scales RoPE) and uses the model's `calibration` when given."""
     batches = [memories] if isinstance(memories, Memories) else list(memories)
     if not batches:
         raise ValueError("no memories to train the codec on")
@@ -73,7 +75,7 @@ def train_codec(
 def _train_transform(
     codec: MemoryCodec,
     batches: list[Memories],
-    rope_theta: float | None,
+    rope_theta: RoPE | float | None,
     calibration: CodecCalibration | None,
 ) -> MemoryCodec:
     config = codec.config
@@ -81,7 +83,7 @@ def _train_transform(
         raise CodecError("a transform codec codes keys before RoPE: pass train_codec(..., rope_theta=...)")
     ks, vs = [], []
     for mem in batches:
-        pre = rotate(mem.k.detach().float().cpu(), mem.positions.cpu(), rope_theta, -1)
+        pre = unrotate(mem.k.detach().float().cpu(), mem.positions.cpu(), rope_theta)
         valid = mem.positions.cpu() >= 0  # (M, Lm, K, S); every layer and head keeps as many
         Lm, K, D = pre.shape[1], pre.shape[2], pre.shape[-1]
         per_unit = valid.permute(1, 2, 0, 3).reshape(Lm, K, -1)
