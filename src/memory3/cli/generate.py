@@ -125,7 +125,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
-        "export", help="write a model (a trained adapter merged in) as a Hugging Face checkpoint of its family"
+        "export",
+        help="write a model (a trained adapter merged in) as a Hugging Face checkpoint of its family",
     )
     p.add_argument("model", help="a model name, checkpoint or adapter directory (memory3's or PEFT's)")
     p.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer)")
