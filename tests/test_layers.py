@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                  "memory3.retrieval.leak")),
     ("bank", ("memory3.memory",)),
     ("retrieval", ("memory3.retrieval",)),
-    ("generation engine", ("memory3.decoding", "memory3.generate", "memory3.scheduler")),
+    ("generation engine", ("memory3.decoding", "memory3.generate", "memory3.scheduler",
+                           "memory3.scoring")),
     ("data sets", ("memory3.data",)),
     ("evaluation and training", ("memory3.eval", "memory3.train")),
     ("server", ("memory3.serve",)),
@@ -35,6 +36,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 def _modules() -> dict[str, Path]:
     out = {}
     for p in ROOT.rglob("*.py"):
+        if "assets" in p.relative_to(ROOT).parts:  # task files lm-eval loads by path, not modules
+            continue
         parts = p.relative_to(ROOT.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out[name] = p

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from memory3.cli.measure import (
     memory_config_of,
     run_context,
 )
+from memory3.errors import InputError
 from memory3.eval.render import FIGURES_DIR, REPORT, RESULTS_DIR, SECTIONS, repository
 
 log = logging.getLogger(__name__)
@@ -320,6 +322,29 @@ def cmd_bench_all(args: argparse.Namespace) -> int:
 # --- the parsers ---------------------------------------------------------------------------------------
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """lm-eval's own command line (`lm-eval run …` or its legacy form), with the model `memory3`
+    registered and memory3's tasks on the task path."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        raise InputError(
+            "lm-evaluation-harness is not installed: pip install 'memory3[harness]' (or lm_eval)"
+        ) from None
+    from memory3.eval.harness import TASKS_DIR
+
+    rest = list(args.rest)
+    if rest and rest[0] not in ("ls", "validate", "-h", "--help") and "--include_path" not in rest:
+        rest += ["--include_path", str(TASKS_DIR)]
+    saved = sys.argv
+    sys.argv = ["lm-eval", *rest]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add `eval` and `bench` to the `memory3` command line."""
     p_eval = subparsers.add_parser("eval", help="quality: question answering and perplexity")
@@ -327,6 +352,13 @@ def register(subparsers: Any) -> None:
     _add_eval_qa(ev)
     _add_eval_compare(ev)
     _add_eval_ppl(ev)
+
+    p_lm = subparsers.add_parser(
+        "lm-eval",
+        add_help=False,  # --help goes to lm-eval
+        help="lm-evaluation-harness with the memory3 model (--model memory3) and memory3's tasks",
+    )
+    p_lm.set_defaults(func=cmd_lm_eval, passthrough=True)
 
     p_bench = subparsers.add_parser("bench", help="speed and storage benchmarks, and `bench all`")
     be = p_bench.add_subparsers(dest="bench_command", required=True)
