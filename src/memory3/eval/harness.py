@@ -84,6 +84,10 @@ class Memory3LM(LM):
         self.leak = None if none else float(leak_threshold)  # type: ignore[arg-type]
         self.batch = int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 8
         self.max_gen_toks = int(max_gen_toks)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval passes its own default, "cuda", whatever the machine has
+            log.warning("device %s asked for but CUDA is not available: running on the CPU", device)
+            device = "cpu"
         self.gen = (
             generator
             if generator is not None
