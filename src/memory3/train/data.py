@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from memory3.data.qa import Document, QAItem, load_kb, load_qa, shipped_path, split_of
+from memory3.data.qa import Document, QAItem, load_qa, shipped_path, split_of
 from memory3.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -225,10 +225,6 @@ def make_group(pool: Sequence[Entity], rng: random.Random, memories: int, questi
     rng.shuffle(facts)
     facts = facts[:questions]
     return Group(tuple(e.reference for e in chosen), tuple(f for _, f in facts), tuple(i for i, _ in facts))
-
-
-def load_kb_entities(name: str) -> list[Document]:
-    return load_kb(shipped_path(name))
 
 
 # --- self-supervised reading questions ------------------------------------------------------------
