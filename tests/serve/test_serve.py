@@ -668,7 +668,7 @@ def test_requests_arriving_spread_out_still_share_a_batch() -> None:
         yield [GenerationOutput("", [], 1, "stop", []) for _ in prompts]
 
     fake = SimpleNamespace(
-        model=SimpleNamespace(config=SimpleNamespace(max_seq_len=1024)),
+        model=SimpleNamespace(config=SimpleNamespace(context_limit=1024)),
         mem_cfg=MemoryConfig(),
         tokenizer=SimpleNamespace(decode=lambda ids, **kw: ""),
         retriever=None,
@@ -707,7 +707,7 @@ def test_an_operation_runs_between_the_decoding_steps_of_a_running_batch() -> No
         yield [GenerationOutput("x", [1], 1, "length", []) for _ in prompts]
 
     fake = SimpleNamespace(
-        model=SimpleNamespace(config=SimpleNamespace(max_seq_len=1024)),
+        model=SimpleNamespace(config=SimpleNamespace(context_limit=1024)),
         mem_cfg=MemoryConfig(),
         tokenizer=SimpleNamespace(decode=lambda ids, **kw: ""),
         retriever=None,
