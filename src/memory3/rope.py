@@ -8,9 +8,10 @@ inside `rope_parameters`) selects how the inverse frequencies are derived from `
   llama3    Llama 3.1+: low frequencies divided by factor, high ones kept, a smooth ramp between
   yarn      YaRN (Qwen2.5/Qwen3 long context): a per-frequency ramp between interpolation and
             extrapolation, and cos/sin scaled by an attention factor
-  dynamic   dynamic NTK: the default frequencies up to `original_max_position_embeddings`, after
-            which transformers recomputes them from the length of each call. memory3 runs such
-            models up to that length (`RoPE.context_limit`), where both are the default.
+  dynamic   dynamic NTK: the default frequencies up to the model's `max_position_embeddings`,
+            after which transformers recomputes them from the length of each call. memory3 runs
+            such models up to that length (`RoPE.context_limit`), where both are the default
+            (transformers ignores an `original_max_position_embeddings` given with this type).
 
 The formulas follow the papers and transformers' `modeling_rope_utils`; the parity tests check
 them against transformers' own models. Any other type is refused by name.
@@ -112,10 +113,8 @@ class RoPE:
     @property
     def context_limit(self) -> int | None:
         """The longest context this RoPE runs exactly as transformers does (dynamic NTK: up to
-        its original length), or None for no limit beyond the model's own."""
-        if self.kind != "dynamic":
-            return None
-        return int((self.scaling or {}).get("original_max_position_embeddings") or self.max_position)
+        the model's maximum position), or None for no limit beyond the model's own."""
+        return self.max_position if self.kind == "dynamic" else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"rope_theta": self.theta, "rope_scaling": self.scaling, "max_position": self.max_position}

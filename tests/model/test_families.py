@@ -123,7 +123,9 @@ def test_config_fields_of_each_family(pair) -> None:
     if name == "mistral":
         assert c.sliding_window == 512 and c.context_limit == 512
     if name == "llama-dynamic":
-        assert c.context_limit == 512  # where dynamic NTK is plain RoPE
+        # transformers' dynamic NTK is plain RoPE up to max_position_embeddings, whatever the
+        # original_max_position_embeddings it is given
+        assert c.context_limit == TINY["max_position_embeddings"] == c.max_seq_len
     if "rope_parameters" in name or "rope_scaling" in name:
         assert c.rope_scaling == LLAMA3 and c.rope_theta == 500000.0
 
@@ -217,3 +219,16 @@ def test_sliding_window_limits_the_context_generation_accepts() -> None:
     )
     with pytest.raises(ValueError, match="context of 64 tokens"):
         gen.generate(["word " * 70], mode="none")
+
+
+def test_dynamic_rope_is_exact_up_to_the_context_limit(tmp_path: Path) -> None:
+    """Dynamic NTK changes frequencies only past max_position_embeddings, where memory3 stops."""
+    hf = hf_model(
+        "llama", {"max_position_embeddings": 300, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    )
+    hf.save_pretrained(tmp_path)
+    model = load_checkpoint(tmp_path).model
+    assert model.config.context_limit == 300
+    x = ids(300, 1)
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max() <= 1e-4
