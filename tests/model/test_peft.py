@@ -105,5 +105,5 @@ def test_shipped_adapter_round_trips_through_peft_format(tmp_path: Path) -> None
         base = load_pretrained(shipped.base)
         hf = peft.PeftModel.from_pretrained(to_hf(base.model), shipped.path).eval()
         # peft adds B·A·x beside W·x, memory3 merged it into W: equal up to float rounding
-        assert (hf(x).logits - a.model(x)).abs().max() <= 1e-5 * a.model(x).abs().max() * 100
+        assert (hf(x).logits - a.model(x)).abs().max() <= 1e-3  # logits up to ~20
     assert a.model._memory3_fingerprint == b.model._memory3_fingerprint
