@@ -110,7 +110,8 @@ def _req(*args):
 def test_loglikelihood_and_rolling(gen: Generator) -> None:
     lm = Memory3LM(generator=gen, mode="none")
     ((total, greedy),) = lm.loglikelihood([_req("Quellmar is the capital of", " Zantoria")])
-    assert total == pytest.approx(score(gen, "Quellmar is the capital of", " Zantoria", "none").total)
+    scored = score(gen, "Quellmar is the capital of", " Zantoria", "none")
+    assert total == pytest.approx(scored.total) and greedy == scored.is_greedy
     text = FACTS[0] + " " + FACTS[5]
     (rolling,) = lm.loglikelihood_rolling([_req(text)])
     ids = gen.tokenizer(text, add_special_tokens=False).input_ids
