@@ -362,7 +362,7 @@ def load_trained(
     model = model.to(device=device, dtype=dtype).eval()
     digest = hashlib.sha256()
     digest.update(str(base.meta.get("weights_sha256", base.path)).encode())
-    old = meta.get("format") == 1
+    old = (adapter.path / ADAPTER_FILE).exists() and not (adapter.path / PEFT_WEIGHTS).exists()
     digest.update((adapter.path / ADAPTER_FILE).read_bytes() if old else adapter.canonical_bytes())
     model._memory3_fingerprint = fingerprint(model.config, digest.hexdigest())  # type: ignore[assignment]
     meta.setdefault("base", adapter.base)

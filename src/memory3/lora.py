@@ -176,6 +176,7 @@ _PEFT_NEUTRAL: dict[str, tuple] = {
     "trainable_token_indices": (None,),
     "use_qalora": (False, None),
     "layers_pattern": (None, "layers", ["layers"]),
+    "exclude_modules": (None, [], ""),
 }
 
 

@@ -44,16 +44,16 @@ class Scored:
         return all(self.greedy)
 
 
-def split_context(tokenizer: object, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of context and continuation, tokenized together (as lm-evaluation-harness does):
-    spaces ending the context move to the continuation, and the continuation's ids are the
-    joint encoding's after the context's."""
+def split_context(tokenizer: object, context: str, continuation: str) -> tuple[str, list[int], list[int]]:
+    """The context text and the token ids of context and continuation, tokenized together (as
+    lm-evaluation-harness does): spaces ending the context move to the continuation, and the
+    continuation's ids are the joint encoding's after the context's."""
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     whole = tokenizer(context + continuation).input_ids  # type: ignore[operator]
     ctx = tokenizer(context).input_ids if context else []  # type: ignore[operator]
-    return whole[: len(ctx)], whole[len(ctx) :]
+    return context, whole[: len(ctx)], whole[len(ctx) :]
 
 
 @torch.inference_mode()
@@ -78,7 +78,7 @@ def score(
         hits = gen._search([context], k, leak_threshold, floor)[0]
         context, refs = rag_prompt(context, hits), [hits]
     if isinstance(context, str) and isinstance(continuation, str):
-        ctx_ids, cont_ids = split_context(tok, context, continuation)
+        context, ctx_ids, cont_ids = split_context(tok, context, continuation)
     else:
         ctx_ids = list(context) if not isinstance(context, str) else tok(context).input_ids
         cont_ids = list(continuation) if not isinstance(continuation, str) else tok(continuation).input_ids

@@ -116,6 +116,8 @@ def test_loglikelihood_and_rolling(gen: Generator) -> None:
     (rolling,) = lm.loglikelihood_rolling([_req(text)])
     ids = gen.tokenizer(text, add_special_tokens=False).input_ids
     assert rolling == pytest.approx(score(gen, [gen.model.config.bos_token_id], ids, "none").total, abs=1e-4)
+    ((empty, _),) = Memory3LM(generator=gen, mode="memory").loglikelihood([_req("", text)])  # no context
+    assert math.isfinite(empty)
     memory = Memory3LM(generator=gen, mode="memory").loglikelihood_rolling([_req(text)])[0]
     assert math.isfinite(memory) and memory != rolling  # memories read from the 8th token on
     with pytest.raises(InputError, match="rag"):

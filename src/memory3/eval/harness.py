@@ -82,7 +82,7 @@ class Memory3LM(LM):
         self.min_score = float(min_score) if min_score is not None else None
         none = leak_threshold is None or str(leak_threshold).lower() == "none"
         self.leak = None if none else float(leak_threshold)  # type: ignore[arg-type]
-        self.batch = int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 8
+        self.batch = 8 if str(batch_size).startswith("auto") else int(batch_size)  # "auto[:N]": 8
         self.max_gen_toks = int(max_gen_toks)
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval passes its own default, "cuda", whatever the machine has
