@@ -90,8 +90,10 @@ def score(
     queries = [
         tok.decode(ctx_ids[c : c + n], skip_special_tokens=True).strip() for c in range(0, len(ctx_ids), n)
     ]
-    if isinstance(context, str) and mode == "memory":
-        queries = gen._encode_prompt(context, chat=False).queries
+    if isinstance(context, str) and context.strip() and mode == "memory":
+        prompt = gen._encode_prompt(context, chat=False)  # each chunk's query as generation makes it
+        if prompt.ids == ctx_ids:
+            queries = prompt.queries
     queries[0] = queries[0] or " "
     enc = [_Prompt(ids=ctx_ids, queries=queries, text="")]
     m = len(cont_ids)
