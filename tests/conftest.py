@@ -71,6 +71,14 @@ def mem_cfg() -> MemoryConfig:
 
 
 @pytest.fixture(scope="session")
+def tok():
+    """The bundled SmolLM2 tokenizer (the checkpoint converted once if needed)."""
+    from memory3.checkpoint import load_bundled_tokenizer
+
+    return load_bundled_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def smol():
     """The real bundled SmolLM2-135M-Instruct (converted once, cached in MEMORY3_HOME)."""
     from memory3.checkpoint import load_pretrained

@@ -19,6 +19,7 @@ them against transformers' own models. Any other type is refused by name.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -124,8 +125,11 @@ class RoPE:
         return cls(float(d["rope_theta"]), d.get("rope_scaling"), int(d.get("max_position", 2048)))
 
     def frequencies(self, head_dim: int, device: torch.device | str | None = None) -> tuple[Tensor, float]:
-        """(D/2,) float32 inverse frequencies and the factor cos/sin are scaled by."""
-        dim = head_dim
+        """(D/2,) float32 inverse frequencies and the factor cos/sin are scaled by; computed once
+        per RoPE, head size and device (every forward pass asks), so not to be changed in place."""
+        return _frequencies(self, head_dim, str(torch.device(device or "cpu")))
+
+    def _compute(self, dim: int, device: str) -> tuple[Tensor, float]:
         inv = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
         s = self.scaling or {}
         kind = self.kind
@@ -136,6 +140,12 @@ class RoPE:
         if kind == "llama3":
             return _llama3(inv, s), 1.0
         return _yarn(self.theta, dim, s, self.max_position, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _frequencies(rope: RoPE, head_dim: int, device: str) -> tuple[Tensor, float]:
+    with torch.inference_mode(False):  # a plain tensor, usable by training after inference
+        return rope._compute(head_dim, device)
 
 
 def _llama3(inv: Tensor, s: dict[str, Any]) -> Tensor:
@@ -149,9 +159,7 @@ def _llama3(inv: Tensor, s: dict[str, Any]) -> Tensor:
     return torch.where(medium, smoothed, out)
 
 
-def _yarn(
-    theta: float, dim: int, s: dict[str, Any], max_position: int, device: torch.device | str | None
-) -> tuple[Tensor, float]:
+def _yarn(theta: float, dim: int, s: dict[str, Any], max_position: int, device: str) -> tuple[Tensor, float]:
     original = s["original_max_position_embeddings"]
     factor = s.get("factor") or max_position / original
 

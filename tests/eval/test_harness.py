@@ -36,10 +36,7 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def gen() -> Generator:
-    from memory3.checkpoint import load_bundled_tokenizer
-
-    tok = load_bundled_tokenizer()
+def gen(tok) -> Generator:
     model = tiny_model(seed=11, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
     cfg = MemoryConfig(reference_tokens=24, kept_tokens=4, chunk_tokens=8, memories_per_chunk=2)
     g = Generator(model, tok, memory_config=cfg, chat=False, kv_dtype="float32")

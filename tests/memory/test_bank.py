@@ -49,13 +49,6 @@ DOCS = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from memory3.checkpoint import load_bundled_tokenizer
-
-    return load_bundled_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def model(tok):
     return tiny_model(seed=21, vocab_size=len(tok))
 

@@ -23,13 +23,6 @@ from memory3.memory.ingest import (
 )
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from memory3.checkpoint import load_bundled_tokenizer
-
-    return load_bundled_tokenizer()
-
-
 def write(path: Path, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):

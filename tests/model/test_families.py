@@ -204,13 +204,11 @@ def test_other_unsupported_configs_are_refused_by_name(hf: dict, name: str) -> N
     assert name in _refused({**TINY, **hf})
 
 
-def test_sliding_window_limits_the_context_generation_accepts() -> None:
+def test_sliding_window_limits_the_context_generation_accepts(tok) -> None:
     """A Mistral with a 64-token window runs up to 64 tokens (where the window hides nothing) and
     refuses a longer prompt by naming the limit."""
-    from memory3.checkpoint import load_bundled_tokenizer
     from memory3.generate import Generator
 
-    tok = load_bundled_tokenizer()
     hf = hf_model("mistral", {"sliding_window": 64, "vocab_size": len(tok)})
     cfg = config_from_hf(hf.config.to_dict())
     assert cfg.context_limit == 64 and cfg.max_seq_len == TINY["max_position_embeddings"]

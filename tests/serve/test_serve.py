@@ -136,13 +136,6 @@ class DocStore:
 
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tok():
-    from memory3.checkpoint import load_bundled_tokenizer
-
-    return load_bundled_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def parts(tok):
     model = tiny_model(seed=11, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
     cfg = MemoryConfig(reference_tokens=24, kept_tokens=4, chunk_tokens=8, memories_per_chunk=2)

@@ -20,10 +20,7 @@ from memory3.train.config import LoopConfig, OptimConfig
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory) -> Path:
-    from memory3.checkpoint import load_bundled_tokenizer
-
-    tok = load_bundled_tokenizer()
+def qwen_dir(tmp_path_factory, tok) -> Path:
     config = transformers.Qwen2Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

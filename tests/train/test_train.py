@@ -122,13 +122,6 @@ def test_lora_starts_at_the_base_model_and_merges_exactly() -> None:
 # --- the inference layout in training ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from memory3.checkpoint import load_bundled_tokenizer
-
-    return load_bundled_tokenizer()
-
-
 def test_sft_layout_reproduces_generation_with_memory(tok) -> None:
     """Teacher forcing the generated answer in the training layout predicts the same tokens the
     generator produced: same prefix, positions, memories and masks as at inference."""
