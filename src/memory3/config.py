@@ -92,15 +92,10 @@ class ModelConfig:
     memory_layers: tuple[int, ...] | None = None
     bos_token_id: int = 1
     eos_token_id: int = 2
-    family: str = field(
-        default="llama", metadata=ADDED
-    )  # the Hugging Face model type it converts to and from
-    qkv_bias: bool = field(
-        default=False, metadata=ADDED
-    )  # biases on q/k/v projections (Qwen2, Llama attention_bias)
-    o_bias: bool = field(
-        default=False, metadata=ADDED
-    )  # bias on the output projection (Llama attention_bias)
+    # fields added with the model families (memory3.families); ADDED keeps old fingerprints
+    family: str = field(default="llama", metadata=ADDED)  # the HF model type it converts to and from
+    qkv_bias: bool = field(default=False, metadata=ADDED)  # q/k/v biases (Qwen2, Llama attention_bias)
+    o_bias: bool = field(default=False, metadata=ADDED)  # output projection bias (Llama attention_bias)
     mlp_bias: bool = field(default=False, metadata=ADDED)
     qk_norm: bool = field(default=False, metadata=ADDED)  # RMSNorm of each head's q and k before RoPE (Qwen3)
     rope_scaling: dict[str, Any] | None = field(default=None, metadata=ADDED)  # memory3.rope.standard_scaling

@@ -441,17 +441,33 @@ class Generator:
     ) -> None:
         """Drop the memories the last chunk read and put in those retrieved with its 64 generated
         tokens (the paper, §3.1); finished sequences read nothing."""
-        active = [b for b, q in enumerate(seqs) if not q.done]
-        last = [
-            self.tokenizer.decode(seqs[b].out[-self.mem_cfg.chunk_tokens :], skip_special_tokens=True)
-            for b in active
-        ]
-        found = self._search([q if q.strip() else " " for q in last], k, leak, floor)
-        hits: list[list[Hit]] = [[] for _ in seqs]
-        for b, h in zip(active, found, strict=True):
+        n = self.mem_cfg.chunk_tokens
+        texts = {
+            b: self.tokenizer.decode(q.out[-n:], skip_special_tokens=True)
+            for b, q in enumerate(seqs)
+            if not q.done
+        }
+        for b, hits in self.swap_memories(texts, len(seqs), cache, k, leak, floor).items():
+            refs[b].append(hits)
+
+    def swap_memories(
+        self,
+        texts: dict[int, str],
+        batch: int,
+        cache: KVCache,
+        k: int,
+        leak: float | None,
+        floor: float | None,
+    ) -> dict[int, list[Hit]]:
+        """Replace the memories the cache's rows read: row b reads those retrieved with texts[b],
+        the rows not in `texts` read none. Returns each row's hits."""
+        rows = list(texts)
+        found = self._search([texts[b] if texts[b].strip() else " " for b in rows], k, leak, floor)
+        hits: list[list[Hit]] = [[] for _ in range(batch)]
+        for b, h in zip(rows, found, strict=True):
             hits[b] = h
-            refs[b].append(h)
         layout.into_cache(*self._fetch(hits, k), cache)
+        return dict(zip(rows, found, strict=True))
 
     def _prompt_memories(
         self, enc: list[_Prompt], k: int, leak: float | None, min_score: float | None

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from memory3.generate import Generator, Mode, _Prompt, rag_prompt
-from memory3.memory import layout
 from memory3.retrieval.base import Hit, check_min_score
 
 
@@ -113,9 +112,7 @@ def score(
         end = min(m - 1, max(fed + 1, n - 1 if fed == 0 else fed + n))
         if mode == "memory" and fed and (fed + 1) % n == 0:
             query = tok.decode(cont_ids[fed + 1 - n : fed + 1], skip_special_tokens=True)
-            hits = gen._search([query if query.strip() else " "], k, leak_threshold, floor)
-            refs.append(hits[0])
-            layout.into_cache(*gen._fetch(hits, k), cache)
+            refs.append(gen.swap_memories({0: query}, 1, cache, k, leak_threshold, floor)[0])
         block = torch.tensor([cont_ids[fed:end]], device=gen.model.device)
         pos = next_pos[:, None] + torch.arange(end - fed, device=gen.model.device)[None]
         valid = torch.ones_like(block, dtype=torch.bool)

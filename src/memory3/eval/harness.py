@@ -70,6 +70,7 @@ class Memory3LM(LM):
         dtype: str = "float32",
         embedder: str = "minilm",
         generator: Generator | None = None,
+        max_batch_size: int | None = None,  # lm-eval passes it; batches are `batch_size` prompts
         **unused: Any,
     ) -> None:
         super().__init__()
