@@ -139,3 +139,17 @@ def test_loading_a_model_or_serving_imports_no_training_code_nor_the_cli() -> No
 def test_every_module_has_a_layer() -> None:
     for name in _modules():
         _layer(name)
+
+
+def test_no_training_module_reaches_the_evaluation_only_sets() -> None:
+    """The natural and unseen sets measure what training never read: no `memory3.train` module
+    imports them, directly or through another module."""
+    graph = _graph()
+    reach: set[str] = set()
+    todo = [m for m in graph if m.startswith("memory3.train")]
+    while todo:
+        m = todo.pop()
+        if m not in reach:
+            reach.add(m)
+            todo.extend(graph[m])
+    assert not reach & {"memory3.data.natural", "memory3.data.unseen"}, sorted(reach)

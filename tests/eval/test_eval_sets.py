@@ -237,7 +237,7 @@ def test_natural_split_names_are_checked() -> None:
 
     with pytest.raises(ValueError, match="give --split dev"):
         load_set("natural", "train")
-    with pytest.raises(ValueError, match="is a split of the natural set"):
+    with pytest.raises(ValueError, match="is a split of the natural and unseen sets"):
         load_set("fictional", "dev")
 
 
@@ -327,3 +327,62 @@ def test_generated_sets_have_types_and_families() -> None:
         and guess_type("Quellmar") == "name"
         and guess_type("weaver") == "word"
     )
+
+
+# --- the unseen-families set -----------------------------------------------------------------------
+
+
+def test_the_unseen_generator_writes_the_shipped_files(tmp_path) -> None:
+    from memory3.data import unseen
+    from memory3.data.qa import shipped_path
+
+    unseen.write_unseen(tmp_path)
+    for name in (*unseen.FILES.values(), unseen.KB_FILE):
+        assert (tmp_path / name).read_bytes() == shipped_path(name).read_bytes(), name
+
+
+def test_unseen_splits_are_typed_spans_of_entities_in_one_split_only() -> None:
+    from memory3.data import unseen
+    from memory3.data.natural import ANSWER_TYPES
+
+    dev, test = unseen.load_unseen("dev"), unseen.load_unseen("test")
+    assert len(dev) >= 150 and len(test) >= 300
+    assert not {it.doc_id for it in dev} & {it.doc_id for it in test}
+    for items, least in ((dev, 8), (test, 25)):
+        counts = {t: sum(answer_type_of(it) == t for it in items) for t in ANSWER_TYPES}
+        assert min(counts.values()) >= least, counts
+        assert {family_of(it) for it in items} == {f"unseen/{k}" for k in unseen.KINDS}
+    for it in dev + test:
+        assert any(a in it.reference for a in it.answers), it.id
+    kb = {d.doc_id for d in unseen.knowledge_base()}
+    assert {it.doc_id for it in dev + test} <= kb
+
+
+def test_unseen_kinds_and_question_phrasings_are_not_training_templates() -> None:
+    from memory3.data import unseen
+    from memory3.data.factbook import build_factbook
+    from memory3.data.fictional import build_fictional
+
+    def shape(question: str, name: str) -> str:
+        return question.replace(name, "X")
+
+    _, fictional = build_fictional(400)
+    trained = {shape(it.question, it.entity) for it in fictional}
+    trained |= {shape(it.question, it.entity) for it in build_factbook()[1]}
+    trained_kinds = {it.id.split("/")[1] for it in fictional}
+    items = unseen.load_unseen("dev") + unseen.load_unseen("test")
+    assert not trained_kinds & set(unseen.KINDS)
+    assert not {shape(it.question, it.entity) for it in items} & trained
+
+
+def test_the_harness_loads_the_unseen_set_by_name_with_its_shared_knowledge_base() -> None:
+    from memory3.data import unseen
+    from memory3.eval.qa import kb_documents, load_set
+
+    path, items = load_set("unseen", "dev")
+    assert path.name == unseen.FILES["dev"] and items and all(it.reference for it in items)
+    docs = kb_documents(path, items)
+    assert len(docs) == len(unseen.knowledge_base()) > len({it.doc_id for it in items})
+    assert load_set("unseen", "heldout")[0].name == unseen.FILES["test"]
+    with pytest.raises(ValueError, match="no train split"):
+        load_set("unseen", "train")

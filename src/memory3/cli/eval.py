@@ -377,7 +377,7 @@ def _add_eval_qa(ev: Any) -> None:
         "--set",
         action="append",
         default=None,
-        help="question set: factbook, fictional, wikipedia, natural, or a JSONL file of "
+        help="question set: factbook, fictional, wikipedia, natural, unseen, or a JSONL file of "
         '{"question", "answers", "doc_id" or "reference"} lines (repeatable; default: the first three)',
     )
     p.add_argument("--sets", type=csv_of(str), default=None, help="comma-separated question sets (as --set)")
@@ -385,7 +385,7 @@ def _add_eval_qa(ev: Any) -> None:
         "--split",
         default="heldout",
         choices=("heldout", "train", "all", "dev", "test"),
-        help="heldout/train/all for the generated sets; dev or test for natural (heldout = test)",
+        help="heldout/train/all for the generated sets; dev or test for natural and unseen (heldout = test)",
     )
     p.add_argument(
         "--compare",

@@ -82,7 +82,7 @@ class FictionalEntity:
     facts: tuple[Fact, ...]
 
 
-class _Names:
+class NameMaker:
     """Fresh invented names from a seeded generator; never the same name twice."""
 
     def __init__(self, rng: random.Random) -> None:
@@ -118,7 +118,7 @@ def _a(noun: str) -> str:
     return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
-def _person(names: _Names, i: int) -> FictionalEntity:
+def _person(names: NameMaker, i: int) -> FictionalEntity:
     r = names.rng
     name, born_in, moved_to = names.person(), names.word(_TOWN_ENDS), names.word(_TOWN_ENDS)
     born = r.randint(1700, 1950)
@@ -138,7 +138,7 @@ def _person(names: _Names, i: int) -> FictionalEntity:
     return FictionalEntity(f"{SOURCE}/person/{i:04d}", "person", name, split_of(name), facts)
 
 
-def _town(names: _Names, i: int) -> FictionalEntity:
+def _town(names: NameMaker, i: int) -> FictionalEntity:
     r = names.rng
     town, water, region = names.word(_TOWN_ENDS), names.word(_TOWN_ENDS), names.word(_TOWN_ENDS)
     kind = r.choice(_WATERS)
@@ -160,7 +160,7 @@ def _town(names: _Names, i: int) -> FictionalEntity:
     return FictionalEntity(f"{SOURCE}/town/{i:04d}", "town", town, split_of(town), facts)
 
 
-def _company(names: _Names, i: int) -> FictionalEntity:
+def _company(names: NameMaker, i: int) -> FictionalEntity:
     r = names.rng
     company, founder, city = names.word(_COMPANY_ENDS), names.person(), names.word(_TOWN_ENDS)
     industry = r.choice(_INDUSTRIES)
@@ -186,7 +186,7 @@ def fictional_entities(n: int, seed: int = 0) -> list[FictionalEntity]:
     same `n` and `seed`; the first `m` entities of a larger `n` are the same as for `m`."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    names = _Names(random.Random(f"memory3-fictional:{seed}"))
+    names = NameMaker(random.Random(f"memory3-fictional:{seed}"))
     makers = (_person, _person, _town, _company)
     return [makers[i % 4](names, i) for i in range(n)]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from memory3.config import GenerationConfig
-from memory3.data import natural
+from memory3.data import natural, unseen
 from memory3.data.qa import QAItem, answer_contained, exact_match, load_kb, load_qa, shipped_path
 from memory3.eval.breakdown import answer_type_of, breakdown, family_of
 from memory3.generate import MODES, Generator
@@ -36,6 +36,11 @@ from memory3.retrieval.leak import EVAL_THRESHOLD
 log = logging.getLogger(__name__)
 
 SHIPPED_SETS = ("factbook", "fictional", "wikipedia")
+# sets shipped as a dev and a test file that share one knowledge base: name -> (files, load, KB)
+SPLIT_SETS: dict[str, tuple[dict[str, str], Any, Any]] = {
+    natural.NAME: (natural.FILES, natural.load_natural, natural.knowledge_base),
+    unseen.NAME: (unseen.FILES, unseen.load_unseen, unseen.knowledge_base),
+}
 KBChoice = Literal["set", "gold"]
 
 
@@ -234,29 +239,30 @@ def evaluate_qa(
 
 
 def resolve_set(name_or_path: str | Path, split: str = "heldout") -> Path:
-    """A shipped set by name ("factbook", "fictional", "wikipedia", "natural") or a JSONL path.
-    The natural set is one file per split: `split` "dev", or "test" (also for "heldout")."""
-    if str(name_or_path) == natural.NAME:
-        return shipped_path(natural.FILES[_natural_split(split)])
+    """A shipped set by name ("factbook", "fictional", "wikipedia", "natural", "unseen") or a
+    JSONL path. The natural and unseen sets are one file per split: `split` "dev", or "test" (also
+    for "heldout")."""
+    if str(name_or_path) in SPLIT_SETS:
+        return shipped_path(SPLIT_SETS[str(name_or_path)][0][_dev_or_test(str(name_or_path), split)])
     if str(name_or_path) in SHIPPED_SETS:
         return shipped_path(f"{name_or_path}.jsonl")
     path = Path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(
             f"question set {str(name_or_path)!r} not found: give a JSONL file or one of "
-            f"{(*SHIPPED_SETS, natural.NAME)}"
+            f"{(*SHIPPED_SETS, *SPLIT_SETS)}"
         )
     return path
 
 
-def _natural_split(split: str) -> natural.NaturalSplit:
+def _dev_or_test(name: str, split: str) -> str:
     s = "test" if split == "heldout" else split
-    if s not in natural.FILES:
+    if s not in ("dev", "test"):
         raise ValueError(
-            f"--split {split} for the natural set: give --split dev (for choosing settings) or "
+            f"--split {split} for the {name} set: give --split dev (for choosing settings) or "
             "--split test (the reported figure); it has no train split, as no training step reads it"
         )
-    return s  # type: ignore[return-value]
+    return s
 
 
 def load_set(
@@ -264,14 +270,17 @@ def load_set(
 ) -> tuple[Path, list[QAItem]]:
     """A question set's file and the questions of one split, the first `limit` of them.
 
-    "dev" and "test" are the natural set's splits (each its own file); the generated sets have
-    "heldout", "train" and "all"; a hand-written file is all held out ("heldout" or "all")."""
+    "dev" and "test" are the splits of the natural and unseen sets (each its own file); the
+    generated sets have "heldout", "train" and "all"; a hand-written file is all held out
+    ("heldout" or "all")."""
     path = resolve_set(name_or_path, split)
-    if str(name_or_path) == natural.NAME:
-        return path, select_items(natural.load_natural(_natural_split(split)), "all", limit)
-    if split in natural.FILES:
+    name = str(name_or_path)
+    if name in SPLIT_SETS:
+        return path, select_items(SPLIT_SETS[name][1](_dev_or_test(name, split)), "all", limit)
+    if split in ("dev", "test"):
         raise ValueError(
-            f"--split {split} is a split of the natural set; {str(name_or_path)!r} has heldout, train and all"
+            f"--split {split} is a split of the {' and '.join(SPLIT_SETS)} sets; {name!r} has heldout, "
+            "train and all"
         )
     return path, select_items(load_qa(path), split, limit)
 
@@ -302,8 +311,9 @@ def kb_documents(
     Gold documents keep the question's `doc_id`, so hits can be checked against it.
     """
     docs: dict[str, Document] = {}
-    if kb == "set" and Path(set_path).name in natural.FILES.values():
-        docs = {d.doc_id: d for d in natural.knowledge_base()}
+    shared_kb = [kb_of for files, _, kb_of in SPLIT_SETS.values() if Path(set_path).name in files.values()]
+    if kb == "set" and shared_kb:
+        docs = {d.doc_id: d for d in shared_kb[0]()}
         pool: Sequence[QAItem] = items
     elif kb == "set":
         set_path = Path(set_path)
