@@ -36,25 +36,7 @@ from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
 from memory3.retrieval.leak import TRAIN_THRESHOLD, leaks
 from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, from_dict, load_config, to_dict
 from memory3.train.layout import chunked_memory, text_batch
-from memory3.train.loop import (
-    Progress,
-    TrainState,
-    all_mean,
-    autocast,
-    average_gradients,
-    batch_loss,
-    checkpoint_due,
-    export,
-    init_distributed,
-    load_base,
-    load_training,
-    make_optimizer,
-    prepare_trainable,
-    save_training,
-    set_lr,
-    start_run,
-    wsd_lr,
-)
+from memory3.train.loop import Run, autocast, batch_loss, export
 
 log = logging.getLogger(__name__)
 
@@ -248,18 +230,8 @@ def run_continual(
     """Train with memory; returns the run directory (checkpoint/, model/ or adapter/).
     `data`: a dataset in memory instead of `config.dataset`; `tokenizer`: the one whose ids the
     data holds, for the reference prefix (default: the model's)."""
-    out = Path(out)
-    d = init_distributed()
-    start_run(out, config, resume, d)
-    torch.manual_seed(config.loop.seed)
-    if config.loop.threads:
-        torch.set_num_threads(config.loop.threads)
-
-    model, tok = load_base(config.model, config.model_overrides, config.loop.seed)
-    params = prepare_trainable(model, config.lora, config.loop.seed)
-    model._memory3_fingerprint = "training"  # type: ignore[assignment]  # skip hashing the weights
-    model.train()
-    opt = make_optimizer(model, config.optim)
+    run = Run(config, out, resume, fingerprint=False)
+    model, tok, d = run.model, run.tok, run.d
     data = data or PairedDataset.load(config.dataset)
     if (
         data.config.chunk_tokens != config.memory.chunk_tokens
@@ -271,15 +243,9 @@ def run_continual(
         )
     prefix = reference_prefix_ids(tokenizer or tok, model.config.bos_token_id, config.memory)
     writer = MemoryWriter(model, prefix, config.memory)
-    state = (load_training(out, model, opt) if resume else None) or TrainState()
-    progress = Progress(out, config.loop, state, d)
-    last_save, t_start, seconds0 = time.perf_counter(), time.perf_counter(), state.seconds
     per_step = config.batch_size * config.optim.grad_accum * d.world
-
-    end = config.loop.steps if stop_after is None else min(config.loop.steps, state.step + stop_after)
-    for step in range(state.step, end):
-        lr = wsd_lr(step, config.loop.steps, config.optim)
-        set_lr(opt, lr)
+    for step in run.steps(stop_after):
+        lr = run.lr(step)
         step_loss = 0.0
         for micro in range(config.optim.grad_accum):
             first = step * per_step + (micro * d.world + d.rank) * config.batch_size
@@ -288,26 +254,9 @@ def run_continual(
                 loss, _ = memory_batch(model, writer, data, seq_ids, prefix, config.memory)
             (loss / config.optim.grad_accum).backward()
             step_loss += loss.item() / config.optim.grad_accum
-        average_gradients(params, d)
-        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state.step = step + 1
-        state.tokens += per_step * data.config.seq_len
-        state.seconds = seconds0 + time.perf_counter() - t_start
-        progress.update(state, all_mean(step_loss, d), lr)
-        if checkpoint_due(state.step, config.loop, last_save):
-            if d.main:
-                save_training(out, model, opt, state)
-            last_save = time.perf_counter()
-    progress.close()
-    if state.step < config.loop.steps:  # a time-boxed session: resume later
-        if d.main:
-            save_training(out, model, opt, state)
-        return out
-    if d.main:
-        export(model, tok, config, out, state)
-    return out
+        run.optimizer_step()
+        run.step_done(step, step_loss, per_step * data.config.seq_len, lr)
+    return run.finish(lambda: export(model, tok, config, run.out, run.state))
 
 
 @torch.no_grad()

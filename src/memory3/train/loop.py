@@ -1,8 +1,9 @@
 """The pieces every recipe's loop is made of: which tensors train, AdamW, the warmup-stable-decay
 schedule, data-parallel gradient averaging, checkpoint and exact resume, progress.
 
-The recipes (warmup.py, continual.py, sft.py) stay linear scripts that call these; nothing here
-knows about memories.
+`Run` is the skeleton the recipes (warmup.py, continual.py, sft.py) share: set-up, resume, the
+optimizer step, logging, checkpoints and the final export. Each recipe stays a linear script that
+builds its data and computes its loss per step; nothing here knows about memories.
 
 Exact resume: a batch is a pure function of (seed, step, micro-step, rank), the learning rate a
 function of the step, and a checkpoint holds the trainable tensors, the optimizer state and the
@@ -344,6 +345,106 @@ def checkpoint_due(step: int, loop: LoopConfig, last_save: float) -> bool:
     if step == loop.steps or (loop.checkpoint_every and step % loop.checkpoint_every == 0):
         return True
     return bool(loop.checkpoint_minutes) and time.perf_counter() - last_save >= 60 * loop.checkpoint_minutes
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+class Run:
+    """One training run: the model with its trainable tensors and optimizer, the state that resumes,
+    progress and checkpoints. A recipe builds it, builds its data, then loops:
+
+        run = Run(config, out, resume)
+        data = ...                                   # before `steps`, which restores the RNG
+        for step in run.steps(stop_after):
+            lr = run.lr(step)
+            ... loss.backward() ...
+            run.optimizer_step()
+            run.step_done(step, loss_value, tokens, lr)
+        return run.finish(lambda: export(run.model, run.tok, config, run.out, run.state))
+
+    `init(model)` runs after the trainable tensors exist and before the optimizer (e.g. to start
+    from an earlier run's adapter); `fingerprint=False` skips hashing the weights while training.
+    `save_extra(directory)` writes a recipe's own state into every checkpoint."""
+
+    def __init__(
+        self,
+        config: Any,
+        out: str | Path,
+        resume: bool = True,
+        init: Callable[[Memory3Model], None] | None = None,
+        fingerprint: bool = True,
+    ) -> None:
+        self.config, self.out, self.resume = config, Path(out), resume
+        self.d = init_distributed()
+        start_run(self.out, config, resume, self.d)
+        torch.manual_seed(config.loop.seed)
+        if config.loop.threads:
+            torch.set_num_threads(config.loop.threads)
+        self.model, self.tok = load_base(config.model, config.model_overrides, config.loop.seed)
+        self.params = prepare_trainable(self.model, config.lora, config.loop.seed)
+        if init is not None:
+            init(self.model)
+        if not fingerprint:
+            self.model._memory3_fingerprint = "training"  # type: ignore[assignment]
+        self.model.train()
+        self.opt = make_optimizer(self.model, config.optim)
+        self.state = TrainState()
+        self.save_extra: Callable[[Path], Any] | None = None
+
+    def steps(self, stop_after: int | None = None) -> range:
+        """Restore the last checkpoint (unless not resuming) and return the steps to run now: to
+        the end, or `stop_after` more (a time-boxed session)."""
+        loaded = load_training(self.out, self.model, self.opt) if self.resume else None
+        self.state = loaded or TrainState()
+        if self.state.step:
+            log.info("resumed %s at step %d", self.out, self.state.step)
+        self.progress = Progress(self.out, self.config.loop, self.state, self.d)
+        self._last_save = self._t0 = time.perf_counter()
+        self._seconds0 = self.state.seconds
+        total = self.config.loop.steps
+        return range(
+            self.state.step, total if stop_after is None else min(total, self.state.step + stop_after)
+        )
+
+    def lr(self, step: int) -> float:
+        """Set and return the learning rate of `step`."""
+        lr = wsd_lr(step, self.config.loop.steps, self.config.optim)
+        set_lr(self.opt, lr)
+        return lr
+
+    def optimizer_step(self) -> None:
+        """Average the gradients over ranks, clip them, step and clear them."""
+        average_gradients(self.params, self.d)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def step_done(
+        self, step: int, loss: float, tokens: int, lr: float, extra: dict[str, float] | None = None
+    ) -> None:
+        """Count the step (`tokens`: over all ranks), log `loss` averaged over ranks, checkpoint
+        when due."""
+        self.state.step = step + 1
+        self.state.tokens += tokens
+        self.state.seconds = self._seconds0 + time.perf_counter() - self._t0
+        self.progress.update(self.state, all_mean(loss, self.d), lr, extra)
+        if checkpoint_due(self.state.step, self.config.loop, self._last_save):
+            if self.d.main:
+                save_training(self.out, self.model, self.opt, self.state, self.save_extra)
+            self._last_save = time.perf_counter()
+
+    def finish(self, export_fn: Callable[[], Any]) -> Path:
+        """A run that has not reached its last step is checkpointed to resume later; a finished
+        one runs `export_fn` (on the main rank). Returns the run directory."""
+        self.progress.close()
+        if self.state.step < self.config.loop.steps:
+            if self.d.main:
+                save_training(self.out, self.model, self.opt, self.state, self.save_extra)
+            return self.out
+        if self.d.main:
+            export_fn()
+        return self.out
 
 
 def answer_logits(model: Memory3Model, batch: Any, memory: Any = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,25 +56,14 @@ from memory3.train.fisher import fisher_from_data
 from memory3.train.layout import shared_memory, text_batch
 from memory3.train.loop import (
     CKPT_DIR,
-    Progress,
+    Run,
     TrainState,
     all_mean,
     answer_logits,
     autocast,
-    average_gradients,
     batch_loss,
-    checkpoint_due,
     export,
-    init_distributed,
-    load_base,
-    load_training,
-    make_optimizer,
-    prepare_trainable,
-    save_training,
-    set_lr,
     set_memory_layers,
-    start_run,
-    wsd_lr,
 )
 
 log = logging.getLogger(__name__)
@@ -353,32 +341,17 @@ def irrelevant_loss(
 
 def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after: int | None = None) -> Path:
     """Train; returns the run directory (checkpoint/, adapter/ or model/, metrics.jsonl)."""
-    out = Path(out)
-    d = init_distributed()
-    start_run(out, config, resume, d)
-    torch.manual_seed(config.loop.seed)
-    if config.loop.threads:
-        torch.set_num_threads(config.loop.threads)
-    model, tok = load_base(config.model, config.model_overrides, config.loop.seed)
-    params = prepare_trainable(model, config.lora, config.loop.seed)
-    if config.init_adapter:  # continue where an earlier (time-boxed) run's adapter left off
-        init_from_adapter(model, config.init_adapter)
-    model._memory3_fingerprint = "training"  # type: ignore[assignment]  # skip hashing the weights
-    model.train()
-    opt = make_optimizer(model, config.optim)
-    data = SFTData(config, tok, out.parent / ".cache")
+    init = (lambda model: init_from_adapter(model, config.init_adapter)) if config.init_adapter else None
+    run = Run(config, out, resume, init=init, fingerprint=False)  # init: continue an earlier run
+    model, tok, d = run.model, run.tok, run.d
+    data = SFTData(config, tok, run.out.parent / ".cache")
     prefix = reference_prefix_ids(tok, model.config.bos_token_id, config.memory)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    state = (load_training(out, model, opt) if resume else None) or TrainState()
-    if state.step:
-        log.info("resumed %s at step %d", out, state.step)
-    progress = Progress(out, config.loop, state, d)
-    last_save, t_start, seconds0 = time.perf_counter(), time.perf_counter(), state.seconds
+    steps = run.steps(stop_after)
     n_layer = model.config.n_layer
-    codec = _load_codec(out) if config.codec is not None and state.step else None
-
-    end = config.loop.steps if stop_after is None else min(config.loop.steps, state.step + stop_after)
-    for step in range(state.step, end):
+    codec = _load_codec(run.out) if config.codec is not None and run.state.step else None
+    run.save_extra = _codec_saver(codec)
+    for step in steps:
         stage = stage_at(config, step)
         layers = layers_for(stage.memory_layers, n_layer)
         if layers != model.memory_layers:
@@ -386,8 +359,8 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
         writer = MemoryWriter(model, prefix, memory_config_for(config, stage))
         if config.codec is not None and _codec_due(codec, step, config, writer):
             codec = fit_codec(model, data, writer, config, step)
-        lr = wsd_lr(step, config.loop.steps, config.optim)
-        set_lr(opt, lr)
+            run.save_extra = _codec_saver(codec)
+        lr = run.lr(step)
         step_tokens, parts = 0, {"mem": 0.0, "rag": 0.0, "text": 0.0, "irrelevant": 0.0}
         do_rag = config.aux_every == 1 or step % config.aux_every == 0
         do_text = config.aux_every == 1 or step % config.aux_every == 1
@@ -401,33 +374,16 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
                 parts[k] += v / config.optim.grad_accum
             (total / config.optim.grad_accum).backward()
             step_tokens += ntok
-        average_gradients(params, d)
-        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state.step = step + 1
-        state.tokens += int(all_mean(step_tokens, d) * d.world)
-        state.seconds = seconds0 + time.perf_counter() - t_start
+        run.optimizer_step()
         ran = {"mem", *(["rag"] if do_rag and config.rag_per_step > 0 else [])}
         ran |= {*(["text"] if do_text and data.text is not None else [])}
         ran |= {*(["irrelevant"] if config.irrelevant_questions > 0 else [])}
         extra = {k: round(all_mean(v, d), 4) for k, v in parts.items() if k in ran}
         extra["kept"], extra["layers"] = stage.kept_tokens, len(layers)
-        if config.loop.eval_every and state.step % config.loop.eval_every == 0 and d.main:
+        if config.loop.eval_every and (step + 1) % config.loop.eval_every == 0 and d.main:
             extra.update(loss_gap(model, data, writer, prefix, config, codec))
-        progress.update(state, all_mean(parts["mem"], d), lr, extra)
-        if checkpoint_due(state.step, config.loop, last_save):
-            if d.main:
-                save_training(out, model, opt, state, _codec_saver(codec))
-            last_save = time.perf_counter()
-    progress.close()
-    if state.step < config.loop.steps:  # a time-boxed session: resume later
-        if d.main:
-            save_training(out, model, opt, state, _codec_saver(codec))
-        return out
-    if d.main:
-        _finish(model, tok, config, out, state, data)
-    return out
+        run.step_done(step, parts["mem"], int(all_mean(step_tokens, d) * d.world), lr, extra)
+    return run.finish(lambda: _finish(model, tok, config, run.out, run.state, data))
 
 
 @torch.no_grad()

@@ -8,35 +8,14 @@ warmup-stable-decay, clipping, checkpoint; at the end the trained model (or adap
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, load_config
 from memory3.train.data import corpus_texts, sequence_at, tokenize_corpus
 from memory3.train.layout import text_batch
-from memory3.train.loop import (
-    Progress,
-    TrainState,
-    all_mean,
-    autocast,
-    average_gradients,
-    batch_loss,
-    checkpoint_due,
-    export,
-    init_distributed,
-    load_base,
-    load_training,
-    make_optimizer,
-    prepare_trainable,
-    save_training,
-    set_lr,
-    start_run,
-    wsd_lr,
-)
+from memory3.train.loop import Run, autocast, batch_loss, export
 
 log = logging.getLogger(__name__)
 
@@ -72,30 +51,18 @@ def run_warmup(
 ) -> Path:
     """Train without memory; returns the run directory (checkpoint/, model/ or adapter/).
     `stream`: a ready token array (tests, benchmarks); default: the config's corpus."""
-    out = Path(out)
-    d = init_distributed()
-    start_run(out, config, resume, d)
-    torch.manual_seed(config.loop.seed)
-    if config.loop.threads:
-        torch.set_num_threads(config.loop.threads)
-
-    model, tok = load_base(config.model, config.model_overrides, config.loop.seed)
-    params = prepare_trainable(model, config.lora, config.loop.seed)
-    model.train()
-    opt = make_optimizer(model, config.optim)
+    run = Run(config, out, resume)
+    model, tok, d = run.model, run.tok, run.d
     if stream is None:
         name = "wikipedia" if config.corpus == "wikipedia" else Path(config.corpus).stem
         stream = tokenize_corpus(
-            corpus_texts(config.corpus), tok, tok.eos_token_id, out.parent / ".cache" / f"tokens-{name}.npy"
+            corpus_texts(config.corpus),
+            tok,
+            tok.eos_token_id,
+            run.out.parent / ".cache" / f"tokens-{name}.npy",
         )
-    state = (load_training(out, model, opt) if resume else None) or TrainState()
-    progress = Progress(out, config.loop, state, d)
-    last_save, t_start, seconds0 = time.perf_counter(), time.perf_counter(), state.seconds
-
-    end = config.loop.steps if stop_after is None else min(config.loop.steps, state.step + stop_after)
-    for step in range(state.step, end):
-        lr = wsd_lr(step, config.loop.steps, config.optim)
-        set_lr(opt, lr)
+    for step in run.steps(stop_after):
+        lr = run.lr(step)
         step_loss = 0.0
         for micro in range(config.optim.grad_accum):
             seqs = [
@@ -109,26 +76,11 @@ def run_warmup(
                 loss, _ = batch_loss(model, batch)
             (loss / config.optim.grad_accum).backward()
             step_loss += loss.item() / config.optim.grad_accum
-        average_gradients(params, d)
-        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state.step = step + 1
-        state.tokens += config.seq_len * config.batch_size * config.optim.grad_accum * d.world
-        state.seconds = seconds0 + time.perf_counter() - t_start
-        progress.update(state, all_mean(step_loss, d), lr)
-        if checkpoint_due(state.step, config.loop, last_save):
-            if d.main:
-                save_training(out, model, opt, state)
-            last_save = time.perf_counter()
-    progress.close()
-    if state.step < config.loop.steps:  # a time-boxed session: resume later
-        if d.main:
-            save_training(out, model, opt, state)
-        return out
-    if d.main:
-        export(model, tok, config, out, state)
-    return out
+        run.optimizer_step()
+        run.step_done(
+            step, step_loss, config.seq_len * config.batch_size * config.optim.grad_accum * d.world, lr
+        )
+    return run.finish(lambda: export(model, tok, config, run.out, run.state))
 
 
 def main_from_file(
