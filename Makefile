@@ -22,7 +22,7 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
-test-fast: setup  # the tests not marked slow (no real model, no subprocess servers)
+test-fast: setup  # the tests not marked slow: under a minute on 2 cores, for while you work
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "not slow"
 
 lint: setup

@@ -49,6 +49,7 @@ def setup(tok):
     return model, cfg, gen, retr
 
 
+@pytest.mark.slow
 def test_none_mode_equals_plain_greedy_recompute(setup, tok) -> None:
     model, _, gen, _ = setup
     out = gen.generate(
@@ -81,6 +82,7 @@ def _visible_memories(mem_for_chunk: list[list[int]], token_chunk: list[int], re
     return MemoryInput(K, V, ((tc[:, None] == slot_chunk[None]) & slot_valid[None])[None])
 
 
+@pytest.mark.slow
 def test_memory_generation_equals_full_recompute_with_the_same_memories(setup, tok) -> None:
     """Prompt chunks read their own memories; decoded chunk 0 keeps the last prompt chunk's;
     after every chunk of generated tokens new memories are retrieved with those tokens."""
@@ -105,6 +107,7 @@ def test_memory_generation_equals_full_recompute_with_the_same_memories(setup, t
             assert int(model(x, pos, memory=mi)[0, -1].argmax()) == out.token_ids[n], n
 
 
+@pytest.mark.slow
 def test_batch_equals_one_by_one(setup) -> None:
     _, _, gen, _ = setup
     prompts = ["Quellmar?", "Where is Mount Fjarn and how high is it, in metres above the sea?", "zant"]
@@ -124,6 +127,7 @@ def test_batch_equals_one_by_one(setup) -> None:
         )
 
 
+@pytest.mark.slow
 def test_rag_puts_the_same_references_in_the_prompt(setup) -> None:
     _, _, gen, retr = setup
     out = gen.generate("the capital of Zantoria", mode="rag", config=GenerationConfig(max_new_tokens=2))[0]
@@ -154,6 +158,7 @@ def test_min_score_drops_unrelated_references_in_every_mode(setup) -> None:
         gen.generate(q, mode="memory", config=g, min_score=1.5)
 
 
+@pytest.mark.slow
 def test_stream_matches_generate_and_stop_strings_cut(setup) -> None:
     _, _, gen, _ = setup
     cfg = GenerationConfig(max_new_tokens=16)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import memory3
 
 ROOT = Path(memory3.__file__).parent
@@ -127,6 +129,7 @@ def test_no_import_cycles() -> None:
     assert not cycles, cycles
 
 
+@pytest.mark.slow
 def test_loading_a_model_or_serving_imports_no_training_code_nor_the_cli() -> None:
     code = (
         "import sys, memory3.checkpoint, memory3.generate, memory3.serve, memory3.retrieval.open;"

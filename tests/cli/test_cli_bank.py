@@ -78,6 +78,7 @@ def _bank_copy(setup: Path, tmp_path: Path, name: str = "bank") -> Path:
 
 
 @pytest.mark.parametrize("how", ["relative", "absolute"])
+@pytest.mark.slow
 def test_every_bank_verb_takes_relative_and_absolute_paths(setup, tmp_path, monkeypatch, capsys, how) -> None:
     work = tmp_path / "work dir"  # a space in the path too
     work.mkdir()
@@ -120,6 +121,7 @@ def test_every_bank_verb_takes_relative_and_absolute_paths(setup, tmp_path, monk
     assert out.exists() and json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_read_only_commands_write_nothing_into_the_bank(setup, tmp_path, capsys) -> None:
     bank = _bank_copy(setup, tmp_path)
     before = sorted(str(p.relative_to(bank)) for p in bank.rglob("*"))
@@ -144,6 +146,7 @@ def test_read_only_commands_write_nothing_into_the_bank(setup, tmp_path, capsys)
     assert {p: p.stat().st_mtime_ns for p in bank.rglob("*") if p.is_file()} == mtimes
 
 
+@pytest.mark.slow
 def test_a_bank_is_made_with_the_modes_the_umask_allows(setup, tmp_path, capsys) -> None:
     old = os.umask(0o002)
     try:
@@ -216,6 +219,7 @@ def _drop_from_index(bank: Path, n: int) -> None:
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.slow
 def test_each_damaged_file_is_named_by_verify_and_refused_in_one_line(
     setup, tmp_path, capsys, caplog, damage
 ) -> None:
@@ -257,6 +261,7 @@ def test_each_damaged_file_is_named_by_verify_and_refused_in_one_line(
         assert code != 0 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
 
 
+@pytest.mark.slow
 def test_a_request_reading_a_damaged_record_gets_a_json_error(setup, tmp_path) -> None:
     from memory3.checkpoint import load_pretrained
     from memory3.generate import Generator
@@ -300,6 +305,7 @@ def test_errors_form_one_hierarchy() -> None:
     assert StoreLockedError.http_status == 409 and IndexFormatError.exit_code == 1
 
 
+@pytest.mark.slow
 def test_small_cli_errors_are_said_before_the_model_loads(setup, tmp_path, capsys) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     nowhere = ["--model", str(tmp_path / "no-model")]  # would fail if it were loaded
@@ -316,6 +322,7 @@ def test_small_cli_errors_are_said_before_the_model_loads(setup, tmp_path, capsy
     assert json.loads(out) == {"deleted_documents": 1, "not_found": ["nope"]} and "nope" in err
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_told_who_holds_the_bank(setup, tmp_path, capsys) -> None:
     bank = _bank_copy(setup, tmp_path)
     with MemoryStore.open(bank, readonly=False):
@@ -399,6 +406,7 @@ def test_serve_writable_changes_documents_through_the_real_command(setup, tmp_pa
         proc.wait(60)
 
 
+@pytest.mark.slow
 def test_embedding_in_a_batch_is_close_to_alone_and_ranks_the_same(setup) -> None:
     """Batched matmuls differ in the last bits from CPU to CPU (AMX, AVX-512-BF16): the promise
     is the same retrieval, not the same bytes."""

@@ -368,6 +368,7 @@ def test_wikipedia_resolution_detects_a_moved_answer(tmp_path):
 
 @needs_factbook
 @needs_wikipedia
+@pytest.mark.slow
 def test_shipped_sets_are_valid_and_up_to_date(tmp_path):
     counts = sets.generate(tmp_path)
     for name in ("factbook", "fictional", "wikipedia"):
@@ -383,7 +384,7 @@ def test_shipped_sets_are_valid_and_up_to_date(tmp_path):
     for name in ("factbook_kb", "fictional_kb"):
         assert qa.shipped_path(f"{name}.jsonl").read_bytes() == (tmp_path / f"{name}.jsonl").read_bytes()
     total = sum(p.stat().st_size for p in qa.shipped_path("factbook.jsonl").parent.glob("*.jsonl"))
-    assert total < 600_000
+    assert total < 850_000  # every shipped set and knowledge base, as they go into the wheel
 
 
 @pytest.mark.slow

@@ -74,6 +74,7 @@ def _items(answers: Sequence[Sequence[str]] | None = None) -> list[QAItem]:
 # --- eval qa -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_qa_accuracy_equals_hand_computation_from_generated_texts(setup) -> None:
     _, _, gen, _ = setup
     cfg = QAEvalConfig(k=2, batch_size=4, max_new_tokens=6)
@@ -137,6 +138,7 @@ class ControlledRetriever:
         return self.inner.memories(ref_ids)
 
 
+@pytest.mark.slow
 def test_hit_rate_and_gold_rank_for_controlled_hits(setup, tok) -> None:
     model, cfg, _, retr = setup
     others = [d for d in FACTS if d not in ("zantoria", "fjarn")]
@@ -158,6 +160,7 @@ def test_hit_rate_and_gold_rank_for_controlled_hits(setup, tok) -> None:
     assert gold_rank([Hit(0, 1.0, "", "", "x"), Hit(1, 0.5, "", "", "y")], "y") == 2
 
 
+@pytest.mark.slow
 def test_build_retriever_through_a_codec_holds_what_a_bank_would(setup, tok) -> None:
     """`build_retriever(codec=…)` holds each memory as encoded and decoded by a codec fitted on
     the build's sample of references: SQ8 keeps positions and is close to exact; a transform codec
@@ -199,6 +202,7 @@ TEXTS = [
 ]
 
 
+@pytest.mark.slow
 def test_ppl_without_memory_is_exp_mean_nll_of_the_model_logits(setup, tok) -> None:
     model = setup[0]
     config = PPLConfig(min_tokens=2, max_tokens=40, batch_size=2)  # batches of 2: padding is exercised
@@ -214,6 +218,7 @@ def test_ppl_without_memory_is_exp_mean_nll_of_the_model_logits(setup, tok) -> N
     assert res.perplexity == pytest.approx(math.exp(nll / n), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_ppl_prefix_control_is_the_memory_layout_without_memories(setup, tok) -> None:
     model, cfg, gen, retr = setup
     config = PPLConfig(min_tokens=2, max_tokens=30, k=2)
@@ -256,6 +261,7 @@ def test_ppl_memory_chunk_reads_memories_retrieved_with_the_previous_chunk(setup
     assert rec.leak_texts == [tok.decode(ids, skip_special_tokens=True)] * len(want)
 
 
+@pytest.mark.slow
 def test_ppl_memory_equals_token_by_token_decoding_with_chunk_memories(setup, tok) -> None:
     """The block-masked pass against an independent path: the KV cache, one token at a time,
     swapping in each chunk's memories (what generation does while decoding)."""
@@ -333,6 +339,7 @@ def test_paired_ratio_compares_runs_of_the_same_round() -> None:
     assert paired_ratio({"runs": [1.0, 3.0, 2.0]}, {"runs": [2.0, 2.0, 2.0]}) == 1.0
 
 
+@pytest.mark.slow
 def test_bench_speed_counts_retrievals_like_the_paper(setup, tok) -> None:
     model, cfg, _, retr = setup
     gen = Generator(model, tok, None, cfg, chat=False)
@@ -461,6 +468,7 @@ def _fake_results() -> dict:
     return {"qa": qa, "speed": speed}
 
 
+@pytest.mark.slow
 def test_plots_are_written_as_png(tmp_path) -> None:
     from memory3.eval.plots import write_figures
 
@@ -472,6 +480,7 @@ def test_plots_are_written_as_png(tmp_path) -> None:
         assert p.stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_bench_all_render_only_rewrites_report_sections_and_figures(tmp_path) -> None:
     from memory3.cli import main
 
@@ -538,6 +547,7 @@ def test_bench_speed_kept_tokens_refuses_a_store_written_with_its_own(tmp_path, 
     assert "--selection random with --store" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_speed_kept_tokens_sets_the_memory_slots_read(tmp_path, tok) -> None:
     from memory3.checkpoint import save_checkpoint
     from memory3.cli import main
@@ -572,6 +582,7 @@ def test_bench_speed_kept_tokens_sets_the_memory_slots_read(tmp_path, tok) -> No
     assert res["memory"]["kept_tokens"] == 4 and res["rows"][1]["retrievals_per_sequence"] > 0
 
 
+@pytest.mark.slow
 def test_eval_qa_kept_tokens_writes_the_kb_with_them_and_records_it(tmp_path, tok, capsys) -> None:
     from memory3.checkpoint import save_checkpoint
     from memory3.cli import main

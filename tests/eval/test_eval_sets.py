@@ -96,6 +96,7 @@ def test_duplicate_plain_ids_are_refused(tmp_path) -> None:
         load_qa(_write(tmp_path / "dup.jsonl", [line, line]))
 
 
+@pytest.mark.slow
 def test_eval_qa_on_a_plain_set_reports_the_breakdown(tmp_path, capsys) -> None:
     """End to end with a tiny random model: a hand-written set against a --kb file; the report
     has every answer type and family with memory/RAG, and memory against RAG paired."""
@@ -358,6 +359,7 @@ def test_unseen_splits_are_typed_spans_of_entities_in_one_split_only() -> None:
     assert {it.doc_id for it in dev + test} <= kb
 
 
+@pytest.mark.slow
 def test_unseen_kinds_and_question_phrasings_are_not_training_templates() -> None:
     from memory3.data import unseen
     from memory3.data.factbook import build_factbook

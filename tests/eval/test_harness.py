@@ -57,6 +57,7 @@ def test_score_in_none_mode_is_the_plain_forward(gen: Generator) -> None:
 
 
 @pytest.mark.parametrize("mode", ["memory", "rag", "none"])
+@pytest.mark.slow
 def test_generation_is_greedy_under_score_across_retrievals(gen: Generator, mode: str) -> None:
     """Scoring what greedy generation produced finds every token greedy and reads the same
     references: 30 tokens cross three retrievals (every 8 tokens here), aligned as decoding."""
@@ -80,6 +81,7 @@ def _qa_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("mode", ["none", "memory", "rag"])
+@pytest.mark.slow
 def test_lm_eval_answers_equal_eval_qa(gen: Generator, tmp_path: Path, mode: str) -> None:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -104,6 +106,7 @@ def _req(*args):
     return SimpleNamespace(args=args)
 
 
+@pytest.mark.slow
 def test_loglikelihood_and_rolling(gen: Generator) -> None:
     lm = Memory3LM(generator=gen, mode="none")
     ((total, greedy),) = lm.loglikelihood([_req("Quellmar is the capital of", " Zantoria")])

@@ -53,6 +53,7 @@ def model(tok):
     return tiny_model(seed=21, vocab_size=len(tok))
 
 
+@pytest.mark.slow
 def test_build_then_retrieve_and_generate(tmp_path, model, tok) -> None:
     summary = build(DOCS, tmp_path / "bank", model, tok, MEM, CFG, progress=False)
     assert summary.references >= len(DOCS) and summary.written == summary.references
@@ -76,6 +77,7 @@ def test_build_then_retrieve_and_generate(tmp_path, model, tok) -> None:
     assert "dresk" not in [h.doc_id for h in leaky] and len(leaky) == 2
 
 
+@pytest.mark.slow
 def test_bank_opened_in_the_kv_dtype_reads_the_same_memories(tmp_path, model, tok) -> None:
     """A bank opened to cache its memories in bfloat16 (what `--kv-dtype auto` gives on such
     CPUs) returns the float32 reading cast once, and generation reads them alike."""
@@ -307,6 +309,7 @@ def test_torchrun_build_with_two_processes(tmp_path, model, tok) -> None:
     assert docs == {d.doc_id for d in DOCS}
 
 
+@pytest.mark.slow
 def test_server_over_a_real_bank_sees_document_changes(tmp_path, model, tok) -> None:
     """The HTTP server with a StoreRetriever: a document added through /v1/documents is read by
     the next answer, and gone after DELETE."""
@@ -352,6 +355,7 @@ def test_server_over_a_real_bank_sees_document_changes(tmp_path, model, tok) -> 
     retr.store.close()
 
 
+@pytest.mark.slow
 def test_build_cli_writes_memories_with_the_given_kept_tokens_and_selection(tmp_path, model, tok) -> None:
     from memory3.cli import main
 
@@ -367,6 +371,7 @@ def test_build_cli_writes_memories_with_the_given_kept_tokens_and_selection(tmp_
         assert s.verify().ok
 
 
+@pytest.mark.slow
 def test_generate_kept_tokens_writes_a_kb_and_must_match_a_bank(tmp_path, model, tok, capsys) -> None:
     """`--kept-tokens` on generate/serve: a --kb's memories are written with it; a --store was
     written when it was built, so asking it for another setting is refused with the fix, not

@@ -113,6 +113,7 @@ def test_faiss_matches_plain_faiss(pq: MemoryCodec) -> None:
     assert (out.k[~real] == 0).all() and (out.v[~real] == 0).all()  # empty slots stay empty
 
 
+@pytest.mark.slow
 def test_error_bounded_and_falls_with_more_bytes(train_mem: Memories) -> None:
     test = random_memories(50, seed=2)
     errors = []
@@ -206,6 +207,7 @@ def test_sq8_decodes_as_faiss_does(tmp_path, train_mem: Memories, per_layer: boo
     assert pq._sq8_affine(pq._k) is None
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(train_mem: Memories) -> None:
     cfg = CodecConfig(factory="PQ4x4", train_vectors=3000, seed=5)
     assert (

@@ -198,6 +198,7 @@ def test_never_splits_a_character(tok) -> None:
     ).filter(lambda s: s.strip()),
     n=st.integers(4, 64),
 )
+@pytest.mark.slow
 def test_chunking_property(tok, text: str, n: int) -> None:
     doc = Document("h", text)
     stats = IngestStats()

@@ -40,6 +40,7 @@ def loop_scores(model, ref: list[int], layer_pos: int, kv_head: int) -> list[flo
     return scores
 
 
+@pytest.mark.slow
 def test_sparsification_matches_plain_loop() -> None:
     model = tiny_model()
     cfg = MemoryConfig(reference_tokens=16, kept_tokens=4)
@@ -78,6 +79,7 @@ def loop_rule_scores(model, ref: list[int], layer_pos: int, kv_head: int, rule: 
 
 
 @pytest.mark.parametrize("rule", ["attention-mean", "value-attention", "key-norm"])
+@pytest.mark.slow
 def test_alternative_selections_match_plain_loop(rule: str) -> None:
     model = tiny_model()
     writer = MemoryWriter(model, PREFIX, MemoryConfig(reference_tokens=16, kept_tokens=4, selection=rule))

@@ -106,6 +106,7 @@ def test_refined_levels_cut_every_8_bit_cell_in_equal_parts() -> None:
         assert bool((mse < mse8 / 3 ** (bits - 8)).all()), (bits, mse, mse8)
 
 
+@pytest.mark.slow
 def test_coefficients_that_need_more_than_8_bits_get_them() -> None:
     """Vectors whose dimensions span four orders of magnitude: at the same size, a codec allowed 12
     bits a coefficient spends them on the widest and errs less than one held to 8, and its decoded
@@ -133,6 +134,7 @@ def test_coefficients_that_need_more_than_8_bits_get_them() -> None:
 
 
 @pytest.mark.parametrize(("bits", "max_bits"), [(20, 6), (180, 12)])
+@pytest.mark.slow
 def test_codes_are_the_plain_bitstream_of_the_nearest_levels(bits: int, max_bits: int) -> None:
     keys, values = _units(300, seed=2)
     tc = TransformCoder.fit(keys, values, bits, THETA, max_bits=max_bits)
@@ -167,6 +169,7 @@ def test_codes_are_the_plain_bitstream_of_the_nearest_levels(bits: int, max_bits
         assert codes.shape == (3, tc.part_bytes(part, SHAPE.slots))
 
 
+@pytest.mark.slow
 def test_decoding_is_exact_on_representable_vectors_and_error_falls_with_bits() -> None:
     train = random_memories(300, SHAPE, seed=1)
     test = random_memories(40, SHAPE, seed=4)
@@ -201,6 +204,7 @@ def test_keys_are_coded_before_rope_so_their_position_does_not_change_the_code()
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bits_follow_the_calibration() -> None:
     """A layer whose memories the answers never read gets no bits; the loss-weighted error of the
     calibrated codec is below that of plain mean-squared-error allocation at the same size."""
@@ -260,6 +264,7 @@ def test_calibration_files_round_trip_and_wrong_shapes_are_refused(tmp_path) -> 
         CodecCalibration(np.full((1, 1, 4, 4), np.nan), np.zeros((1, 1, 4, 4)))
 
 
+@pytest.mark.slow
 def test_transform_codec_files_describe_themselves_and_refuse_damage(tmp_path) -> None:
     assert CodecConfig.parse("tc96") == CodecConfig(kind="transform", bits=96)
     assert CodecConfig.parse("SQ8").factory == "SQ8" and CodecConfig.parse("none").kind == "none"
@@ -294,6 +299,7 @@ def test_transform_codec_files_describe_themselves_and_refuse_damage(tmp_path) -
         MemoryCodec.load(tmp_path / "codec")
 
 
+@pytest.mark.slow
 def test_the_storage_table_sizes_a_transform_codec_as_the_store_writes_it() -> None:
     from memory3.eval.storage import codec_size
 

@@ -89,6 +89,7 @@ def ids(n: int = TOKENS, batch: int = 2) -> torch.Tensor:
     return torch.randint(3, TINY["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.slow
 def test_logits_equal_transformers_over_256_tokens(pair) -> None:
     name, hf, model, _ = pair
     x = ids()
@@ -99,6 +100,7 @@ def test_logits_equal_transformers_over_256_tokens(pair) -> None:
 
 
 @pytest.mark.parametrize("case", ["llama3-rope_parameters", "llama-yarn", "llama-linear", "qwen2.5-yarn"])
+@pytest.mark.slow
 def test_dropping_rope_scaling_would_be_caught(case: str) -> None:
     """The parity test sees RoPE scaling: the same weights with plain RoPE differ by far more."""
     family, extra = CASES[case]
@@ -130,6 +132,7 @@ def test_config_fields_of_each_family(pair) -> None:
         assert c.rope_scaling == LLAMA3 and c.rope_theta == 500000.0
 
 
+@pytest.mark.slow
 def test_memory_reads_like_a_plain_forward_over_the_reference(pair) -> None:
     """The positive control of every family: all reference tokens kept in every layer, read as
     memory, give the logits of a plain forward over prefix + reference + prompt at the same
@@ -157,6 +160,7 @@ def test_memory_reads_like_a_plain_forward_over_the_reference(pair) -> None:
         model.set_memory_layers(tuple(range(model.config.n_layer // 2)))
 
 
+@pytest.mark.slow
 def test_export_is_read_back_by_transformers_and_memory3(pair, tmp_path) -> None:
     name, hf, _, path = pair
     loaded = load_pretrained(path)
@@ -219,6 +223,7 @@ def test_sliding_window_limits_the_context_generation_accepts(tok) -> None:
         gen.generate(["word " * 70], mode="none")
 
 
+@pytest.mark.slow
 def test_dynamic_rope_is_exact_up_to_the_context_limit(tmp_path: Path) -> None:
     """Dynamic NTK changes frequencies only past max_position_embeddings, where memory3 stops."""
     hf = hf_model(

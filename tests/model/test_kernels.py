@@ -85,6 +85,7 @@ def test_fused_decode_declines_what_it_does_not_take() -> None:
 
 
 @needs_kernel
+@pytest.mark.slow
 def test_decoding_with_the_kernel_is_closer_to_float32_than_without(tiny: Memory3Model) -> None:
     """A bfloat16 cache with memories (one row's slots partly empty), left padding and junk in
     unwritten slots, against a float32 cache: the fused kernel's logits are within bfloat16

@@ -31,6 +31,7 @@ def base_dir(tmp_path: Path) -> Path:
     return save_checkpoint(tiny_model(seed=3), tmp_path / "base")
 
 
+@pytest.mark.slow
 def test_memory3_adapter_loads_in_peft_with_the_same_logits(base_dir: Path, tmp_path: Path) -> None:
     model = load_pretrained(base_dir).model
     lora = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"), layers=(0, 2))

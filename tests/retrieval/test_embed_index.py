@@ -57,6 +57,7 @@ def minilm() -> SentenceTransformerEmbedder:
     return get_embedder("minilm")  # type: ignore[return-value]
 
 
+@pytest.mark.slow
 def test_bundled_minilm(minilm: SentenceTransformerEmbedder) -> None:
     assert isinstance(minilm, Embedder)
     assert minilm.dim == 384 and minilm.name == "all-MiniLM-L6-v2"
@@ -99,6 +100,7 @@ def test_bfloat16_precision_gives_the_float32_vectors(minilm: SentenceTransforme
         SentenceTransformerEmbedder(precision="int8")  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_cls_pooling_is_another_normalised_vector(minilm: SentenceTransformerEmbedder) -> None:
     cls = SentenceTransformerEmbedder(pooling="cls")
     texts = ["Paris is the capital of France.", "Cells divide by mitosis."]
@@ -159,6 +161,7 @@ def recall_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@pytest.mark.slow
 def test_approximate_recall(kind: str, recall_data) -> None:
     x, ids, q = recall_data
     _, exact = brute_force(x, ids, q, 5)
@@ -170,6 +173,7 @@ def test_approximate_recall(kind: str, recall_data) -> None:
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.slow
 def test_removed_ids_are_never_returned(kind: str) -> None:
     x = clustered(3000, 16, seed=2, n_centers=30)
     ids = np.arange(3000, dtype=np.int64)
@@ -231,6 +235,7 @@ def test_ivf_rebuild_retrains_on_everything() -> None:
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.slow
 def test_save_load_round_trip(kind: str, tmp_path) -> None:
     x = clustered(3000, 16, seed=6, n_centers=30)
     q = clustered(40, 16, seed=7, n_centers=30)

@@ -37,6 +37,7 @@ def test_leaks_matches_reference(t: list[int], r: list[int], threshold: float) -
 
 
 @pytest.mark.parametrize("m", [63, 65, 100])
+@pytest.mark.slow
 def test_multiword_bit_vectors(m: int) -> None:
     """r longer than one 64-bit word: the carry between words must be right (t longer than 2|r|,
     so that several windows go through the numpy path)."""

@@ -347,6 +347,7 @@ def test_models_and_health(client, server) -> None:
 
 
 # -- knowledge ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_documents_added_replaced_and_deleted_show_in_the_next_answer(client, http, parts) -> None:
     *_, store, _, alone = parts
     question = "Who founded the Brimwick observatory and when?"
@@ -547,6 +548,7 @@ def test_openai_client_sees_errors(client) -> None:
 
 
 # -- concurrency ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_burst_is_batched_and_equals_requests_run_alone(client, server, parts) -> None:
     """8 clients at once: one batch of memory-mode completions with different prompts and
     max_tokens, streams with one max_tokens, and a RAG request; each answer equals the same
@@ -749,6 +751,7 @@ def small_server(parts):
         yield s
 
 
+@pytest.mark.slow
 def test_full_queue_answers_429_and_late_requests_504(small_server) -> None:
     sched, url = small_server.scheduler, small_server.url + "/v1/completions"
     gate = threading.Event()
@@ -773,6 +776,7 @@ def test_full_queue_answers_429_and_late_requests_504(small_server) -> None:
     assert httpx.get(small_server.url + "/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_clients_that_leave_free_their_slot(small_server) -> None:
     sched, url = small_server.scheduler, small_server.url + "/v1/completions"
     body = {"model": MODEL, "prompt": "Mount Fjarn", "max_tokens": 30}
@@ -904,6 +908,7 @@ def test_smollm2_answers_from_the_knowledge_base(smol) -> None:
         assert "".join(c.choices[0].delta.content or "" for c in mem if c.choices)
 
 
+@pytest.mark.slow
 def test_sampling_with_a_seed_is_reproducible(client) -> None:
     def ask(**kw):
         r = client.completions.create(model=MODEL, prompt="Quellmar", max_tokens=8, temperature=1.0, **kw)

@@ -20,6 +20,7 @@ def entities():
     return reading_training_entities()
 
 
+@pytest.mark.slow
 def test_reading_entities_are_train_split_and_never_a_heldout_article(entities) -> None:
     from memory3.data import natural
     from memory3.data.qa import load_qa, shipped_path, split_of
@@ -34,6 +35,7 @@ def test_reading_entities_are_train_split_and_never_a_heldout_article(entities) 
     assert all(e.kind.startswith("reading/") for e in entities)
 
 
+@pytest.mark.slow
 def test_reading_questions_ask_for_spans_of_every_kind_out_of_the_reference(entities) -> None:
     kinds = {"number": 0, "name": 0, "word": 0, "phrase": 0, "quote": 0}
     for e in entities[:400]:
@@ -56,6 +58,7 @@ def test_reading_questions_ask_for_spans_of_every_kind_out_of_the_reference(enti
     assert min(kinds.values()) >= 20, kinds
 
 
+@pytest.mark.slow
 def test_reading_facts_are_a_pure_function_of_the_article(entities) -> None:
     from memory3.train.data import reading_training_entities
 
@@ -63,6 +66,7 @@ def test_reading_facts_are_a_pure_function_of_the_article(entities) -> None:
     assert all(again[e.name] == e for e in entities[:200])
 
 
+@pytest.mark.slow
 def test_sft_data_draws_reading_groups_that_fit_a_chunk_and_the_memory(tmp_path: Path) -> None:
     from memory3.train.data import rng_for
     from memory3.train.loop import load_base

@@ -33,6 +33,7 @@ def qwen_dir(tmp_path_factory, tok) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_sft_on_a_qwen2_model_learns_resumes_and_exports(qwen_dir: Path, tmp_path: Path) -> None:
     from memory3.train.sft import Stage, run_sft
 

@@ -230,6 +230,7 @@ def test_training_data_never_holds_a_heldout_entity() -> None:
         fictional_training_entities(10, seed=0)
 
 
+@pytest.mark.slow
 def test_wikipedia_training_groups_are_train_split_cloze_on_one_topic() -> None:
     from memory3.data.qa import load_qa, shipped_path, split_of
     from memory3.train.data import make_group, rng_for, wikipedia_training_entities
@@ -330,6 +331,7 @@ def test_pairing_skips_references_the_sequence_contains(tok) -> None:
     assert slots.tolist() == [[[-1, 5], [5, 6], [6, 7]]]
 
 
+@pytest.mark.slow
 def test_continual_trains_with_memory_and_saves(tmp_path: Path, tok) -> None:
     from memory3.retrieval.embed import get_embedder
     from memory3.train.continual import (
@@ -389,6 +391,7 @@ def _tiny_sft_config(tmp_path: Path, **overrides: Any) -> Any:
     return dataclasses.replace(base, **overrides)
 
 
+@pytest.mark.slow
 def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
     from memory3.shipped import ADAPTER_META
     from memory3.train.sft import Stage, run_sft
@@ -426,6 +429,7 @@ def test_sft_runs_a_curriculum_and_saves_an_adapter(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("codec_spec", ["SQ4", "tc16"])
+@pytest.mark.slow
 def test_sft_with_the_codec_in_the_loop_reads_quantized_memories_and_resumes_exactly(
     tmp_path: Path, codec_spec: str
 ) -> None:
@@ -460,6 +464,7 @@ def test_sft_with_the_codec_in_the_loop_reads_quantized_memories_and_resumes_exa
         dataclasses.replace(cfg, codec_refresh_every=0)
 
 
+@pytest.mark.slow
 def test_irrelevant_memory_samples_hide_the_answer_and_pull_towards_the_no_memory_answer(
     tmp_path: Path,
 ) -> None:
