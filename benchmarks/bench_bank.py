@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from harness import Run, experiment, interleaved, run_experiment
 
-from memory3.checkpoint import load_pretrained
 from memory3.eval.fidelity import codec_report
-from memory3.eval.report import machine, table, update_section
+from memory3.eval.report import machine, table
 from memory3.memory import layout
 from memory3.memory.build import BuildConfig, build
 from memory3.memory.codec import CodecConfig, train_codec
@@ -53,8 +53,7 @@ from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
 from memory3.retrieval.embed import get_embedder
 from memory3.retrieval.index import IndexConfig, VectorIndex
 from memory3.retrieval.retriever import StoreRetriever
-
-BASE_MODEL = "smollm2-135m-instruct"
+from memory3.shipped import BUNDLED as BASE_MODEL
 
 
 def wiki_docs(n: int) -> list[Document]:
@@ -124,26 +123,26 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1000, q))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def names(model: str, codec: str) -> tuple[str, str, str]:
+    """(results file, section, title): another model or codec than the base model's default gets
+    its own."""
+    own = model != BASE_MODEL
+    slug = Path(model).name
+    tag = "" if codec == "default" else "-" + codec.replace(",", "_")
+    name, title = "bank", "Memory bank: build, codec, retrieval latency (SmolLM2-135M)"
+    if own:
+        name, title = f"bank-{slug}", f"Memory bank: build, codec, retrieval latency ({slug})"
+    if tag:
+        name, title = name + tag, title[:-1] + f", codec {codec})"
+    return f"{name}.json", name, title
+
+
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer references and queries")
-    ap.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (0 = default)")
-    ap.add_argument(
-        "--model",
-        default=BASE_MODEL,
-        help="model whose memory config is measured: the bundled base model (the paper's 15 layers x "
-        "8 tokens) or a trained one such as smollm2-135m-instruct-memory3",
-    )
     ap.add_argument(
         "--codec",
         default="default",
         help="the bank's codec, as `memory3 build --codec` takes it (tc<bits> uses the model's calibration)",
-    )
-    ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument(
-        "--json",
-        default=None,
-        help="results file (default benchmarks/results/bank.json, or bank-MODEL.json for --model)",
     )
     ap.add_argument(
         "--parts",
@@ -151,37 +150,34 @@ def main() -> int:
         help="what to measure: build, latency, codec (the codec report always runs; 'codec' alone "
         "runs only it); the parts left out are carried over from --json",
     )
-    args = ap.parse_args()
-    own = args.model != BASE_MODEL  # another model gets its own results file and section
-    slug = Path(args.model).name
-    tag = "" if args.codec == "default" else "-" + args.codec.replace(",", "_")  # another codec: its own file
-    if args.json is None:
-        args.json = (
-            f"benchmarks/results/bank-{slug}{tag}.json" if own else f"benchmarks/results/bank{tag}.json"
-        )
+
+
+def results_file(args: argparse.Namespace) -> str:
+    return names(args.model, args.codec)[0]
+
+
+@experiment("bank", results_file, arguments, model=BASE_MODEL, faiss_threads=True)
+def main(run: Run) -> int:
+    args = run.args
+    path = run.results_path
     parts = set(args.parts.split(",")) - {"codec"}  # the codec report always runs
     if not parts <= {"build", "latency"}:
         raise SystemExit(f"--parts {args.parts}: choose from build, latency, codec")
-    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+    previous = json.loads(path.read_text()) if path.exists() else {}
     carried = sorted({"build", "latency"} - parts)
     if any(p not in previous for p in carried):
-        raise SystemExit(f"--parts {args.parts}: {args.json} has no {carried} to carry over; run them too")
+        raise SystemExit(f"--parts {args.parts}: {path} has no {carried} to carry over; run them too")
     other = {p: previous.get("measured", {}).get(p, {}).get("model", BASE_MODEL) for p in carried}
     if any(m != args.model for m in other.values()):
         raise SystemExit(
-            f"--model {args.model}: the parts to carry over from {args.json} were measured with {other}; "
+            f"--model {args.model}: the parts to carry over from {path} were measured with {other}; "
             "measure every part with this model (--parts build,latency)"
         )
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        import faiss
-
-        faiss.omp_set_num_threads(args.threads)
     n_docs, n_queries, big = (48, 100, 200_000) if args.quick else (128, 400, 1_000_000)
     rounds = 1 if args.quick else 3
-    results: dict = {"machine": machine(), "threads": args.threads}
-    loaded = load_pretrained(args.model, dtype=torch.float32)
-    model, tok = loaded.model.eval(), loaded.tokenizer
+    results: dict = {"threads": args.threads}
+    loaded = run.load()
+    model, tok = loaded.model, loaded.tokenizer
     mc = loaded.memory_config  # what the model writes: the paper's defaults for the base model
     results["model"] = args.model
     results["memory"] = {"layers": len(model.memory_layers), "kept_tokens": mc.kept_tokens}
@@ -204,25 +200,34 @@ def main() -> int:
     n = len(refs)
     # Rounds of (bound, writer, build without index, whole build) side by side, so that a change
     # in machine load hits all four alike; speeds are medians, shares the median per-round ratio.
-    t: dict[str, list[float]] = {"bound": [], "writer": [], "fill": [], "build": [], "beside": []}
     if "build" not in parts:
         rounds = 0  # carried over below
     serial, beside = (dataclasses.replace(bc, overlap_embedding=o) for o in ("off", "on"))
-    for _ in range(rounds):
-        t["bound"].append(matmul_bound_seconds(model, shapes(refs, bc.batch_size, len(prefix)), repeats=1))
+
+    def written() -> float:
         with torch.inference_mode():
             t0 = time.perf_counter()
             writer.write(refs, bc.batch_size)
-            t["writer"].append(time.perf_counter() - t0)
+            return time.perf_counter() - t0
+
+    def built(cfg: BuildConfig, index: bool = True) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            s = build(docs, Path(tmp) / "a", model, tok, mc, bc, progress=False, codec=codec, index=False)
-            t["fill"].append(s.seconds)
-            t["build"].append(
-                build(docs, Path(tmp) / "b", model, tok, mc, serial, progress=False, codec=codec).seconds
-            )
-            t["beside"].append(
-                build(docs, Path(tmp) / "c", model, tok, mc, beside, progress=False, codec=codec).seconds
-            )
+            return build(
+                docs, Path(tmp) / "bank", model, tok, mc, cfg, progress=False, codec=codec, index=index
+            ).seconds
+
+    t = interleaved(
+        {
+            "bound": lambda: matmul_bound_seconds(model, shapes(refs, bc.batch_size, len(prefix)), repeats=1),
+            "writer": written,
+            "fill": lambda: built(bc, index=False),
+            "build": lambda: built(serial),
+            "beside": lambda: built(beside),
+        },
+        rounds,
+        drop_first=False,
+        own_clock=True,
+    ).runs
     what = {
         "bound": "matmul bound (memory layers' linear layers only)",
         "writer": f"writer (forward to the last memory layer + top-{mc.kept_tokens})",
@@ -267,9 +272,7 @@ def main() -> int:
         p: previous.get("measured", {}).get(p, unknown) if p in carried else here
         for p in ("build", "codec", "latency")
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    run.save(results)
 
     b, c = results["build"], results["codec"]
     body = (
@@ -280,7 +283,7 @@ def main() -> int:
         f"layers' matmuls alone on the same batches (goal: build ≥ 70% of it). Codec training on these "
         f"memories took {b['codec_train_s']:.1f} s.\n\n"
         + table(b["rows"])
-        + f"\n\n{'Default codec' if not tag else 'Codec'} `{c['codec']}`: **{c['bytes_per_memory']:,} B per memory** vs "
+        + f"\n\n{'Default codec' if args.codec == 'default' else 'Codec'} `{c['codec']}`: **{c['bytes_per_memory']:,} B per memory** vs "
         f"{c['bf16_bytes_per_memory']:,} B in bf16 ({c['compression']:.1f}× smaller); relative error "
         f"keys {c['k_rel_error']:.3f}, values {c['v_rel_error']:.3f}; memory-layer attention output "
         f"{c['attn_rel_error']:.3f} (reading another chunk's memories instead: "
@@ -301,14 +304,10 @@ def main() -> int:
             f"codec {m['codec']}.)"
         )
     flags = (" --quick" if args.quick else "") + f" --threads {args.threads} --parts {args.parts}"
-    name, title = "bank", "Memory bank: build, codec, retrieval latency (SmolLM2-135M)"
-    if own:
-        flags += f" --model {args.model}"
-        name, title = f"bank-{slug}", f"Memory bank: build, codec, retrieval latency ({slug})"
-    if tag:
-        flags += f" --codec {args.codec}"
-        name, title = name + tag, title[:-1] + f", codec {args.codec})"
-    update_section(args.out, name, title, "python benchmarks/bench_bank.py" + flags, body, results)
+    flags += f" --model {args.model}" if args.model != BASE_MODEL else ""
+    flags += f" --codec {args.codec}" if args.codec != "default" else ""
+    _, name, title = names(args.model, args.codec)
+    run.section(name, title, flags, body)
     return 0
 
 
@@ -394,4 +393,4 @@ def latency(args, results, model, writer, mc, mem, codec, n_queries: int, big: i
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_experiment("bank"))

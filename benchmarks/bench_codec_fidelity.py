@@ -17,19 +17,17 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from harness import Run, experiment, load_model, run_experiment
 
-from memory3.checkpoint import load_pretrained
 from memory3.data.wikipedia import load_articles
 from memory3.eval.fidelity import codec_report
-from memory3.eval.report import machine, table, update_section
+from memory3.eval.report import table
 from memory3.memory.codec import CodecConfig, MemoryCodec, train_codec
 from memory3.memory.transform import rotate
 from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
-from memory3.shipped import default_model
 
 
 def rotate_keys(mem: Memories, theta: float, sign: int) -> Memories:
@@ -60,9 +58,9 @@ def write_split_memories(
     model_name: str, n_train: int, n_test: int, batch: int = 16
 ) -> tuple[Any, Any, Any, Memories, Memories]:
     """(model, tokenizer, memory config, memories of the first n_train train-split Wikipedia
-    references, memories of the next n_test), written by `model_name`."""
-    loaded = load_pretrained(model_name)
-    model, tok, mc = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
+    references, memories of the next n_test), written by `model_name` (the harness's loader)."""
+    loaded = load_model(model_name)
+    model, tok, mc = loaded.model, loaded.tokenizer, loaded.memory_config
     writer = MemoryWriter(model, reference_prefix_ids(tok, model.config.bos_token_id, mc), mc)
     n = n_train + n_test
     articles = load_articles("train")[:n]
@@ -77,9 +75,7 @@ def write_split_memories(
     return model, tok, mc, train_mem, test_mem
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=default_model())
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--codecs", nargs="+", default=["SQ8", "SQ4", "Residual2x10,PQ8"], help="FAISS factory strings"
     )
@@ -87,20 +83,19 @@ def main() -> int:
     ap.add_argument("--train-references", type=int, default=640)
     ap.add_argument("--test-references", type=int, default=60)
     ap.add_argument("--train-vectors", type=int, default=20000, help="per quantizer (one per layer, K and V)")
-    ap.add_argument("--threads", type=int, default=2, help="torch and FAISS threads (0 = default)")
-    ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/results/codec_fidelity.json")
-    args = ap.parse_args()
+
+
+@experiment("codec-fidelity", "codec_fidelity.json", arguments, threads=2)
+def main(run: Run) -> int:
+    args = run.args
     if args.test_references < 10:
-        ap.error("--test-references must be at least 10 (codec_report reads groups of 5 memories)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        run.error("--test-references must be at least 10 (codec_report reads groups of 5 memories)")
     try:
         model, _, mc, train_mem, test_mem = write_split_memories(
             args.model, args.train_references, args.test_references
         )
     except ValueError as e:
-        ap.error(str(e))
+        run.error(str(e))
     theta = model.config.rope_theta
     rows: list[dict[str, Any]] = []
     variants = [(f, False) for f in args.codecs] + ([(f, True) for f in args.codecs] if args.pre_rope else [])
@@ -126,18 +121,16 @@ def main() -> int:
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     other = rep["attn_rel_error_other_memories"]
-    results = {
-        "machine": machine(),
-        "model": str(args.model),
-        "memory_config": mc.to_dict(),
-        "references": {"train": args.train_references, "test": args.test_references},
-        "train_vectors": args.train_vectors,
-        "attn_rel_error_other_memories": other,
-        "rows": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results, indent=1))
+    run.save(
+        {
+            "model": str(args.model),
+            "memory_config": mc.to_dict(),
+            "references": {"train": args.train_references, "test": args.test_references},
+            "train_vectors": args.train_vectors,
+            "attn_rel_error_other_memories": other,
+            "rows": rows,
+        }
+    )
     body = (
         f"Model `{args.model}` ({len(model.memory_layers)} memory layers × {mc.kept_tokens} kept tokens). "
         f"Codecs trained on {args.train_references} train-split Wikipedia references' memories "
@@ -150,12 +143,9 @@ def main() -> int:
     flags = f" --threads {args.threads} --codecs {' '.join(args.codecs)}" + (
         " --pre-rope" if args.pre_rope else ""
     )
-    update_section(
-        args.out, "codec-fidelity", "Memory codec: where the attention error comes from",
-        "python benchmarks/bench_codec_fidelity.py" + flags, body, results,
-    )  # fmt: skip
+    run.section("codec-fidelity", "Memory codec: where the attention error comes from", flags, body)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_experiment("codec-fidelity"))

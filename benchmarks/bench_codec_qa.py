@@ -24,14 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from harness import Run, experiment, run_experiment, shown
 
-from memory3.checkpoint import load_pretrained
 from memory3.data.qa import load_qa
 from memory3.data.sets import GenerateConfig, generate
 from memory3.eval.paired import paired_drop_ci
 from memory3.eval.qa import QAEvalConfig, evaluate_qa, kb_documents, resolve_set, select_items
-from memory3.eval.report import machine, table, update_section
+from memory3.eval.report import table
 from memory3.generate import Generator
 from memory3.memory.build import BuildConfig, build
 from memory3.memory.codec import CodecConfig
@@ -69,9 +68,7 @@ def codecs_from(names: list[str], train_vectors: int | None = None) -> dict[str,
     return {**out, BASELINE: CodecConfig(kind="none")}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=default_model())
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sets", default="fictional,factbook", help="comma-separated question sets")
     ap.add_argument("--limit", type=int, default=None, help="first N held-out questions per set")
     ap.add_argument(
@@ -79,7 +76,6 @@ def main() -> int:
         action="store_true",
         help="every held-out question of the sets (FULL_SETS, generated), not the shipped sample",
     )
-    ap.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (0 = default)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument(
         "--codecs",
@@ -98,22 +94,19 @@ def main() -> int:
         default=None,
         help="for tc<bits> codecs: a calibration file (default: the one beside the model, as build uses)",
     )
-    ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/results/codec_qa.json")
     ap.add_argument(
         "--section",
         default="codec-qa",
         help="BENCHMARKS.md section to write: codec-qa (the default codec's), or codec-qa-tc for the "
         "transform codec's",
     )
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        import faiss
 
-        faiss.omp_set_num_threads(args.threads)
-    loaded = load_pretrained(args.model)
-    model, tok, mem_cfg = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
+
+@experiment("codec-qa", "codec_qa.json", arguments, faiss_threads=True)
+def main(run: Run) -> int:
+    args = run.args
+    loaded = run.load()
+    model, tok, mem_cfg = loaded.model, loaded.tokenizer, loaded.memory_config
     qa_cfg = QAEvalConfig(modes=("memory",), batch_size=args.batch_size)
     codecs = codecs_from(args.codecs, args.train_vectors)
     calibration = find_calibration(loaded.path, args.calibration)  # as `memory3 build --codec tc<bits>`
@@ -171,7 +164,6 @@ def main() -> int:
         c: sum(r["memory accuracy"] * r["questions"] for r in rows if r["codec"] == c) / total for c in codecs
     }
     results = {
-        "machine": machine(),
         "model": str(args.model),
         "memory_config": mem_cfg.to_dict(),
         "threads": args.threads,
@@ -186,9 +178,7 @@ def main() -> int:
         "drop_ci95": {c: paired_drop_ci(ok_all[c], ok_all[BASELINE]) for c in codecs if c != BASELINE},
         "detail": detail,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in results.items() if k != "detail"}, indent=2))
+    run.save(results)
     body = (
         f"Model `{args.model}`, held-out questions answered with explicit memory from banks of the same "
         f"references built with each codec and in bf16 (same embedder, exact index, so the same hits). "
@@ -217,17 +207,14 @@ def main() -> int:
         + (f" --train-vectors {args.train_vectors}" if args.train_vectors else "")
         + (f" --calibration {args.calibration}" if args.calibration else "")
     )
-    compact = {k: v for k, v in results.items() if k != "detail"}
     if args.model != default_model():
         flags += f" --model {args.model}"
     if args.section != "codec-qa":
-        flags += f" --section {args.section} --json {args.json}"
+        flags += f" --section {args.section} --json {shown(run.results_path)}"
     title = SECTIONS.get(args.section, f"Memory codec: effect on question answering ({args.section})")
-    update_section(
-        args.out, args.section, title, "python benchmarks/bench_codec_qa.py" + flags, body, compact
-    )
+    run.section(args.section, title, flags, body)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_experiment("codec-qa"))

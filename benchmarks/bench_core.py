@@ -19,17 +19,18 @@ import argparse
 import json
 import statistics
 import sys
-import time
+from functools import partial
 
 import torch
+from harness import Run, experiment, interleaved, run_experiment
 
-from memory3.checkpoint import load_pretrained
 from memory3.config import GenerationConfig, MemoryConfig
-from memory3.eval.report import machine, table, update_section
+from memory3.eval.report import table
 from memory3.families import to_hf
 from memory3.generate import Generator
 from memory3.memory.write import MemoryWriter
 from memory3.retrieval.inmemory import InMemoryRetriever
+from memory3.shipped import BUNDLED
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle on a stormy night."
 
@@ -45,22 +46,6 @@ def wiki_texts(n: int) -> list[str]:
     return out
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def interleave(fns: dict[str, callable], rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(rounds + 1):
-        for k, fn in fns.items():
-            t = timed(fn)
-            if r > 0:  # the first round warms up
-                times[k].append(t)
-    return times
-
-
 def decode_rate(batch: int, n: int, t_n: list[float], t_1: list[float]) -> float:
     return batch * (n - 1) / (statistics.median(t_n) - statistics.median(t_1))
 
@@ -72,28 +57,32 @@ def paired_ratio(a: list[float], b: list[float]) -> dict[str, float]:
     return {"ratio": statistics.median(r), "ratio min": r[0], "ratio max": r[-1]}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens")
-    ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--part", choices=("all", "transformers", "memory"), default="all")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the memory part"
     )
     ap.add_argument("--rounds", type=int, default=0, help="measured rounds (0: 5, or 2 with --quick)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+
+def results_file(args: argparse.Namespace) -> str:
+    """One file for both parts, or one per part when a part runs alone."""
+    return "core.json" if args.part == "all" else f"core-{args.part}.json"
+
+
+@experiment("core", results_file, arguments, model=None, threads=0)
+def main(run: Run) -> int:
+    args = run.args
     rounds, n_new = (2, 32) if args.quick else (5, 64)
     rounds = args.rounds or rounds
     torch.manual_seed(0)
-    results: dict = {"machine": machine(), "new_tokens": n_new, "rounds": rounds}
+    results: dict = {"new_tokens": n_new, "rounds": rounds}
 
     rows: list[dict] = []
     if args.part in ("all", "transformers"):
         for dtype in (torch.float32, torch.bfloat16):
-            loaded = load_pretrained(dtype=dtype)
+            loaded = run.load(BUNDLED, dtype)
             model, tok = loaded.model, loaded.tokenizer
             hf = to_hf(model)
             gen = Generator(model, tok, chat=True)
@@ -119,10 +108,10 @@ def main() -> int:
                     )
 
                 with torch.inference_mode():
-                    t = interleave(
+                    t = interleaved(
                         {"ours_n": ours(n_new), "hf_n": theirs(n_new), "ours_1": ours(1), "hf_1": theirs(1)},
                         rounds,
-                    )
+                    ).runs
                 r_ours = decode_rate(batch, n_new, t["ours_n"], t["ours_1"])
                 r_hf = decode_rate(batch, n_new, t["hf_n"], t["hf_1"])
                 # per round: our time over theirs (prefill subtracted), inverted into a speed ratio
@@ -144,7 +133,7 @@ def main() -> int:
     if args.part in ("all", "memory"):
         # memory vs no memory, and writing throughput
         mem_dtype = getattr(torch, args.dtype)
-        loaded = load_pretrained(dtype=mem_dtype)
+        loaded = run.load(BUNDLED, mem_dtype)
         model, tok = loaded.model, loaded.tokenizer
         mc = MemoryConfig()
         gen = Generator(model, tok, memory_config=mc, chat=True)
@@ -154,7 +143,8 @@ def main() -> int:
         refs = [r for r in refs if len(r) == 128][:48]
         with torch.inference_mode():
             writer.write(refs[:8], batch_size=8)  # warm up
-            t_write = [timed(lambda: writer.write(refs, batch_size=16)) for _ in range(rounds)]
+            write = {"write": lambda: writer.write(refs, batch_size=16)}
+            t_write = interleaved(write, rounds, drop_first=False).runs["write"]
         results["write"] = {
             "references": len(refs),
             "tokens_per_reference": 128,
@@ -169,13 +159,17 @@ def main() -> int:
         for batch in (1, 8):
             n = 128 if not args.quick else 72  # crosses the 64-token boundary: one re-retrieval
             cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
-            timings: dict[str, list[float]] = {"memory": [], "none": []}
             prompts = [PROMPT] * batch
-            for r in range(rounds + 1):
-                for mode in ("memory", "none"):
-                    gen.generate(prompts, mode=mode, config=cfg)
-                    if r > 0:
-                        timings[mode].append(batch * (n - 1) / gen.timing.decode_s)
+
+            def rate(
+                mode: str, prompts: list[str] = prompts, n: int = n, cfg: GenerationConfig = cfg
+            ) -> float:
+                """Decode tokens/s of one generation, prefill excluded."""
+                gen.generate(prompts, mode=mode, config=cfg)
+                return len(prompts) * (n - 1) / gen.timing.decode_s
+
+            modes = {mode: partial(rate, mode) for mode in ("memory", "none")}
+            timings = interleaved(modes, rounds, own_clock=True).runs
             row = {
                 "batch": batch,
                 "memory tok/s": statistics.median(timings["memory"]),
@@ -192,7 +186,7 @@ def main() -> int:
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --rounds {args.rounds}" if args.rounds else "")
     )
-    print(json.dumps(results, indent=2))
+    run.save(results)
     if rows:
         body = (
             "Decode speed of memory3 vs transformers `generate` (same weights, greedy, "
@@ -201,9 +195,8 @@ def main() -> int:
             "KV cache (`kv_dtype='auto'`: bfloat16 for a float32 model on a CPU with native bfloat16); "
             "transformers keeps the model's dtype:\n\n" + table(rows)
         )
-        cmd = "python benchmarks/bench_core.py --part transformers" + flags
-        update_section(
-            args.out, "core", "Core: decode speed vs transformers (SmolLM2-135M)", cmd, body, results
+        run.section(
+            "core", "Core: decode speed vs transformers (SmolLM2-135M)", " --part transformers" + flags, body
         )
     if mem_rows:
         body = (
@@ -214,17 +207,14 @@ def main() -> int:
             + f"\n\nMemory writing ({args.dtype}, 128-token references, batch 16): "
             f"**{results['write']['references_per_s']:.1f} references/s**.\n"
         )
-        cmd = "python benchmarks/bench_core.py --part memory" + flags + f" --dtype {args.dtype}"
-        update_section(
-            args.out,
+        run.section(
             "core-memory",
             "Core: decode with memory vs without, and writing (SmolLM2-135M)",
-            cmd,
+            " --part memory" + flags + f" --dtype {args.dtype}",
             body,
-            results,
         )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_experiment("core"))

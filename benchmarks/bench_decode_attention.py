@@ -1,6 +1,8 @@
-"""The attention of one decoding step over a bfloat16 KV cache, path by path: the fused kernel
-(`memory3.kernels`, what decoding uses on an AVX-512 CPU), the two-matmul PyTorch path it
-replaces (`model.matmul_attention`, the fallback), and float32 SDPA over a float32 cache.
+"""The attention of one decoding step over a bfloat16 KV cache, path by path.
+
+The fused kernel (`memory3.kernels`, what decoding uses on an AVX-512 CPU), the two-matmul
+PyTorch path it replaces (`model.matmul_attention`, the fallback), and float32 SDPA over a float32
+cache.
 
 SmolLM2-135M's head layout (9 query heads over 3 kv heads of 64). Slots as in a decoding step of
 `memory3 bench speed`: 240 memory slots in front of a 256-token context, of which `--context`
@@ -19,14 +21,14 @@ over the whole contiguous cache tensors).
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from harness import Run, experiment, interleaved, run_experiment
 
 from memory3 import kernels
-from memory3.eval.report import machine, publish, table
+from memory3.eval.report import table
 from memory3.model import matmul_attention
 
 H, K, D = 9, 3, 64  # SmolLM2-135M
@@ -35,15 +37,13 @@ MEMORY_SLOTS, MAX_LEN, LAYERS = 240, 256, 20
 
 def per_call(fn: Callable[[int], object], layers: int, rounds: int) -> float:
     """Median seconds per call over `rounds` sweeps of `layers` calls, after one sweep."""
-    for i in range(layers):
-        fn(i)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+
+    def sweep() -> None:
         for i in range(layers):
             fn(i)
-        times.append((time.perf_counter() - t0) / layers)
-    return sorted(times)[rounds // 2]
+
+    times = interleaved({"sweep": sweep}, rounds).runs["sweep"]
+    return sorted(times)[rounds // 2] / layers
 
 
 def case(batch: int, memory: bool, context: int, setting: str, rounds: int) -> list[dict]:
@@ -109,16 +109,15 @@ def case(batch: int, memory: bool, context: int, setting: str, rounds: int) -> l
     return rows
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--context", type=int, default=192, help="context tokens written (of 256)")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/results/decode_attention.json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+
+
+@experiment("decode-attention", "decode_attention.json", arguments, model=None)
+def main(run: Run) -> int:
+    args = run.args
     if not kernels.available():
         raise SystemExit(
             "the fused kernel is not available here (no AVX-512, no compiler, or MEMORY3_KERNELS=0)"
@@ -139,13 +138,7 @@ def main() -> int:
                 {c: r[c] for c in ("batch", "memory", "setting")}
                 | {"fused over matmul path": base["ms per call"] / r["ms per call"]}
             )
-    results = {
-        "threads": args.threads,
-        "context": args.context,
-        "rows": rows,
-        "speedups": speedups,
-        "machine": machine(),
-    }
+    run.save({"threads": args.threads, "context": args.context, "rows": rows, "speedups": speedups})
     print(table(speedups))
     body = (
         f"One decoding step's attention in one layer, SmolLM2-135M heads ({H} query heads over {K} kv heads "
@@ -155,10 +148,9 @@ def main() -> int:
         "Median of "
         f"{args.rounds} sweeps.\n\n" + table(speedups) + "\n\n" + table(rows)
     )
-    publish(results, args.json, args.out, "decode-attention", "Speed: the fused decode attention",
-            "python benchmarks/bench_decode_attention.py", body)  # fmt: skip
+    run.section("decode-attention", "Speed: the fused decode attention", "", body)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_experiment("decode-attention"))

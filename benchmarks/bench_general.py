@@ -31,9 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from harness import Run, experiment, run_experiment
 
-from memory3.checkpoint import load_pretrained
 from memory3.data.qa import load_qa, shipped_path
 from memory3.eval.qa import (
     QAEvalConfig,
@@ -43,7 +42,7 @@ from memory3.eval.qa import (
     resolve_set,
     select_items,
 )
-from memory3.eval.report import machine, publish, table
+from memory3.eval.report import table
 from memory3.generate import Generator
 from memory3.memory.codec import CodecConfig
 from memory3.memory.ingest import read_documents
@@ -61,6 +60,11 @@ def floor_arg(value: str) -> float | None:
         raise argparse.ArgumentTypeError(
             f"--floors takes cosine similarities or 'none', got {value!r}"
         ) from None
+
+
+def tag_of(codec: str | None) -> str:
+    """'' for exact memories, '-CODEC' for a codec: its results file and section have their own."""
+    return "" if codec is None else "-" + codec.replace(",", "_")
 
 
 def _rows(
@@ -96,9 +100,7 @@ def _rows(
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=default_model())
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--kb", default=str(shipped_path("factbook_kb.jsonl")), help="the unrelated knowledge base"
     )
@@ -107,20 +109,18 @@ def main() -> int:
         "--sets", default="factbook,fictional,wikipedia", help="sets for the floor's cost ('' = skip)"
     )
     ap.add_argument("--floors", nargs="+", type=floor_arg, default=[None, 0.45])
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's choice)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--limit", type=int, default=None, help="first N questions of each set (a quick look)")
     ap.add_argument("--codec", default=None, help="hold memories through this codec (default: exact)")
     ap.add_argument("--calibration", default=None, help="for tc<bits>: default, the one beside the model")
-    ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default=None, help="default benchmarks/results/general[-CODEC].json")
-    args = ap.parse_args()
-    tag = "" if args.codec is None else "-" + args.codec.replace(",", "_")
-    args.json = args.json or f"benchmarks/results/general{tag}.json"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_pretrained(args.model)
-    model, tok, mem_cfg = loaded.model.eval(), loaded.tokenizer, loaded.memory_config
+
+
+@experiment("general", lambda args: f"general{tag_of(args.codec)}.json", arguments, threads=2)
+def main(run: Run) -> int:
+    args = run.args
+    tag = tag_of(args.codec)
+    loaded = run.load()
+    model, tok, mem_cfg = loaded.model, loaded.tokenizer, loaded.memory_config
     embedder = get_embedder()
     codec = None if args.codec is None else CodecConfig.parse(args.codec)
     calibration = (
@@ -135,7 +135,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     answers: dict[str, list[str]] = {}
 
-    def run(items: list[Any], retriever: Any, what: str) -> None:
+    def answer(items: list[Any], retriever: Any, what: str) -> None:
         for j, floor in enumerate(args.floors):
             modes = ("none", "memory", "rag") if j == 0 else ("memory", "rag")
             report = evaluate_qa(
@@ -162,19 +162,18 @@ def main() -> int:
     docs = list(read_documents(args.kb))  # a file or directory of text, Markdown or JSONL
     asked = {it.doc_id for it in items}
     docs = [d for d in docs if d.doc_id not in asked]
-    run(items, retriever_of(docs), f"{path.stem}, unrelated KB")
+    answer(items, retriever_of(docs), f"{path.stem}, unrelated KB")
     # 2. the harness's held-out sets with their own knowledge base
     for name in filter(None, args.sets.split(",")):
         p = resolve_set(name)
         held = select_items(load_qa(p), "heldout", args.limit)
-        run(
+        answer(
             held,
             retriever_of(kb_documents(p, held, "set")),
             f"{name}, own KB",
         )
 
     results = {
-        "machine": machine(),
         "model": str(args.model),
         "memory_config": mem_cfg.to_dict(),
         "kb": args.kb,
@@ -183,7 +182,7 @@ def main() -> int:
         "rows": rows,
         "answers": answers,
     }
-    print(json.dumps(rows, indent=1))
+    run.save(results)
     body = (
         f"Model `{args.model}`, 5 references per retrieval, greedy, answer contained. "
         + (
@@ -209,18 +208,15 @@ def main() -> int:
         + (f" --codec {args.codec}" if codec is not None else "")
         + (f" --calibration {args.calibration}" if args.calibration else "")
     )
-    publish(
-        results,
-        args.json,
-        args.out,
+    run.section(
         "general" + tag,
         "General questions with unrelated memories, and a relevance floor"
         + ("" if codec is None else f" (memories through codec {args.codec})"),
-        "python benchmarks/bench_general.py" + flags,
+        flags,
         body,
     )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_experiment("general"))

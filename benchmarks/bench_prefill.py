@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
-from pathlib import Path
+from functools import partial
 
 import torch
+from harness import Run, experiment, interleaved, run_experiment
 
-from memory3.checkpoint import load_pretrained
 from memory3.config import MemoryConfig
-from memory3.eval.report import machine, table, update_section
+from memory3.eval.report import table
 from memory3.generate import prefill_chunks
 from memory3.memory import layout
 from memory3.memory.write import Memories, reference_prefix_ids
 from memory3.model import KVCache, Memory3Model
-from memory3.shipped import default_model
 
 
 def prefill_s(
@@ -58,18 +56,16 @@ def prefill_s(
     return time.perf_counter() - t0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=default_model())
-    ap.add_argument("--threads", type=int, default=1)
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cases", default="32x128,8x512", help="BATCHxPROMPT_TOKENS, comma-separated")
     ap.add_argument("--runs", type=int, default=3, help="measured runs of each (after one dropped)")
-    ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/results/prefill.json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    loaded = load_pretrained(args.model)
-    model, mc = loaded.model.eval(), loaded.memory_config
+
+
+@experiment("prefill", "prefill.json", arguments)
+def main(run: Run) -> int:
+    args = run.args
+    loaded = run.load()
+    model, mc = loaded.model, loaded.memory_config
     cfg = model.config
     p = len(reference_prefix_ids(loaded.tokenizer, cfg.bos_token_id, mc))
     rows = []
@@ -81,13 +77,10 @@ def main() -> int:
         positions = torch.arange(mc.kept_tokens, dtype=torch.int32).expand(shape[:4]).contiguous()
         mem = Memories(torch.randn(shape, generator=g), torch.randn(shape, generator=g), positions, "bench")
         index = torch.arange(B * C * J).view(B, C, J)
-        times: dict[str, list[float]] = {"one pass": [], "chunk by chunk": []}
-        for r in range(args.runs + 1):  # interleaved; the first round is dropped
-            for how in times:
-                t = prefill_s(model, mc, mem, index, L, p, how)
-                if r:
-                    times[how].append(t)
-        med = {how: statistics.median(ts) for how, ts in times.items()}
+        hows = ("one pass", "chunk by chunk")
+        fns = {how: partial(prefill_s, model, mc, mem, index, L, p, how) for how in hows}
+        t = interleaved(fns, args.runs, own_clock=True)
+        med = t.median
         rows.append(
             {
                 "batch": B,
@@ -96,15 +89,11 @@ def main() -> int:
                 "one pass s": round(med["one pass"], 3),
                 "chunk by chunk s": round(med["chunk by chunk"], 3),
                 "chunk by chunk / one pass": round(med["chunk by chunk"] / med["one pass"], 3),
-                "runs": {how: [round(t, 3) for t in ts] for how, ts in times.items()},
+                "runs": {how: [round(x, 3) for x in ts] for how, ts in t.runs.items()},
             }
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    results = {"machine": machine(), "model": str(args.model), "memory_config": mc.to_dict(),
-               "threads": args.threads, "rows": rows}  # fmt: skip
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results, indent=2))
+    run.save({"model": str(args.model), "memory_config": mc.to_dict(), "threads": args.threads, "rows": rows})
     cols = ["batch", "prompt tokens", "chunks", "one pass s", "chunk by chunk s", "chunk by chunk / one pass"]
     body = (
         f"Model `{args.model}` ({len(model.memory_layers)} memory layers, {mc.kept_tokens} kept tokens, "
@@ -115,12 +104,12 @@ def main() -> int:
         "(`generate.prefill_chunks`), the prefix and chunk 0 in one pass, then each chunk's memories "
         "copied into the KV cache's memory slots before its tokens run.\n\n" + table(rows, cols)
     )
-    update_section(
-        args.out, "prefill", "Speed: memory-mode prefill, one block-masked pass or chunk by chunk",
-        f"python benchmarks/bench_prefill.py --threads {args.threads} --cases {args.cases}", body, results,
+    run.section(
+        "prefill", "Speed: memory-mode prefill, one block-masked pass or chunk by chunk",
+        f" --threads {args.threads} --cases {args.cases}", body,
     )  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_experiment("prefill"))

@@ -17,9 +17,8 @@ import json
 import sys
 from typing import Any
 
-import torch
+from harness import Run, experiment, run_experiment
 
-from memory3.checkpoint import load_pretrained
 from memory3.data.qa import load_qa
 from memory3.eval.qa import (
     QAEvalConfig,
@@ -29,11 +28,10 @@ from memory3.eval.qa import (
     resolve_set,
     select_items,
 )
-from memory3.eval.report import machine, publish, table
+from memory3.eval.report import table
 from memory3.generate import Generator
 from memory3.memory.codec import CodecConfig, MemoryCodec, MemoryShape
 from memory3.retrieval.embed import get_embedder
-from memory3.shipped import default_model
 
 
 def kept_setting(value: str) -> tuple[int | None, str | None]:
@@ -55,22 +53,19 @@ def sq8_bytes(layers: int, kv_heads: int, kept: int, head_dim: int) -> int:
     return codec.record_bytes
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=default_model())
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sets", default="factbook,fictional,wikipedia", help="comma-separated question sets")
     ap.add_argument("--kept", nargs="+", default=["32", "48", "64", "all"], help="tokens per head, or 'all'")
     ap.add_argument("--limit", type=int, default=None, help="first N held-out questions per set")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's choice)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/results/qa_kept.json")
-    args = ap.parse_args()
+
+
+@experiment("qa-kept", "qa_kept.json", arguments, threads=2)
+def main(run: Run) -> int:
+    args = run.args
     settings = [(k, kept_setting(k)) for k in args.kept]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_pretrained(args.model)
-    model, tok = loaded.model.eval(), loaded.tokenizer
+    loaded = run.load()
+    model, tok = loaded.model, loaded.tokenizer
     embedder = get_embedder()
     cfg = model.config
     rows: list[dict[str, Any]] = []
@@ -112,14 +107,14 @@ def main() -> int:
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    results = {
-        "machine": machine(),
-        "model": str(args.model),
-        "memory_config": loaded.memory_config.to_dict(),
-        "rows": rows,
-        "answers": answers,
-    }
-    print(json.dumps(rows, indent=1))
+    run.save(
+        {
+            "model": str(args.model),
+            "memory_config": loaded.memory_config.to_dict(),
+            "rows": rows,
+            "answers": answers,
+        }
+    )
     own = loaded.memory_config.kept_tokens
     body = (
         f"Model `{args.model}` (its default: {own} kept tokens per head). Held-out questions "
@@ -130,17 +125,9 @@ def main() -> int:
     flags = f" --threads {args.threads} --sets {args.sets} --kept {' '.join(args.kept)}" + (
         f" --limit {args.limit}" if args.limit else ""
     )
-    publish(
-        results,
-        args.json,
-        args.out,
-        "qa-kept",
-        "Question answering against tokens kept per head",
-        "python benchmarks/bench_qa_kept.py" + flags,
-        body,
-    )
+    run.section("qa-kept", "Question answering against tokens kept per head", flags, body)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_experiment("qa-kept"))

@@ -19,16 +19,14 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from harness import Run, experiment, run_experiment
 
-from memory3.checkpoint import load_pretrained
 from memory3.config import MemoryConfig
-from memory3.eval.report import machine, table, update_section
+from memory3.eval.report import table
 from memory3.memory.write import MemoryWriter, reference_prefix_ids
-from memory3.shipped import default_model
 from memory3.train.probe import heldout_questions, probe
 
 
@@ -72,22 +70,19 @@ def coverage(model: Any, tok: Any, mem: MemoryConfig, source: str, n: int) -> di
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=default_model())
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rules", default="attention,attention-mean,value-attention,key-norm,random")
     ap.add_argument("--kept", default="8,16,32", help="kept tokens per head to measure")
     ap.add_argument("--sources", default="fictional,factbook")
     ap.add_argument("--n", type=int, default=40, help="held-out questions per source")
     ap.add_argument("--no-accuracy", action="store_true", help="answer coverage only (fast)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/results/selection.json")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_pretrained(args.model)
-    model, tok = loaded.model.eval(), loaded.tokenizer
+
+
+@experiment("selection", "selection.json", arguments, threads=2)
+def main(run: Run) -> int:
+    args = run.args
+    loaded = run.load()
+    model, tok = loaded.model, loaded.tokenizer
     base = loaded.memory_config
     rows = []
     for source in args.sources.split(","):
@@ -103,15 +98,7 @@ def main() -> int:
                 row["seconds"] = time.perf_counter() - t0
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    results = {
-        "machine": machine(),
-        "model": str(args.model),
-        "memory_config": base.to_dict(),
-        "n": args.n,
-        "rows": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    run.save({"model": str(args.model), "memory_config": base.to_dict(), "n": args.n, "rows": rows})
     cols = ["source", "kept", "rule", "answer tokens kept", "heads keeping any"]
     cols += [] if args.no_accuracy else ["memory accuracy"]
     body = (
@@ -124,12 +111,9 @@ def main() -> int:
     )
     flags = f" --threads {args.threads} --n {args.n} --rules {args.rules} --kept {args.kept}"
     flags += f" --sources {args.sources}" + (" --no-accuracy" if args.no_accuracy else "")
-    update_section(
-        args.out, "selection", "Token selection: what memories keep and what it costs in answers",
-        "python benchmarks/bench_selection.py" + flags, body, results,
-    )  # fmt: skip
+    run.section("selection", "Token selection: what memories keep and what it costs in answers", flags, body)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_experiment("selection"))

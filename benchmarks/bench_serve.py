@@ -27,10 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
+from harness import Run, experiment, run_experiment
 
-from memory3.checkpoint import load_pretrained
 from memory3.config import GenerationConfig, MemoryConfig
-from memory3.eval.report import machine, table, update_section
+from memory3.eval.report import table
 from memory3.generate import Generator
 from memory3.memory.ingest import Document, chunk_documents
 from memory3.memory.write import MemoryWriter
@@ -38,6 +38,7 @@ from memory3.retrieval.embed import get_embedder
 from memory3.retrieval.inmemory import InMemoryRetriever
 from memory3.scheduler import SchedulerConfig
 from memory3.serve import BackgroundServer, ServerConfig, create_app
+from memory3.shipped import BUNDLED
 
 QUESTIONS = (
     "What is {t} known for?",
@@ -127,22 +128,21 @@ def generator_alone(gen: Generator, prompts: list[str], max_tokens: int) -> dict
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer requests; RAG at concurrency 1 and 8 only")
     ap.add_argument("--levels", default="1,4,8,16")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--texts", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--out", default="BENCHMARKS.md")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+
+@experiment("serve", "serve.json", arguments, model=None, threads=0)
+def main(run: Run) -> int:
+    args = run.args
     levels = [int(x) for x in args.levels.split(",")]
 
-    loaded = load_pretrained(dtype=getattr(torch, args.dtype))
+    loaded = run.load(BUNDLED, getattr(torch, args.dtype))
     model, tok = loaded.model, loaded.tokenizer
     mc = MemoryConfig()
     gen = Generator(model, tok, memory_config=mc)
@@ -164,7 +164,6 @@ def main() -> int:
     )
     app = create_app(gen, {"wiki": retriever}, config, sched)
     results: dict = {
-        "machine": machine(),
         "model": f"SmolLM2-135M-Instruct {args.dtype}",
         "references": len(refs),
         "max_tokens": args.max_tokens,
@@ -208,7 +207,7 @@ def main() -> int:
     results["checks"] = checks
     errors = sum(r["errors"] for rows in results["levels"].values() for r in rows)
     results["errors"] = errors
-    print(json.dumps(results, indent=2))
+    run.save(results)
 
     cols = ["mode", "concurrency", "requests", "errors", "requests/s", "tokens/s", "p50 s", "p99 s"]
     all_rows = [r for rows in results["levels"].values() for r in rows]
@@ -232,18 +231,16 @@ def main() -> int:
         + "\n".join(speed)
         + "\n"
     )
-    cmd = (
-        "python benchmarks/bench_serve.py"
-        + (" --quick" if args.quick else "")
+    flags = (
+        (" --quick" if args.quick else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + f" --dtype {args.dtype}"
     )
-    title = "Server: throughput and latency under load (SmolLM2-135M)"
-    update_section(args.out, "serve", title, cmd, body_md, results)
+    run.section("serve", "Server: throughput and latency under load (SmolLM2-135M)", flags, body_md)
     # The batching goal is checked on memory mode (RAG is prefill-bound, see the docstring).
     ok = errors == 0 and checks.get("memory", {}).get("speedup c8/c1 tokens/s", 0) >= 3
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_experiment("serve"))

@@ -50,10 +50,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+from harness import Run, experiment, run_experiment
 
-from memory3.eval.report import machine, publish, table
+from memory3.eval.report import table
+from memory3.shipped import TRAINED
 
-ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "memory3"
 
 # Twenty invented facts: nothing in the model's training or the bank knows them.
@@ -519,21 +520,20 @@ def report_md(args: argparse.Namespace, r: dict, bad: list[str]) -> str:
     )
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--bank", default=None, help="reuse this bank (copied first); default: build one")
     ap.add_argument("--limit", type=int, default=100, help="articles in the bank it builds")
-    ap.add_argument("--model", default="smollm2-135m-instruct-memory3")
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--clients", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=12)
     ap.add_argument("--request-timeout", type=float, default=300.0, help="the server's, in seconds")
-    ap.add_argument("--json", default="benchmarks/results/serve-live-edits.json")
-    ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--keep", action="store_true", help="keep the working directory (bank and server logs)")
-    args = ap.parse_args()
 
+
+@experiment("serve-live", "serve-live-edits.json", arguments, model=TRAINED, threads=None)
+def main(run: Run) -> int:
+    args = run.args
     workdir = Path(tempfile.mkdtemp(prefix="memory3-live-"))
     try:
         if args.bank:
@@ -541,7 +541,7 @@ def main() -> int:
             bank = "banks/wiki"
         else:
             bank = build_bank(workdir, args.limit, args.model)
-        results = {"machine": machine() | {"cpu_count": os.cpu_count()}, "model": args.model}
+        results = {"model": args.model}
         results |= {k: getattr(args, k) for k in ("seconds", "clients", "max_tokens", "max_batch_size")}
         results |= measure(args, workdir, bank)
     finally:
@@ -551,17 +551,14 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     bad = failed(results)
     results["failed"] = bad
+    run.save(results)
     cmd = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serve_live.py" + (
         f" --bank {args.bank}" if args.bank else ""
     )
     title = "Server: load with live document edits"
-    publish(
-        results, ROOT / args.json, ROOT / args.out, "serve-live-edits", title, cmd,
-        report_md(args, results, bad), omit=("requests", "edits"),
-    )  # fmt: skip
-    print(json.dumps({k: v for k, v in results.items() if k != "requests"}, indent=1))
+    run.section("serve-live-edits", title, "", report_md(args, run.saved, bad), command=cmd)
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_experiment("serve-live"))

@@ -23,4 +23,4 @@ probe sft-smollm2-reader-20 32 0 16
 for run in k32-wiki k32-mix k32-vq k32-vq2 k32-vq4; do probe "sft-smollm2-reader-20-$run" 16 8 0; done
 probe sft-smollm2-reader-20-k32-vq3 16 8 0 48
 probe sft-smollm2-reader-20-k48-ctl 32
-python benchmarks/reader_report.py
+python benchmarks/research/reader_report.py

@@ -88,7 +88,9 @@ def _person(n: NameMaker) -> str:
 def _ship(n: NameMaker) -> Entity:
     r = n.rng
     ship, port, coast, line = n.word(("a", "ia", "ine")), _place(n), _place(n), n.word(_LINE_ENDS)
-    kind = r.choice(("cargo steamer", "three-masted schooner", "paddle steamer", "river barge", "whaling brig"))
+    kind = r.choice(
+        ("cargo steamer", "three-masted schooner", "paddle steamer", "river barge", "whaling brig")
+    )
     launched = r.randint(1820, 1920)
     lost = launched + r.randint(6, 40)
     length, crew = r.randint(28, 140), r.randint(9, 180)
@@ -407,7 +409,9 @@ def load_unseen(split: UnseenSplit) -> list[QAItem]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m memory3.data.unseen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m memory3.data.unseen", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", required=True, help="directory for the JSONL files")
     print(json.dumps(write_unseen(parser.parse_args(argv).out)))
 

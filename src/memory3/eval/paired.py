@@ -8,7 +8,7 @@ narrow the interval, as they should. With few disagreements the approximation is
 (none gives 0 to 0): read it with the counts `a_only` and `b_only`.
 
 Used for memory against RAG within one run, for one reader against another (`compare_runs`, two
-`memory3 eval qa --out` files) and for codecs against bf16 (`benchmarks/codec_qa_intervals.py`).
+`memory3 eval qa --out` files) and for codecs against bf16 (`benchmarks/research/codec_qa_intervals.py`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ right: +1, the reverse: -1). Nothing is generated here: each answer stored in th
 scored again against its question's gold answers, as the harness scores it, and the counts are
 checked against the accuracies the run recorded.
 
-    python benchmarks/codec_qa_intervals.py RESULTS.json [RESULTS.json ...] [--report BENCHMARKS.md]
+    python benchmarks/research/codec_qa_intervals.py RESULTS.json [RESULTS.json ...] [--report BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_codec_qa import BASELINE
-
 from memory3.data.qa import answer_contained, load_qa
 from memory3.data.sets import GenerateConfig, generate
 from memory3.eval.paired import paired_drop_ci
 from memory3.eval.qa import resolve_set, select_items
 from memory3.eval.report import table, update_section
 from memory3.memory.codec import CodecConfig
+
+# benchmarks/ holds bench_codec_qa.py, the benchmark that wrote the results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_codec_qa import BASELINE
 
 
 def correct_per_question(results: dict[str, Any]) -> dict[str, list[bool]]:
@@ -102,7 +104,11 @@ def main() -> int:
             "approximation is too narrow (none changed gives 0 to 0): read it with those counts."
             "\n\n" + table(rows)
         )
-        cmd = "python benchmarks/codec_qa_intervals.py " + " ".join(args.results) + f" --report {args.report}"
+        cmd = (
+            "python benchmarks/research/codec_qa_intervals.py "
+            + " ".join(args.results)
+            + f" --report {args.report}"
+        )
         update_section(
             args.report,
             "codec-qa-intervals",

@@ -19,7 +19,7 @@ Run it alone: the two rates are timed.
 
     memory3 bench speed --store BANK --threads 1 --batch-sizes 32 --modes none,memory \
         --caches warm --warmup first --runs 3 --out benchmarks/results/speed-batch32-kv-auto.json
-    python benchmarks/bound_memory_cost.py --speed benchmarks/results/speed-batch32-kv-auto.json \
+    python benchmarks/research/bound_memory_cost.py --speed benchmarks/results/speed-batch32-kv-auto.json \
         --store BANK
 """
 
@@ -199,7 +199,7 @@ def main() -> int:
         )
     update_section(
         args.out, "speed-bound", "Speed: the least explicit memory can cost",
-        f"python benchmarks/bound_memory_cost.py --speed {args.speed}" + (" --store BANK" if args.store else ""),
+        f"python benchmarks/research/bound_memory_cost.py --speed {args.speed}" + (" --store BANK" if args.store else ""),
         body, results,
     )  # fmt: skip
     return 0

@@ -2,7 +2,7 @@
 the shipped reader: validation loss gaps from each run's metrics.jsonl, the held-out probe from
 its probe.json (and a kept-tokens sweep where one was made), and what training cost.
 
-    python benchmarks/reader_report.py
+    python benchmarks/research/reader_report.py
 
 The runs themselves are `memory3 train sft --config configs/train/<run>.json --out <dir>`, each
 continuing from the previous run's adapter (`init_adapter`); their metrics.jsonl and probe.json
@@ -201,7 +201,7 @@ def main() -> int:
                 f" && memory3 train probe --model ~/.cache/memory3/runs/{name}/adapter --kept {kept}"
                 f" > {sweep}"
             )
-    cmd += " && python benchmarks/reader_report.py"
+    cmd += " && python benchmarks/research/reader_report.py"
     update_section(
         args.out,
         "reader",

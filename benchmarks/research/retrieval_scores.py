@@ -5,7 +5,7 @@ passage; for the general questions (Wikipedia fill-in-the-blank), the score of t
 knowledge base that holds nothing about them (the Factbook passages). A floor keeps the gold
 passages it is below and drops the unrelated best hits it is above. Embedding only: a minute.
 
-    .venv/bin/python benchmarks/retrieval_scores.py [--embedder minilm] [--floor 0.45]
+    .venv/bin/python benchmarks/research/retrieval_scores.py [--embedder minilm] [--floor 0.45]
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def main() -> int:
         args.out,
         "retrieval-scores",
         "Retrieval scores of gold and unrelated passages",
-        "python benchmarks/retrieval_scores.py" + (f" --floor {args.floor}" if args.floor != 0.45 else ""),
+        "python benchmarks/research/retrieval_scores.py"
+        + (f" --floor {args.floor}" if args.floor != 0.45 else ""),
         body,
     )
     return 0

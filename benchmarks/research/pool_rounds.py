@@ -5,7 +5,7 @@ On a shared machine one run of a few rounds moves by several points from the nex
 the rounds of every run made with one setting is the steadier figure. Nothing is timed here: it
 reads the JSON the runs wrote.
 
-    python benchmarks/pool_rounds.py RUN.json [RUN.json ...] [--batch 32] [--report BENCHMARKS.md]
+    python benchmarks/research/pool_rounds.py RUN.json [RUN.json ...] [--batch 32] [--report BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> int:
     ]
     print(json.dumps({"runs": runs, "pooled": summary}, indent=1))
     if args.report:
-        cmd = "python benchmarks/pool_rounds.py " + " ".join(args.runs) + f" --batch {args.batch}"
+        cmd = "python benchmarks/research/pool_rounds.py " + " ".join(args.runs) + f" --batch {args.batch}"
         cmd += f" --cache {args.cache} --report {args.report}"
         body = (
             f"memory/none throughput at batch {args.batch}, {args.cache} memory cache, within each round "

@@ -5,7 +5,7 @@ given another reader's results on the same split, that reader against this one.
 
     memory3 eval qa --sets natural --split test --threads 1 --out benchmarks/results/natural-qa-test.json
     memory3 eval qa --sets natural --split dev --threads 1 --out benchmarks/results/natural-qa-dev.json
-    python benchmarks/natural_qa_report.py benchmarks/results/natural-qa-test.json \
+    python benchmarks/research/natural_qa_report.py benchmarks/results/natural-qa-test.json \
         benchmarks/results/natural-qa-dev.json [--compare OTHER-test.json] --report BENCHMARKS.md
 
 Nothing is generated here: the figures are those the results files hold.
@@ -103,7 +103,7 @@ def main() -> int:
     body = intro + "\n\n" + "\n\n".join(parts)
     print(body)
     if args.report:
-        cmd = "python benchmarks/natural_qa_report.py " + " ".join(args.results)
+        cmd = "python benchmarks/research/natural_qa_report.py " + " ".join(args.results)
         cmd += f" --compare {args.compare}" if args.compare else ""
         compact = {  # the headline figures; every row of the tables is in the results files
             name: {

@@ -4,8 +4,8 @@ the operators that differ, from torch.profiler. Also (with --sdpa) the decode at
 the key counts of both modes, which bounds what memory keys cost per step.
 
     memory3 build wikipedia --limit 200 --out BANK
-    python benchmarks/profile_generate.py --store BANK --batch 32 --new-tokens 4 --profile
-    python benchmarks/profile_generate.py --sdpa --batch 32
+    python benchmarks/research/profile_generate.py --store BANK --batch 32 --new-tokens 4 --profile
+    python benchmarks/research/profile_generate.py --sdpa --batch 32
 
 Prints text, not JSON: this is a diagnostic, the measured figures are `memory3 bench speed`'s.
 """

@@ -3,8 +3,8 @@ the bundled Wikipedia text (a) with memory from the first step, and (b) warmup w
 then continual training with memory, the same number of steps and sequences in all. Reports the
 held-out loss of each with and without memory.
 
-    python benchmarks/bench_two_stage.py            # ~17 min on a busy 2-core machine (1 thread)
-    python benchmarks/bench_two_stage.py --steps 40 --articles 300   # a quick look
+    python benchmarks/research/bench_two_stage.py            # ~17 min on a busy 2-core machine (1 thread)
+    python benchmarks/research/bench_two_stage.py --steps 40 --articles 300   # a quick look
 
 Training sequences come from train-split articles; the held-out loss from held-out articles,
 whose references (other parts of the same articles, never the sequence's own text: leak filter
@@ -209,7 +209,7 @@ def main() -> int:
         args.report,
         "two-stage",
         "Two-stage training at micro scale (§3.6)",
-        "python benchmarks/bench_two_stage.py",
+        "python benchmarks/research/bench_two_stage.py",
         body,
         figures,
     )

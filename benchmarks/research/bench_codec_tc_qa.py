@@ -12,7 +12,7 @@ A row is `tc<bits>` for keys and values alike, `KEYS+VALUES` for one of each, an
 a FAISS factory string (trained on the same memories), e.g. `tc96+Residual2x10,PQ8`, with `@head`
 for one quantizer per memory layer and kv head instead of per layer (`SQ8@head`).
 
-    .venv/bin/python benchmarks/bench_codec_tc_qa.py --rows tc160 tc96 --sets fictional,factbook
+    .venv/bin/python benchmarks/research/bench_codec_tc_qa.py --rows tc160 tc96 --sets fictional,factbook
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def main() -> int:
     )
     update_section(
         args.out, "codec-tc-qa", "Memory codec: transform coding in answers",
-        f"python benchmarks/bench_codec_tc_qa.py --threads {args.threads} --sets {args.sets} --rows {' '.join(args.rows)}",
+        f"python benchmarks/research/bench_codec_tc_qa.py --threads {args.threads} --sets {args.sets} --rows {' '.join(args.rows)}",
         body, {k: v for k, v in results.items() if k != "detail"},
     )  # fmt: skip
     return 0

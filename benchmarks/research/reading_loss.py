@@ -9,7 +9,7 @@ knowledge base nearest the question (the bundled embedder), as retrieval would g
 reads them laid out as SFT and generation do (one chunk, all 5 memories), RAG has them as text.
 No generation, no leak filter. Only the dev split is used to choose settings.
 
-    .venv/bin/python benchmarks/reading_loss.py --settings 0-19:32 0-29:32 --out benchmarks/results/reading-loss-j-dev.json
+    .venv/bin/python benchmarks/research/reading_loss.py --settings 0-19:32 0-29:32 --out benchmarks/results/reading-loss-j-dev.json
 """
 
 from __future__ import annotations

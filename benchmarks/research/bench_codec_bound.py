@@ -28,7 +28,7 @@ memories, so the question stops being "which FAISS string next" and becomes a nu
 Rows are codecs: a FAISS factory string or `tc<bits per vector>` for keys and values alike, or
 `KEYS+VALUES` for one of each (e.g. `tc96+Residual2x10,PQ8`).
 
-    .venv/bin/python benchmarks/bench_codec_bound.py --rows SQ8 SQ4 Residual2x10,PQ8 tc96 \
+    .venv/bin/python benchmarks/research/bench_codec_bound.py --rows SQ8 SQ4 Residual2x10,PQ8 tc96 \
         tc96+Residual2x10,PQ8
 """
 
@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_codec_fidelity import rotate_keys, write_split_memories
 
 from memory3.data.qa import load_qa
 from memory3.eval.fidelity import codec_report
@@ -53,6 +52,10 @@ from memory3.memory.codec import CodecConfig, MemoryShape, train_codec
 from memory3.memory.write import Memories
 from memory3.model import apply_rope, rope_cos_sin
 from memory3.shipped import default_model
+
+# benchmarks/ holds bench_codec_fidelity.py, whose memories this bounds
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_codec_fidelity import rotate_keys, write_split_memories
 
 RATES = (1.0, 1.5, 2.0, 4.0)  # bits per number for the bound
 
@@ -379,7 +382,7 @@ def main() -> int:
     )
     update_section(
         args.out, "codec-bound", "Memory codec: how small a memory can get",
-        "python benchmarks/bench_codec_bound.py --threads " + f"{args.threads} --rows {' '.join(args.rows)}",
+        "python benchmarks/research/bench_codec_bound.py --threads " + f"{args.threads} --rows {' '.join(args.rows)}",
         body, results,
     )  # fmt: skip
     return 0

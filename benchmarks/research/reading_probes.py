@@ -7,10 +7,10 @@ captures the layers that read). RAG does not read memory, so it is measured once
 (`--rag`) or taken from a saved `memory3 eval qa` result of the same model (`--rag-from`).
 Settings are chosen on the dev split only; the test split is for reporting.
 
-    .venv/bin/python benchmarks/reading_probes.py --settings 0-19:32 0-29:32 0-19:64 \
+    .venv/bin/python benchmarks/research/reading_probes.py --settings 0-19:32 0-29:32 0-19:64 \
         --rag-from benchmarks/results/natural-qa-dev.json --out benchmarks/results/reading-probes-j.json
 
-    .venv/bin/python benchmarks/reading_probes.py --table benchmarks/results/reading-probes-*.json
+    .venv/bin/python benchmarks/research/reading_probes.py --table benchmarks/results/reading-probes-*.json
 
 A setting is LAYERS:KEPT, LAYERS a range `a-b` (inclusive) or comma-separated ranges
 (`0-19,25-29`), KEPT a number of tokens per head or `all` (every token of the reference).
