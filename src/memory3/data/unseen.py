@@ -348,7 +348,8 @@ KINDS: dict[str, Maker] = {
 }
 
 
-def split_of_entity(name: str) -> UnseenSplit:
+def _split_of(name: str) -> UnseenSplit:
+    """dev for a third of the entities, by a hash of the name; test for the rest."""
     u = int.from_bytes(hashlib.sha256(f"memory3-unseen:{name}".encode()).digest()[:8], "big") / 2**64
     return "dev" if u < DEV_FRACTION else "test"
 
@@ -367,7 +368,7 @@ def build_unseen(
             docs.append(Document(doc_id, e.passage, e.name))
             asked = names.rng.sample(e.facts, min(questions_per_entity, len(e.facts)))
             for f in asked:
-                lines[split_of_entity(e.name)].append({
+                lines[_split_of(e.name)].append({
                     "id": f"{doc_id}/{f.key}",
                     "question": names.rng.choice(f.questions),
                     "answers": list(f.answers),

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from memory3.config import GenerationConfig
 from memory3.data import natural, unseen
@@ -36,10 +36,19 @@ from memory3.retrieval.leak import EVAL_THRESHOLD
 log = logging.getLogger(__name__)
 
 SHIPPED_SETS = ("factbook", "fictional", "wikipedia")
-# sets shipped as a dev and a test file that share one knowledge base: name -> (files, load, KB)
-SPLIT_SETS: dict[str, tuple[dict[str, str], Any, Any]] = {
-    natural.NAME: (natural.FILES, natural.load_natural, natural.knowledge_base),
-    unseen.NAME: (unseen.FILES, unseen.load_unseen, unseen.knowledge_base),
+
+
+class SplitSet(NamedTuple):
+    """A set shipped as a dev and a test file that share one knowledge base."""
+
+    files: dict[str, str]  # split -> file name
+    load: Callable[[Any], list[QAItem]]  # split -> its questions, references resolved
+    knowledge_base: Callable[[], list[Document]]
+
+
+SPLIT_SETS: dict[str, SplitSet] = {
+    natural.NAME: SplitSet(natural.FILES, natural.load_natural, natural.knowledge_base),
+    unseen.NAME: SplitSet(unseen.FILES, unseen.load_unseen, unseen.knowledge_base),
 }
 KBChoice = Literal["set", "gold"]
 
@@ -243,7 +252,7 @@ def resolve_set(name_or_path: str | Path, split: str = "heldout") -> Path:
     JSONL path. The natural and unseen sets are one file per split: `split` "dev", or "test" (also
     for "heldout")."""
     if str(name_or_path) in SPLIT_SETS:
-        return shipped_path(SPLIT_SETS[str(name_or_path)][0][_dev_or_test(str(name_or_path), split)])
+        return shipped_path(SPLIT_SETS[str(name_or_path)].files[_dev_or_test(str(name_or_path), split)])
     if str(name_or_path) in SHIPPED_SETS:
         return shipped_path(f"{name_or_path}.jsonl")
     path = Path(name_or_path)
@@ -276,7 +285,7 @@ def load_set(
     path = resolve_set(name_or_path, split)
     name = str(name_or_path)
     if name in SPLIT_SETS:
-        return path, select_items(SPLIT_SETS[name][1](_dev_or_test(name, split)), "all", limit)
+        return path, select_items(SPLIT_SETS[name].load(_dev_or_test(name, split)), "all", limit)
     if split in ("dev", "test"):
         raise ValueError(
             f"--split {split} is a split of the {' and '.join(SPLIT_SETS)} sets; {name!r} has heldout, "
@@ -311,7 +320,7 @@ def kb_documents(
     Gold documents keep the question's `doc_id`, so hits can be checked against it.
     """
     docs: dict[str, Document] = {}
-    shared_kb = [kb_of for files, _, kb_of in SPLIT_SETS.values() if Path(set_path).name in files.values()]
+    shared_kb = [s.knowledge_base for s in SPLIT_SETS.values() if Path(set_path).name in s.files.values()]
     if kb == "set" and shared_kb:
         docs = {d.doc_id: d for d in shared_kb[0]()}
         pool: Sequence[QAItem] = items
