@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.memory3-setup
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint clean
 
 $(STAMP): pyproject.toml requirements-cpu.txt requirements-bundled.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

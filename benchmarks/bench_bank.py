@@ -1,4 +1,4 @@
-"""Memory-bank benchmark (issue "Memory bank"), on the bundled SmolLM2-135M-Instruct.
+"""Memory-bank benchmark: build throughput, codec size and error, retrieval latency to 1M references.
 
 1. Build throughput (references/s) on Wikipedia references against the bound set by the matmuls
    of the memory layers alone: the same batches, the same padded shapes, only the linear layers a

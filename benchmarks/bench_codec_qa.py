@@ -1,4 +1,4 @@
-"""What the memory codec costs in answers (issue "Memory bank": at most 1 point of QA accuracy).
+"""What the memory codec costs in answers (the goal: at most 1 point of QA accuracy).
 
 For each question set, the knowledge base the evaluation harness uses (`--kb set`: the set's
 documents with its gold references among them) is built twice into a memory bank with the same

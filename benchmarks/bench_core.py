@@ -1,4 +1,4 @@
-"""Core speed benchmark (issue "Memory³ core"), on the bundled SmolLM2-135M-Instruct.
+"""Core speed: decode against transformers, decode with memory against without, and writing memories.
 
 1. Decode tokens/s of memory3 vs transformers' `generate` on the same weights, batch 1 and 8,
    fp32 and bf16. Decode rate = B·(N-1) / (t(N new tokens) - t(1 new token)) for both, so

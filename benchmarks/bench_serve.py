@@ -1,4 +1,4 @@
-"""Load test of the HTTP server (issue "OpenAI-compatible server") on loopback.
+"""Load test of the HTTP server on loopback: throughput and latency under concurrent requests.
 
 The bundled SmolLM2-135M-Instruct (float32 by default) serves an InMemoryRetriever over the first
 reference of ~50 Wikipedia summaries. Closed-loop clients (1, 4, 8, 16 at a time, each sending its next

@@ -1,4 +1,4 @@
-"""Load with live document edits, through the CLI server (issue "Every documented path works...").
+"""Load with live document edits, through the CLI server.
 
 `memory3 serve --store kb=banks/wiki --writable` runs as a subprocess from another working
 directory, with the bank given by a relative path, as a user would start it. For `--seconds`

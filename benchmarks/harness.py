@@ -59,10 +59,7 @@ class Experiment:
     model: str | None = "default"  # --model's default; None: no --model
     threads: int | None = 1  # --threads' default (0: torch's choice); None: no --threads
     faiss_threads: bool = False  # --threads also sets FAISS's OpenMP threads
-
-    @property
-    def doc(self) -> str:
-        return inspect.getmodule(self.main).__doc__ or ""  # type: ignore[union-attr]
+    doc: str = ""  # its module's docstring: the --help text
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
@@ -94,7 +91,7 @@ def experiment(
         first = " ".join(doc.strip().split("\n\n")[0].split())  # its first paragraph
         line = title or re.split(r"(?<=[.?!])\s+(?=[A-Z(])", first)[0]
         EXPERIMENTS[name] = Experiment(
-            name, line, fn, script, results, arguments, model, threads, faiss_threads
+            name, line, fn, script, results, arguments, model, threads, faiss_threads, doc
         )
         return fn
 

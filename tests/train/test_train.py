@@ -367,6 +367,47 @@ def test_continual_trains_with_memory_and_saves(tmp_path: Path, tok) -> None:
     b = evaluate(loaded.model, tok, data, cfg.memory, with_memory=False, n=2)
     assert np.isfinite(a) and np.isfinite(b) and a != b
 
+@pytest.mark.slow
+def test_continual_starts_from_an_adapter_in_the_layers_asked(tmp_path: Path, tok) -> None:
+    """Stage 2 after an earlier run: the LoRA starts from its adapter (its tensors unchanged), the
+    model reads memory in the layers the config names, and the exported adapter says so. A
+    learning rate of 1e-12 keeps the tensors to within 1e-9 of where they started."""
+    from memory3.checkpoint import read_adapter
+    from memory3.retrieval.embed import get_embedder
+    from memory3.train.continual import ContinualConfig, PairingConfig, prepare_continual, run_continual
+
+    texts = [f"Harbour {i} ships {i * 3} tons of salt to the island of {chr(70 + i)}. " * 4 for i in range(4)]
+    pcfg = PairingConfig(seq_len=32, chunk_tokens=16, reference_tokens=32, embedder="hashing")
+    prepare_continual(texts, texts, tok, pcfg, embedder=get_embedder("hashing")).save(tmp_path / "ds")
+    base = ContinualConfig(
+        model="preset:tiny",
+        model_overrides={"vocab_size": len(tok)},
+        lora=LoRAConfig(rank=2),
+        optim=OptimConfig(lr=3e-3, warmup_steps=1),
+        loop=LoopConfig(steps=1, log_every=1, bf16=False),
+        memory=MemoryConfig(reference_tokens=32, kept_tokens=4, chunk_tokens=16, memories_per_chunk=2),
+        dataset=str(tmp_path / "ds"),
+        batch_size=2,
+        memory_layers="first:1",
+    )
+    first = read_adapter(run_continual(base, tmp_path / "a") / "adapter")
+    assert first.meta["memory_layers"] == [0]
+    cont = dataclasses.replace(
+        base,
+        optim=OptimConfig(lr=1e-12, warmup_steps=0),
+        memory_layers="all",
+        init_adapter=str(tmp_path / "a" / "adapter"),
+    )
+    second = read_adapter(run_continual(cont, tmp_path / "b") / "adapter")
+    n_layer = len(second.meta["memory_layers"])
+    assert second.meta["memory_layers"] == list(range(n_layer)) and n_layer > 1
+    assert first.state.keys() == second.state.keys()
+    for k in first.state:
+        torch.testing.assert_close(second.state[k], first.state[k], rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="memory_layers must be"):
+        dataclasses.replace(base, memory_layers="last:3")
+
+
 
 # --- SFT: one short run ------------------------------------------------------------------------------------
 
@@ -659,7 +700,8 @@ def test_calibration_sums_the_outer_products_of_each_questions_gradient(tmp_path
     from memory3.memory.write import reference_prefix_ids
     from memory3.train.fisher import fisher_from_data
     from memory3.train.loop import batch_loss, load_base, set_memory_layers
-    from memory3.train.sft import SFTData, Stage, layers_for, memory_config_for
+    from memory3.train.config import layers_for
+    from memory3.train.sft import SFTData, Stage, memory_config_for
 
     cfg = _tiny_sft_config(tmp_path, stages=(Stage(1.0, 8, "half"),))
     model, tok = load_base(cfg.model, cfg.model_overrides, 0)

@@ -117,7 +117,19 @@ __all__ = [
     "OptimConfig",
     "field",
     "from_dict",
+    "layers_for",
     "load_config",
     "save_config",
     "to_dict",
 ]
+
+
+def layers_for(spec: str, n_layer: int) -> tuple[int, ...]:
+    """The layers that read memory: "half" (the paper: the first half), "all", or "first:<n>"."""
+    if spec == "half":
+        return tuple(range(n_layer // 2))
+    if spec == "all":
+        return tuple(range(n_layer))
+    if spec.startswith("first:") and spec[6:].isdigit():
+        return tuple(range(int(spec[6:])))
+    raise ValueError(f"memory_layers must be 'half', 'all' or 'first:<n>', got {spec!r}")

@@ -34,9 +34,18 @@ import torch
 from memory3.config import MemoryConfig
 from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
 from memory3.retrieval.leak import TRAIN_THRESHOLD, leaks
-from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, from_dict, load_config, to_dict
+from memory3.train.adapters import init_from_adapter
+from memory3.train.config import (
+    LoopConfig,
+    LoRAConfig,
+    OptimConfig,
+    from_dict,
+    layers_for,
+    load_config,
+    to_dict,
+)
 from memory3.train.layout import chunked_memory, text_batch
-from memory3.train.loop import Run, autocast, batch_loss, export
+from memory3.train.loop import Run, autocast, batch_loss, export, set_memory_layers
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +105,7 @@ class PairedDataset:
 
     @classmethod
     def load(cls, path: str | Path) -> PairedDataset:
-        path = Path(path)
+        path = Path(path).expanduser()
         if not (path / "pairing.json").exists():
             raise FileNotFoundError(
                 f"{path}: not a paired dataset (pairing.json missing); run `memory3 train pair`"
@@ -211,12 +220,18 @@ class ContinualConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     dataset: str = ""  # a directory written by prepare_continual
     batch_size: int = 8
+    # which layers read memory: "" keeps the model's own, else "half", "all" or "first:<n>"
+    memory_layers: str = ""
+    init_adapter: str = ""  # start the LoRA from this adapter (a shipped name or a directory)
+    shuffle: bool = True  # visit the sequences in an order drawn from loop.seed, not corpus order
 
     def __post_init__(self) -> None:
         if not self.dataset:
             raise ValueError(
                 "continual training needs `dataset`: a directory written by `memory3 train pair`"
             )
+        if self.memory_layers:
+            layers_for(self.memory_layers, 1 << 16)  # the form is checked here, the range at load
 
 
 def run_continual(
@@ -230,7 +245,13 @@ def run_continual(
     """Train with memory; returns the run directory (checkpoint/, model/ or adapter/).
     `data`: a dataset in memory instead of `config.dataset`; `tokenizer`: the one whose ids the
     data holds, for the reference prefix (default: the model's)."""
-    run = Run(config, out, resume, fingerprint=False)
+    def init(model: Any) -> None:
+        if config.memory_layers:
+            set_memory_layers(model, layers_for(config.memory_layers, model.config.n_layer))
+        if config.init_adapter:
+            init_from_adapter(model, config.init_adapter)
+
+    run = Run(config, out, resume, init=init, fingerprint=False)
     model, tok, d = run.model, run.tok, run.d
     data = data or PairedDataset.load(config.dataset)
     if (
@@ -244,12 +265,17 @@ def run_continual(
     prefix = reference_prefix_ids(tokenizer or tok, model.config.bos_token_id, config.memory)
     writer = MemoryWriter(model, prefix, config.memory)
     per_step = config.batch_size * config.optim.grad_accum * d.world
+    order = (
+        np.random.default_rng(config.loop.seed).permutation(len(data))
+        if config.shuffle
+        else np.arange(len(data))
+    )
     for step in run.steps(stop_after):
         lr = run.lr(step)
         step_loss = 0.0
         for micro in range(config.optim.grad_accum):
             first = step * per_step + (micro * d.world + d.rank) * config.batch_size
-            seq_ids = [(first + b) % len(data) for b in range(config.batch_size)]
+            seq_ids = [int(order[(first + b) % len(data)]) for b in range(config.batch_size)]
             with autocast(config.loop.bf16, model.device):
                 loss, _ = memory_batch(model, writer, data, seq_ids, prefix, config.memory)
             (loss / config.optim.grad_accum).backward()

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from memory3.lora import apply_lora, load_lora_state
 from memory3.train.adapters import save_adapter
-from memory3.train.config import from_dict
+from memory3.train.config import from_dict, layers_for
 from memory3.train.loop import CKPT_DIR, CONFIG_FILE, load_base, set_memory_layers
-from memory3.train.sft import SFTConfig, final_memory_config, layers_for, stage_at
+from memory3.train.sft import SFTConfig, final_memory_config, stage_at
 
 
 def adapter_from_run(run: str | Path, out: str | Path, command: str = "") -> Path:

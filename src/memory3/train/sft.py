@@ -38,7 +38,7 @@ from memory3.generate import rag_prompt
 from memory3.memory.codec import CodecConfig, MemoryCodec, straight_through, train_codec
 from memory3.memory.write import MemoryWriter, reference_prefix_ids
 from memory3.train.adapters import init_from_adapter
-from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, load_config, save_config
+from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, layers_for, load_config, save_config
 from memory3.train.data import (
     Entity,
     Group,
@@ -154,16 +154,6 @@ def stage_at(config: SFTConfig, step: int) -> Stage:
         if frac < s.until:
             return s
     return config.stages[-1]
-
-
-def layers_for(spec: str, n_layer: int) -> tuple[int, ...]:
-    if spec == "half":
-        return tuple(range(n_layer // 2))
-    if spec == "all":
-        return tuple(range(n_layer))
-    if spec.startswith("first:") and spec[6:].isdigit():
-        return tuple(range(int(spec[6:])))
-    raise ValueError(f"memory_layers must be 'half', 'all' or 'first:<n>', got {spec!r}")
 
 
 def memory_config_for(config: SFTConfig, stage: Stage) -> MemoryConfig:
