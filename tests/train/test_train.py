@@ -367,6 +367,7 @@ def test_continual_trains_with_memory_and_saves(tmp_path: Path, tok) -> None:
     b = evaluate(loaded.model, tok, data, cfg.memory, with_memory=False, n=2)
     assert np.isfinite(a) and np.isfinite(b) and a != b
 
+
 @pytest.mark.slow
 def test_continual_starts_from_an_adapter_in_the_layers_asked(tmp_path: Path, tok) -> None:
     """Stage 2 after an earlier run: the LoRA starts from its adapter (its tensors unchanged), the
@@ -406,7 +407,6 @@ def test_continual_starts_from_an_adapter_in_the_layers_asked(tmp_path: Path, to
         torch.testing.assert_close(second.state[k], first.state[k], rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="memory_layers must be"):
         dataclasses.replace(base, memory_layers="last:3")
-
 
 
 # --- SFT: one short run ------------------------------------------------------------------------------------
@@ -698,9 +698,9 @@ def test_calibration_sums_the_outer_products_of_each_questions_gradient(tmp_path
 
     from memory3.memory.transform import rotate
     from memory3.memory.write import reference_prefix_ids
+    from memory3.train.config import layers_for
     from memory3.train.fisher import fisher_from_data
     from memory3.train.loop import batch_loss, load_base, set_memory_layers
-    from memory3.train.config import layers_for
     from memory3.train.sft import SFTData, Stage, memory_config_for
 
     cfg = _tiny_sft_config(tmp_path, stages=(Stage(1.0, 8, "half"),))

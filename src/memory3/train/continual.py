@@ -245,6 +245,7 @@ def run_continual(
     """Train with memory; returns the run directory (checkpoint/, model/ or adapter/).
     `data`: a dataset in memory instead of `config.dataset`; `tokenizer`: the one whose ids the
     data holds, for the reference prefix (default: the model's)."""
+
     def init(model: Any) -> None:
         if config.memory_layers:
             set_memory_layers(model, layers_for(config.memory_layers, model.config.n_layer))
