@@ -98,6 +98,9 @@ def save_checkpoint(
 
 
 def _set_fingerprint(model: Memory3Model, digest: str) -> None:
+    """The fingerprint of `model` whose weights have `digest`; the digest is kept so that the
+    fingerprint follows a change of memory layers (`Memory3Model.set_memory_layers`)."""
+    model._memory3_weights = digest  # type: ignore[assignment]
     model._memory3_fingerprint = fingerprint(model.config, digest)  # type: ignore[assignment]
 
 
@@ -364,7 +367,7 @@ def load_trained(
     digest.update(str(base.meta.get("weights_sha256", base.path)).encode())
     old = (adapter.path / ADAPTER_FILE).exists() and not (adapter.path / PEFT_WEIGHTS).exists()
     digest.update((adapter.path / ADAPTER_FILE).read_bytes() if old else adapter.canonical_bytes())
-    model._memory3_fingerprint = fingerprint(model.config, digest.hexdigest())  # type: ignore[assignment]
+    _set_fingerprint(model, digest.hexdigest())
     meta.setdefault("base", adapter.base)
     meta["lora"] = dataclasses.asdict(adapter.lora)
     if "memory" in meta:

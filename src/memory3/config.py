@@ -70,6 +70,44 @@ def load_json(cls: type[T], path: str | Path) -> T:
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def parse_memory_layers(spec: str, n_layer: int) -> tuple[int, ...]:
+    """The layers that read memory, from a spec: "all", "half" (the paper: the first half),
+    "first:<n>", or indices and ranges such as "0-19" or "0-9,20-29"."""
+    spec = spec.strip()
+    if spec == "half":
+        return tuple(range(n_layer // 2))
+    if spec == "all":
+        return tuple(range(n_layer))
+    if spec.startswith("first:") and spec[6:].isdigit():
+        return tuple(range(int(spec[6:])))
+    layers: set[int] = set()
+    for part in spec.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(
+                f"memory_layers must be 'all', 'half', 'first:<n>' or indices and ranges such as "
+                f"'0-19', got {spec!r}"
+            )
+        layers.update(range(int(lo), (int(hi) if dash else int(lo)) + 1))
+    if not layers or max(layers) >= n_layer:
+        raise ValueError(f"memory_layers {spec!r}: this model has layers 0-{n_layer - 1}")
+    return tuple(sorted(layers))
+
+
+def layer_span(layers: tuple[int, ...]) -> str:
+    """Layer indices as `--memory-layers` takes them: "0-19", "0-9,20-29"."""
+    parts: list[str] = []
+    start = prev = layers[0]
+    for i in (*layers[1:], None):
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder (docs/design.md, "The model"). Field names follow nanoGPT/litgpt;

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memory3.config import KV_DTYPES, ModelConfig
+from memory3.config import KV_DTYPES, ModelConfig, fingerprint
 from memory3.device import cpu_has_native_bf16
 from memory3.kernels import fused_decode
 from memory3.rope import RoPE
@@ -350,12 +350,17 @@ class Memory3Model(nn.Module):
         self._mem_index = {layer: j for j, layer in enumerate(self.memory_layers)}
 
     def set_memory_layers(self, layers: tuple[int, ...]) -> None:
-        """Change which layers read memories (and which the writer captures), e.g. for a
-        training curriculum. Call `memory.write.reset_fingerprint` afterwards when memories
-        written before must be told apart from memories written after."""
+        """Change which layers read memories (and which the writer captures): to read in other
+        layers than a model was trained with, or for a training curriculum. A model loaded from
+        disk knows its weights' digest, so its fingerprint follows the new layers (memories and
+        banks written with other layers are refused); otherwise call
+        `memory.write.reset_fingerprint` when memories written before must be told apart."""
         self.config = dataclasses.replace(self.config, memory_layers=tuple(layers))  # validates
         self.memory_layers = tuple(self.config.memory_layers or ())
         self._mem_index = {layer: j for j, layer in enumerate(self.memory_layers)}
+        digest = getattr(self, "_memory3_weights", None)
+        if digest is not None:
+            self._memory3_fingerprint = fingerprint(self.config, digest)
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> Memory3Model:
         g = torch.Generator().manual_seed(seed)

@@ -371,6 +371,64 @@ def test_build_cli_writes_memories_with_the_given_kept_tokens_and_selection(tmp_
         assert s.verify().ok
 
 
+def test_memory_layers_parse_and_print_back() -> None:
+    from memory3.config import layer_span, parse_memory_layers
+
+    assert parse_memory_layers("all", 30) == tuple(range(30))
+    assert parse_memory_layers("half", 30) == tuple(range(15))
+    assert parse_memory_layers("first:20", 30) == tuple(range(20))
+    assert parse_memory_layers("0-9, 20-29", 30) == (*range(10), *range(20, 30))
+    assert layer_span(parse_memory_layers("0-3,5,7-8", 30)) == "0-3,5,7-8"
+    for bad in ("last:3", "0-", "x", ""):
+        with pytest.raises(ValueError, match="memory_layers must be"):
+            parse_memory_layers(bad, 30)
+    with pytest.raises(ValueError, match="this model has layers 0-29"):
+        parse_memory_layers("0-30", 30)
+
+
+@pytest.mark.slow
+def test_bank_built_in_other_layers_is_read_in_them(tmp_path, model, tok, capsys) -> None:
+    """`--memory-layers` at build: the bank's memories are of those layers; a model that reads in
+    other layers reads the bank in the bank's (its fingerprint follows), and is refused with the fix
+    where other layers were asked for; two banks of different layers are not served together."""
+    from memory3.checkpoint import load_pretrained
+    from memory3.cli import main
+    from memory3.cli.serve import open_stores
+    from memory3.retrieval.open import open_retriever
+
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in DOCS[:3]))
+    common = ["--model", str(ckpt), "--dtype", "float32", "--codec", "none", "--embedder", "hashing-64"]
+    n_layer = model.config.n_layer
+    own = tuple(load_pretrained(ckpt).model.memory_layers)
+    assert own != tuple(range(n_layer))
+    wide, narrow = str(tmp_path / "wide"), str(tmp_path / "narrow")
+    assert main(["build", str(corpus), "--out", wide, *common, "--memory-layers", "all"]) == 0
+    assert main(["build", str(corpus), "--out", narrow, *common]) == 0
+
+    loaded = load_pretrained(ckpt)
+    before = loaded.model._memory3_fingerprint
+    retriever, _ = open_retriever(loaded, store=wide)
+    assert loaded.model.memory_layers == tuple(range(n_layer))
+    assert retriever is not None
+    hit = retriever.search(["Where is Quellmar?"], 1)[0][0]
+    assert retriever.memories([hit.ref_id]).k.shape[1] == n_layer
+    loaded.model.set_memory_layers(own)  # back to its own layers: its own fingerprint again
+    assert loaded.model._memory3_fingerprint == before
+    with pytest.raises(ValueError, match=rf"layers 0-{n_layer - 1}, not the .* asked for.*--memory-layers"):
+        open_retriever(loaded, store=wide, adopt_layers=False)
+    assert loaded.model.memory_layers == own  # refused: nothing changed
+    with pytest.raises(ValueError, match="other layers.*serve them separately"):
+        open_stores(loaded, [narrow, wide], [], "hashing-64")
+    argv = ["generate", "--store", wide, *common[:4], "--max-new-tokens", "2"]
+    assert main([*argv, "Where is Quellmar?"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--memory-layers", "0", "Where is Quellmar?"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "not the 0 asked for" in err[-1] and "--memory-layers" in err[-1]
+
+
 @pytest.mark.slow
 def test_generate_kept_tokens_writes_a_kb_and_must_match_a_bank(tmp_path, model, tok, capsys) -> None:
     """`--kept-tokens` on generate/serve: a --kb's memories are written with it; a --store was

@@ -49,11 +49,18 @@ def add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_memory_args(p: argparse.ArgumentParser, what: str) -> None:
-    """`--kept-tokens` and `--selection` (§3.3): how memories are sparsified, on top of the model's
-    own memory config (the shipped reader: 32 tokens, the paper's rule; other models: 8). `what`
-    says where the command applies them."""
+    """`--memory-layers`, `--kept-tokens` and `--selection` (§3.2–3.3): which layers read memory
+    and how memories are sparsified, on top of the model's own (the shipped reader: 20 layers, 32
+    tokens, the paper's rule; other models: the first half, 8). `what` says where the command
+    applies them."""
     from memory3.config import SELECTIONS
 
+    p.add_argument(
+        "--memory-layers",
+        default=None,
+        help="layers that read memory: all, half, first:N, or indices and ranges such as 0-29 "
+        f"(default: the model's own; a --store reads in the layers it was built with); {what}",
+    )
     p.add_argument(
         "--kept-tokens",
         type=int,
@@ -92,9 +99,21 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace) -> Any:
+    """The model `--model` names, reading memory in `--memory-layers` where the command has it."""
     from memory3.checkpoint import load_pretrained
+    from memory3.config import parse_memory_layers
 
-    return load_pretrained(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
+    loaded = load_pretrained(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
+    spec = getattr(args, "memory_layers", None)
+    if spec:
+        loaded.model.set_memory_layers(parse_memory_layers(spec, loaded.model.config.n_layer))
+    return loaded
+
+
+def layers_asked(args: argparse.Namespace) -> bool:
+    """Whether `--memory-layers` was given: a bank is then read in those layers or refused, not
+    read in its own (`open_retriever(adopt_layers=...)`)."""
+    return bool(getattr(args, "memory_layers", None))
 
 
 def kv_dtype_of(args: argparse.Namespace, loaded: Any) -> Any:

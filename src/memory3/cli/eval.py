@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from memory3.cli.bench import add_speed_parser, add_storage_parser
-from memory3.cli.common import add_kv_dtype_arg, add_min_score_arg, add_model_args, kv_dtype_of
+from memory3.cli.common import (
+    add_kv_dtype_arg,
+    add_min_score_arg,
+    add_model_args,
+    kv_dtype_of,
+    layers_asked,
+)
 from memory3.cli.measure import (
     add_leak_args,
     add_memory_override_args,
@@ -78,7 +84,9 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
     if args.store is not None and args.kb != "set":
         raise ValueError("give either --store (a memory bank) or --kb, not both")
     if args.store is not None:
-        store, mem_cfg = open_retriever(loaded, store=args.store, dtype=kv_dtype_of(args, loaded))
+        store, mem_cfg = open_retriever(
+            loaded, store=args.store, dtype=kv_dtype_of(args, loaded), adopt_layers=not layers_asked(args)
+        )
     other = _read_results(args.compare) if args.compare else None
     results: dict[str, Any] = {"sets": {}, **run_context(args)}
     written: dict[tuple[str, ...], Any] = {}  # knowledge bases written in this run (dev and test share one)
@@ -206,7 +214,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     if "memory" in args.modes:
         if args.store is not None or args.kb is not None:
             retriever, mem_cfg = open_retriever(
-                loaded, store=args.store, kb=args.kb, embedder=args.embedder, dtype=kv_dtype_of(args, loaded)
+                loaded,
+                store=args.store,
+                kb=args.kb,
+                embedder=args.embedder,
+                dtype=kv_dtype_of(args, loaded),
+                adopt_layers=not layers_asked(args),
             )
             kb_desc = f"memory bank {args.store}" if args.store else f"{args.kb}"
         else:

@@ -14,6 +14,7 @@ from memory3.cli.common import (
     add_min_score_arg,
     add_model_args,
     kv_dtype_of,
+    layers_asked,
     load_model,
 )
 
@@ -59,6 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kept_tokens=args.kept_tokens,
         selection=args.selection,
         dtype=kv_dtype_of(args, loaded),
+        adopt_layers=not layers_asked(args),
     )
     gen = Generator(
         loaded.model,

@@ -46,7 +46,7 @@ def load_cached(args: argparse.Namespace) -> Any:
         import torch
 
         torch.set_num_threads(args.threads)  # on a shared machine fewer threads can be faster
-    key = (str(args.model), args.device, args.dtype)
+    key = (str(args.model), args.device, args.dtype, getattr(args, "memory_layers", None))
     if key not in LOADED:
         LOADED[key] = load_model(args)
     return LOADED[key]

@@ -19,6 +19,7 @@ from memory3.cli.common import (
     add_min_score_arg,
     add_model_args,
     kv_dtype_of,
+    layers_asked,
     load_model,
 )
 
@@ -121,14 +122,19 @@ def open_stores(
     selection: Selection | None = None,
     dtype: Any = None,
     writable: bool = False,
+    adopt_layers: bool = True,
 ) -> tuple[dict[str, Any], Any]:
     """Open every --store and --kb once, at start-up: {name: retriever} and their shared memory
     config (the model's own, or `kept_tokens` / `selection` on top of it for --kb; a --store keeps
     what it was built with). Paths come from the command line only; requests name stores from this dict.
-    `writable`: open the banks for writing (document operations)."""
+    `writable`: open the banks for writing (document operations). `adopt_layers`: the model reads
+    memory in the banks' layers (not when --memory-layers was given: they must match it)."""
+
+    from memory3.config import layer_span
 
     out: dict[str, Any] = {}
     mem_cfg = None
+    first_layers = tuple(loaded.model.memory_layers)
     specs = [("store", s) for s in stores] + [("kb", s) for s in kbs]
     for kind, spec in specs:
         name, path = parse_named(spec)
@@ -145,8 +151,15 @@ def open_stores(
             kept_tokens=kept_tokens,
             selection=selection,
             dtype=dtype,
-            **({"writable": writable} if kind == "store" else {}),
+            **({"writable": writable, "adopt_layers": adopt_layers} if kind == "store" else {}),
         )
+        layers = tuple(loaded.model.memory_layers)
+        if out and layers != first_layers:
+            raise ValueError(
+                f"store {name!r} holds memories of other layers ({layer_span(layers)}) than the first "
+                f"({layer_span(first_layers)}); serve them separately or rebuild one with --memory-layers"
+            )
+        first_layers = layers
         if mem_cfg is not None and cfg != mem_cfg:
             raise ValueError(
                 f"store {name!r} was written with another memory config ({cfg}) than the first ({mem_cfg}); serve them separately"
@@ -177,6 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.selection,
         kv_dtype_of(args, loaded),
         writable=args.writable,
+        adopt_layers=not layers_asked(args),
     )
     gen = Generator(
         loaded.model, loaded.tokenizer, None, mem_cfg, min_score=args.min_score, kv_dtype=args.kv_dtype

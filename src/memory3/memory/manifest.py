@@ -71,3 +71,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def read_memory_config(path: str | Path) -> MemoryConfig:
     """How a store's memories were written (kept tokens, selection, …): a bank is read with these."""
     return MemoryConfig.from_dict(read_manifest(path)["memory"])
+
+
+def read_memory_layers(path: str | Path) -> tuple[int, ...] | None:
+    """The layers whose memories a store holds (those its model read memory in when it was
+    built), or None where its manifest does not say."""
+    layers = (read_manifest(path).get("model") or {}).get("memory_layers")
+    return tuple(layers) if layers else None

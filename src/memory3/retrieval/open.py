@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memory3.config import MemoryConfig, Selection
+from memory3.config import MemoryConfig, Selection, layer_span
 from memory3.retrieval.base import Retriever
 
 if TYPE_CHECKING:
@@ -25,11 +25,15 @@ def open_retriever(
     selection: Selection | None = None,
     dtype: torch.dtype | None = None,
     writable: bool = False,
+    adopt_layers: bool = True,
 ) -> tuple[Retriever | None, MemoryConfig]:
     """(retriever or None, the memory config to generate with).
 
     `kept_tokens` / `selection` (None: the model's own) set how a `kb`'s memories are written. A
     memory bank's memories were written when it was built, so with `store` they must match it.
+    The same holds for the layers that read memory: with `adopt_layers` the model is set to read
+    in the bank's layers where they differ from its own (a bank built with `--memory-layers`);
+    without it (the layers were asked for) a difference is an error.
     `dtype`: what a bank's memories are cached in (`StoreRetriever.open`). `writable`: open a
     bank for writing (it takes the bank's writer lock), so that its documents can be changed."""
     if store is not None and kb is not None:
@@ -38,18 +42,27 @@ def open_retriever(
         from memory3.memory.manifest import read_memory_config
         from memory3.retrieval.retriever import StoreRetriever
 
-        have = read_memory_config(store)
-        want = have.override(kept_tokens, selection)
-        if want != have:
-            raise ValueError(
-                f"memory bank {store} keeps {have.kept_tokens} tokens per head (selection "
-                f"{have.selection!r}), not the {want.kept_tokens} ({want.selection!r}) asked for: its "
-                f"memories were written when it was built. Drop --kept-tokens/--selection to read it as "
-                f"it is, or build another bank with `memory3 build SOURCE --out DIR --kept-tokens "
-                f"{want.kept_tokens} --selection {want.selection}`"
+        own = tuple(loaded.model.memory_layers)
+        read_in_bank_layers(loaded.model, store, adopt_layers)
+        try:
+            have = read_memory_config(store)
+            want = have.override(kept_tokens, selection)
+            if want != have:
+                raise ValueError(
+                    f"memory bank {store} keeps {have.kept_tokens} tokens per head (selection "
+                    f"{have.selection!r}), not the {want.kept_tokens} ({want.selection!r}) asked for: its "
+                    f"memories were written when it was built. Drop --kept-tokens/--selection to read it as "
+                    f"it is, or build another bank with `memory3 build SOURCE --out DIR --kept-tokens "
+                    f"{want.kept_tokens} --selection {want.selection}`"
+                )
+            retriever = StoreRetriever.open(
+                store, loaded.model, loaded.tokenizer, dtype=dtype, writable=writable
             )
-        retriever = StoreRetriever.open(store, loaded.model, loaded.tokenizer, dtype=dtype, writable=writable)
-        return retriever, retriever.memory_config
+            return retriever, retriever.memory_config
+        except BaseException:
+            if tuple(loaded.model.memory_layers) != own:
+                loaded.model.set_memory_layers(own)  # refused: the model reads as it did
+            raise
     if kb is None:
         return None, loaded.memory_config.override(kept_tokens, selection)
     from memory3.memory.ingest import IngestStats, chunk_documents, read_documents
@@ -67,3 +80,25 @@ def open_retriever(
     writer = MemoryWriter.for_model(loaded.model, loaded.tokenizer, cfg)
     log.info("writing %d memories from %s", len(refs), kb)
     return InMemoryRetriever(refs, writer, loaded.tokenizer, get_embedder(embedder)), cfg
+
+
+def read_in_bank_layers(model: Any, store: str | Path, adopt: bool = True) -> None:
+    """Make `model` read memory in the layers whose memories the bank `store` holds: set them
+    where they differ (`adopt`), or say how to (not `adopt`: the caller asked for other layers)."""
+    from memory3.memory.manifest import read_memory_layers
+
+    bank = read_memory_layers(store)
+    have = tuple(model.memory_layers)
+    if bank is None or bank == have or bank[-1] >= model.config.n_layer:
+        return  # nothing to change, or another model's bank: its fingerprint check says so
+    if not adopt:
+        raise ValueError(
+            f"memory bank {store} holds memories of layers {layer_span(bank)}, not the "
+            f"{layer_span(have)} asked for: its memories were written when it was built. Drop "
+            f"--memory-layers to read it in its own layers, or build another bank with `memory3 "
+            f"build SOURCE --out DIR --memory-layers {layer_span(have)}`"
+        )
+    log.info(
+        "reading %s in its memory layers %s (the model's own: %s)", store, layer_span(bank), layer_span(have)
+    )
+    model.set_memory_layers(bank)

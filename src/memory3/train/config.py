@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from memory3.config import parse_memory_layers
 from memory3.lora import LoRAConfig
 
 T = TypeVar("T")
@@ -125,11 +126,5 @@ __all__ = [
 
 
 def layers_for(spec: str, n_layer: int) -> tuple[int, ...]:
-    """The layers that read memory: "half" (the paper: the first half), "all", or "first:<n>"."""
-    if spec == "half":
-        return tuple(range(n_layer // 2))
-    if spec == "all":
-        return tuple(range(n_layer))
-    if spec.startswith("first:") and spec[6:].isdigit():
-        return tuple(range(int(spec[6:])))
-    raise ValueError(f"memory_layers must be 'half', 'all' or 'first:<n>', got {spec!r}")
+    """The layers that read memory (`memory3.config.parse_memory_layers`)."""
+    return parse_memory_layers(spec, n_layer)

@@ -385,6 +385,7 @@ class Run:
         self.params = prepare_trainable(self.model, config.lora, config.loop.seed)
         if init is not None:
             init(self.model)
+        self.model._memory3_weights = None  # type: ignore[assignment]  # training changes them
         if not fingerprint:
             self.model._memory3_fingerprint = "training"  # type: ignore[assignment]
         self.model.train()
