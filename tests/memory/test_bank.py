@@ -419,7 +419,7 @@ def test_bank_built_in_other_layers_is_read_in_them(tmp_path, model, tok, capsys
     with pytest.raises(ValueError, match=rf"layers 0-{n_layer - 1}, not the .* asked for.*--memory-layers"):
         open_retriever(loaded, store=wide, adopt_layers=False)
     assert loaded.model.memory_layers == own  # refused: nothing changed
-    with pytest.raises(ValueError, match="other layers.*serve them separately"):
+    with pytest.raises(ValueError, match=r"other layers.*serve them separately"):
         open_stores(loaded, [narrow, wide], [], "hashing-64")
     argv = ["generate", "--store", wide, *common[:4], "--max-new-tokens", "2"]
     assert main([*argv, "Where is Quellmar?"]) == 0
