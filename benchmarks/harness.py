@@ -25,6 +25,7 @@ benchmarks/results/, wherever the command is run from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import re
@@ -168,8 +169,18 @@ class Run:
         self.parser.error(message)
 
     def load(self, name: str | Path | None = None, dtype: Any = None) -> Any:
-        """The model `name` (default --model) through the shared cached loader."""
-        return load_model(name if name is not None else self.args.model, dtype)
+        """The model `name` (default --model) through the shared cached loader, reading memory in
+        --memory-layers with --kept-tokens per head where they are given."""
+        from memory3.config import parse_memory_layers
+
+        loaded = load_model(name if name is not None else self.args.model, dtype)
+        layers, kept = getattr(self.args, "memory_layers", None), getattr(self.args, "kept_tokens", None)
+        if layers:
+            loaded.model.set_memory_layers(parse_memory_layers(layers, loaded.model.config.n_layer))
+        if kept is not None:
+            cfg = loaded.memory_config.override(kept, None)
+            loaded = dataclasses.replace(loaded, meta={**loaded.meta, "memory_config": cfg.to_dict()})
+        return loaded
 
     @property
     def results_path(self) -> Path:
@@ -228,6 +239,12 @@ def parser_of(exp: Experiment, prog: str | None = None) -> argparse.ArgumentPars
     if exp.model is not None:
         model = default_model() if exp.model == "default" else exp.model
         common.add_argument("--model", default=model, help=f"model to load (default {model})")
+        common.add_argument(
+            "--memory-layers", default=None, help="layers that read memory (default: the model's own)"
+        )
+        common.add_argument(
+            "--kept-tokens", type=int, default=None, help="tokens kept per memory head (default: the model's)"
+        )
     if exp.threads is not None:
         common.add_argument(
             "--threads",
