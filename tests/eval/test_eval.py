@@ -597,8 +597,43 @@ def test_eval_qa_kept_tokens_writes_the_kb_with_them_and_records_it(tmp_path, to
     argv += ["--set", "fictional", "--limit", "2", "--modes", "memory", "--max-new-tokens", "2"]
     assert main([*argv, "--kept-tokens", "4", "--no-progress", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["memory"] == {"layers": len(model.memory_layers), "kept_tokens": 4, "selection": "attention"}
+    assert res["memory"] == {
+        "layers": len(model.memory_layers),
+        "memory_layers": f"0-{len(model.memory_layers) - 1}",
+        "kept_tokens": 4,
+        "selection": "attention",
+    }
     assert res["sets"]["fictional"]["summary"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_eval_ppl_reads_in_the_layers_and_kept_tokens_asked(tmp_path, tok) -> None:
+    from memory3.checkpoint import save_checkpoint
+    from memory3.cli import main
+
+    model = tiny_model(seed=6, vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
+    texts = tmp_path / "texts.jsonl"
+    sentence = "The harbour of Brakmoor shipped {} tons of salt to the island in the spring of {}. "
+    rows = [{"text": "".join(sentence.format(i * 7 + j, 1800 + j) for j in range(8))} for i in range(4)]
+    texts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ppl.json"
+    argv = ["eval", "ppl", "--model", str(ckpt), "--dtype", "float32", "--embedder", "hashing-64"]
+    argv += [
+        "--texts",
+        str(texts),
+        "--max-tokens",
+        "128",
+        "--min-tokens",
+        "65",
+        "--no-progress",
+        "--no-leak-filter",
+    ]
+    assert main([*argv, "--memory-layers", "all", "--kept-tokens", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    n_layer = model.config.n_layer
+    assert res["memory"]["memory_layers"] == f"0-{n_layer - 1}" and res["memory"]["kept_tokens"] == 4
+    assert res["modes"]["memory"]["retrievals"] > 0
 
 
 def test_publish_writes_all_results_and_a_section_that_names_the_file_and_machine(tmp_path) -> None:

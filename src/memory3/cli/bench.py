@@ -20,6 +20,7 @@ from memory3.cli.measure import (
     run_context,
     store_size,
 )
+from memory3.config import layer_span
 
 # --- bench speed -------------------------------------------------------------------------------------
 
@@ -93,6 +94,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     )
     results["memory"] = {
         "layers": len(model.memory_layers),
+        "memory_layers": layer_span(model.memory_layers),
         "kept_tokens": mem_cfg.kept_tokens,
         "selection": mem_cfg.selection,
     }

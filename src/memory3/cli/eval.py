@@ -45,6 +45,7 @@ from memory3.cli.measure import (
     memory_config_of,
     run_context,
 )
+from memory3.config import layer_span
 from memory3.errors import InputError
 from memory3.eval.render import FIGURES_DIR, REPORT, RESULTS_DIR, SECTIONS, repository
 
@@ -118,6 +119,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
         results["sets"][path.stem] = report.to_dict()
     results["memory"] = {
         "layers": len(loaded.model.memory_layers),
+        "memory_layers": layer_span(loaded.model.memory_layers),
         "kept_tokens": mem_cfg.kept_tokens,
         "selection": mem_cfg.selection,
     }
@@ -210,7 +212,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     texts = [t for t, _ in kept]
     if not texts:
         raise ValueError(f"{args.texts}: no text has at least --min-tokens {config.min_tokens} tokens")
-    retriever, mem_cfg, kb_desc = None, loaded.memory_config, "none"
+    check_memory_overrides(args)
+    retriever, mem_cfg, kb_desc = None, memory_config_of(args, loaded), "none"
     if "memory" in args.modes:
         if args.store is not None or args.kb is not None:
             retriever, mem_cfg = open_retriever(
@@ -218,6 +221,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
                 store=args.store,
                 kb=args.kb,
                 embedder=args.embedder,
+                kept_tokens=args.kept_tokens,
+                selection=args.selection,
                 dtype=kv_dtype_of(args, loaded),
                 adopt_layers=not layers_asked(args),
             )
@@ -237,6 +242,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         "kb": kb_desc,
         "memory": {
             "layers": len(model.memory_layers),
+            "memory_layers": layer_span(model.memory_layers),
             "kept_tokens": mem_cfg.kept_tokens,
             "selection": mem_cfg.selection,
         },
@@ -448,6 +454,7 @@ def _add_eval_ppl(ev: Any) -> None:
     )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--kb", default=None, help="documents to remember (default: the scored texts themselves)")
+    add_memory_override_args(p, "perplexity")
     p.set_defaults(func=cmd_eval_ppl)
 
 
