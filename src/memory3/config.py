@@ -95,7 +95,9 @@ def parse_memory_layers(spec: str, n_layer: int) -> tuple[int, ...]:
 
 
 def layer_span(layers: tuple[int, ...]) -> str:
-    """Layer indices as `--memory-layers` takes them: "0-19", "0-9,20-29"."""
+    """Layer indices as `--memory-layers` takes them: "0-19", "0-9,20-29" ("" for none)."""
+    if not layers:
+        return ""
     parts: list[str] = []
     start = prev = layers[0]
     for i in (*layers[1:], None):

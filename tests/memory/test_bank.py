@@ -407,6 +407,8 @@ def test_bank_built_in_other_layers_is_read_in_them(tmp_path, model, tok, capsys
     assert main(["build", str(corpus), "--out", wide, *common, "--memory-layers", "all"]) == 0
     assert main(["build", str(corpus), "--out", narrow, *common]) == 0
 
+    with MemoryStore.open(wide) as s:
+        assert s.info()["memory_layers"] == f"0-{n_layer - 1}"
     loaded = load_pretrained(ckpt)
     before = loaded.model._memory3_fingerprint
     retriever, _ = open_retriever(loaded, store=wide)

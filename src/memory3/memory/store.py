@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memory3.config import MemoryConfig, ModelConfig
+from memory3.config import MemoryConfig, ModelConfig, layer_span
 from memory3.errors import FingerprintMismatchError, StoreCorruptError, StoreError
 from memory3.faults import crash_point
 from memory3.files import WriterLock, fsync, replace_dir, write_json_atomic
@@ -528,6 +528,8 @@ class MemoryStore:
             "codec_fingerprint": self.manifest["codec_fingerprint"],
             "codec": repr(self.codec),
             "model": (self.manifest.get("model") or {}).get("name"),
+            "memory_layers": layer_span(tuple((self.manifest.get("model") or {}).get("memory_layers") or ())),
+            "kept_tokens": (self.manifest.get("memory") or {}).get("kept_tokens"),
             "record_bytes": self.record_size,
             "records_per_shard": self.records_per_shard,
             "shards": len(shards),
