@@ -423,6 +423,17 @@ def test_bank_built_in_other_layers_is_read_in_them(tmp_path, model, tok, capsys
     assert loaded.model.memory_layers == own  # refused: nothing changed
     with pytest.raises(ValueError, match=r"other layers.*serve them separately"):
         open_stores(loaded, [narrow, wide], [], "hashing-64")
+    from memory3.retrieval.retriever import StoreRetriever
+
+    with StoreRetriever.open(wide, loaded.model).store:  # every way in reads the bank's layers
+        assert loaded.model.memory_layers == tuple(range(n_layer))
+    loaded.model.set_memory_layers(own)
+    speed = tmp_path / "speed.json"
+    bench = ["bench", "speed", "--store", wide, *common[:4], "--batch-sizes", "1", "--modes", "memory"]
+    bench += ["--caches", "warm", "--runs", "1", "--prompt-tokens", "8", "--new-tokens", "2"]
+    bench += ["--out", str(speed)]
+    assert main([*bench, "--no-progress"]) == 0
+    assert json.loads(speed.read_text())["memory"]["memory_layers"] == f"0-{n_layer - 1}"
     argv = ["generate", "--store", wide, *common[:4], "--max-new-tokens", "2"]
     assert main([*argv, "Where is Quellmar?"]) == 0
     capsys.readouterr()

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memory3.config import MemoryConfig, Selection, layer_span
+from memory3.config import MemoryConfig, Selection
 from memory3.retrieval.base import Retriever
 
 if TYPE_CHECKING:
@@ -42,27 +42,20 @@ def open_retriever(
         from memory3.memory.manifest import read_memory_config
         from memory3.retrieval.retriever import StoreRetriever
 
-        own = tuple(loaded.model.memory_layers)
-        read_in_bank_layers(loaded.model, store, adopt_layers)
-        try:
-            have = read_memory_config(store)
-            want = have.override(kept_tokens, selection)
-            if want != have:
-                raise ValueError(
-                    f"memory bank {store} keeps {have.kept_tokens} tokens per head (selection "
-                    f"{have.selection!r}), not the {want.kept_tokens} ({want.selection!r}) asked for: its "
-                    f"memories were written when it was built. Drop --kept-tokens/--selection to read it as "
-                    f"it is, or build another bank with `memory3 build SOURCE --out DIR --kept-tokens "
-                    f"{want.kept_tokens} --selection {want.selection}`"
-                )
-            retriever = StoreRetriever.open(
-                store, loaded.model, loaded.tokenizer, dtype=dtype, writable=writable
+        have = read_memory_config(store)
+        want = have.override(kept_tokens, selection)
+        if want != have:
+            raise ValueError(
+                f"memory bank {store} keeps {have.kept_tokens} tokens per head (selection "
+                f"{have.selection!r}), not the {want.kept_tokens} ({want.selection!r}) asked for: its "
+                f"memories were written when it was built. Drop --kept-tokens/--selection to read it as "
+                f"it is, or build another bank with `memory3 build SOURCE --out DIR --kept-tokens "
+                f"{want.kept_tokens} --selection {want.selection}`"
             )
-            return retriever, retriever.memory_config
-        except BaseException:
-            if tuple(loaded.model.memory_layers) != own:
-                loaded.model.set_memory_layers(own)  # refused: the model reads as it did
-            raise
+        retriever = StoreRetriever.open(
+            store, loaded.model, loaded.tokenizer, dtype=dtype, writable=writable, adopt_layers=adopt_layers
+        )
+        return retriever, retriever.memory_config
     if kb is None:
         return None, loaded.memory_config.override(kept_tokens, selection)
     from memory3.memory.ingest import IngestStats, chunk_documents, read_documents
@@ -80,25 +73,3 @@ def open_retriever(
     writer = MemoryWriter.for_model(loaded.model, loaded.tokenizer, cfg)
     log.info("writing %d memories from %s", len(refs), kb)
     return InMemoryRetriever(refs, writer, loaded.tokenizer, get_embedder(embedder)), cfg
-
-
-def read_in_bank_layers(model: Any, store: str | Path, adopt: bool = True) -> None:
-    """Make `model` read memory in the layers whose memories the bank `store` holds: set them
-    where they differ (`adopt`), or say how to (not `adopt`: the caller asked for other layers)."""
-    from memory3.memory.manifest import read_memory_layers
-
-    bank = read_memory_layers(store)
-    have = tuple(model.memory_layers)
-    if bank is None or bank == have or bank[-1] >= model.config.n_layer:
-        return  # nothing to change, or another model's bank: its fingerprint check says so
-    if not adopt:
-        raise ValueError(
-            f"memory bank {store} holds memories of layers {layer_span(bank)}, not the "
-            f"{layer_span(have)} asked for: its memories were written when it was built. Drop "
-            f"--memory-layers to read it in its own layers, or build another bank with `memory3 "
-            f"build SOURCE --out DIR --memory-layers {layer_span(have)}`"
-        )
-    log.info(
-        "reading %s in its memory layers %s (the model's own: %s)", store, layer_span(bank), layer_span(have)
-    )
-    model.set_memory_layers(bank)

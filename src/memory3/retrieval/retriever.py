@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from memory3.config import MemoryConfig
+from memory3.config import MemoryConfig, layer_span
 from memory3.errors import StoreError
 from memory3.faults import crash_point
 from memory3.files import recover_dir
 from memory3.memory.batch import DocumentBatch as StoreBatch
 from memory3.memory.ingest import Document, Reference, chunk_documents
-from memory3.memory.manifest import INDEX_DIR
+from memory3.memory.manifest import INDEX_DIR, read_memory_layers
 from memory3.memory.store import MemoryStore, RefMeta, VerifyReport
 from memory3.memory.write import Memories, MemoryWriter, memory_fingerprint
 from memory3.model import Memory3Model
@@ -112,12 +112,35 @@ class StoreRetriever:
         cache_size: int = 4096,
         embedder: Embedder | None = None,
         dtype: torch.dtype | None = None,
+        adopt_layers: bool = True,
     ) -> StoreRetriever:
         """Open a bank for `model`: refused (both fingerprints in the message) when another model
-        or memory config wrote it. `writable` enables cold start and document changes. `dtype`:
-        what memories are decoded to and cached in (None: the model's dtype); give the KV cache's
-        dtype (`Generator.kv_dtype`) so that no retrieval converts them, and a bfloat16 cache
-        holds twice the memories a float32 one does in the same RAM."""
+        or memory config wrote it. The model is set to read memory in the bank's layers where they
+        differ from its own (`adopt_layers`; otherwise the difference is refused with the fix),
+        and left as it was if the bank is refused. `writable` enables cold start and document
+        changes. `dtype`: what memories are decoded to and cached in (None: the model's dtype);
+        give the KV cache's dtype (`Generator.kv_dtype`) so that no retrieval converts them, and a
+        bfloat16 cache holds twice the memories a float32 one does in the same RAM."""
+        own = tuple(model.memory_layers)
+        read_in_bank_layers(model, path, adopt_layers)
+        try:
+            return cls._open(path, model, tokenizer, writable, cache_size, embedder, dtype)
+        except BaseException:
+            if tuple(model.memory_layers) != own:
+                model.set_memory_layers(own)  # refused: the model reads as it did
+            raise
+
+    @classmethod
+    def _open(
+        cls,
+        path: str | Path,
+        model: Memory3Model,
+        tokenizer: Any,
+        writable: bool,
+        cache_size: int,
+        embedder: Embedder | None,
+        dtype: torch.dtype | None,
+    ) -> StoreRetriever:
         from memory3.memory.manifest import read_manifest
 
         path = Path(path)
@@ -500,3 +523,23 @@ def verify_bank(path: str | Path) -> VerifyReport:
             report.counts["index_entries"] = index.ntotal
     report.ok = not report.errors
     return report
+
+
+def read_in_bank_layers(model: Any, store: str | Path, adopt: bool = True) -> None:
+    """Make `model` read memory in the layers whose memories the bank `store` holds: set them
+    where they differ (`adopt`), or say how to (not `adopt`: the caller asked for other layers)."""
+    bank = read_memory_layers(store)
+    have = tuple(model.memory_layers)
+    if bank is None or bank == have or bank[-1] >= model.config.n_layer:
+        return  # nothing to change, or another model's bank: its fingerprint check says so
+    if not adopt:
+        raise ValueError(
+            f"memory bank {store} holds memories of layers {layer_span(bank)}, not the "
+            f"{layer_span(have)} asked for: its memories were written when it was built. Drop "
+            f"--memory-layers to read it in its own layers, or build another bank with `memory3 "
+            f"build SOURCE --out DIR --memory-layers {layer_span(have)}`"
+        )
+    log.info(
+        "reading %s in its memory layers %s (the model's own: %s)", store, layer_span(bank), layer_span(have)
+    )
+    model.set_memory_layers(bank)
