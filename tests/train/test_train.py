@@ -696,16 +696,16 @@ def test_calibration_sums_the_outer_products_of_each_questions_gradient(tmp_path
     g·gᵀ over questions and memory slots; the model's trainable flags and mode come back."""
     import random
 
+    from memory3.config import parse_memory_layers
     from memory3.memory.transform import rotate
     from memory3.memory.write import reference_prefix_ids
-    from memory3.train.config import layers_for
     from memory3.train.fisher import fisher_from_data
     from memory3.train.loop import batch_loss, load_base, set_memory_layers
     from memory3.train.sft import SFTData, Stage, memory_config_for
 
     cfg = _tiny_sft_config(tmp_path, stages=(Stage(1.0, 8, "half"),))
     model, tok = load_base(cfg.model, cfg.model_overrides, 0)
-    set_memory_layers(model, layers_for("half", model.config.n_layer))
+    set_memory_layers(model, parse_memory_layers("half", model.config.n_layer))
     apply_lora(model, cfg.lora)
     model.train()
     flags = [p.requires_grad for p in model.parameters()]

@@ -205,6 +205,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         first_query=args.first_query,
         batch_size=args.batch_size,
     )
+    check_memory_overrides(args)
     loaded = load_cached(args)
     model, tok = loaded.model, loaded.tokenizer
     pool = _ppl_texts(args.texts, None)
@@ -212,7 +213,6 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     texts = [t for t, _ in kept]
     if not texts:
         raise ValueError(f"{args.texts}: no text has at least --min-tokens {config.min_tokens} tokens")
-    check_memory_overrides(args)
     retriever, mem_cfg, kb_desc = None, memory_config_of(args, loaded), "none"
     if "memory" in args.modes:
         if args.store is not None or args.kb is not None:

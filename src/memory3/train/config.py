@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from memory3.config import parse_memory_layers
 from memory3.lora import LoRAConfig
 
 T = TypeVar("T")
@@ -118,13 +117,7 @@ __all__ = [
     "OptimConfig",
     "field",
     "from_dict",
-    "layers_for",
     "load_config",
     "save_config",
     "to_dict",
 ]
-
-
-def layers_for(spec: str, n_layer: int) -> tuple[int, ...]:
-    """The layers that read memory (`memory3.config.parse_memory_layers`)."""
-    return parse_memory_layers(spec, n_layer)

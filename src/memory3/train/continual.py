@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memory3.config import MemoryConfig
+from memory3.config import MemoryConfig, parse_memory_layers
 from memory3.memory.write import Memories, MemoryWriter, reference_prefix_ids
 from memory3.retrieval.leak import TRAIN_THRESHOLD, leaks
 from memory3.train.adapters import init_from_adapter
@@ -40,7 +40,6 @@ from memory3.train.config import (
     LoRAConfig,
     OptimConfig,
     from_dict,
-    layers_for,
     load_config,
     to_dict,
 )
@@ -231,7 +230,7 @@ class ContinualConfig:
                 "continual training needs `dataset`: a directory written by `memory3 train pair`"
             )
         if self.memory_layers:
-            layers_for(self.memory_layers, 1 << 16)  # the form is checked here, the range at load
+            parse_memory_layers(self.memory_layers, 1 << 16)  # the form is checked here, the range at load
 
 
 def run_continual(
@@ -248,7 +247,7 @@ def run_continual(
 
     def init(model: Any) -> None:
         if config.memory_layers:
-            set_memory_layers(model, layers_for(config.memory_layers, model.config.n_layer))
+            set_memory_layers(model, parse_memory_layers(config.memory_layers, model.config.n_layer))
         if config.init_adapter:
             init_from_adapter(model, config.init_adapter)
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from memory3.config import parse_memory_layers
 from memory3.lora import apply_lora, load_lora_state
 from memory3.train.adapters import save_adapter
-from memory3.train.config import from_dict, layers_for
+from memory3.train.config import from_dict
 from memory3.train.loop import CKPT_DIR, CONFIG_FILE, load_base, set_memory_layers
 from memory3.train.sft import SFTConfig, final_memory_config, stage_at
 
@@ -27,7 +28,7 @@ def adapter_from_run(run: str | Path, out: str | Path, command: str = "") -> Pat
     load_lora_state(model, state)
     step = meta["state"]["step"]
     set_memory_layers(
-        model, layers_for(stage_at(config, max(step - 1, 0)).memory_layers, model.config.n_layer)
+        model, parse_memory_layers(stage_at(config, max(step - 1, 0)).memory_layers, model.config.n_layer)
     )
     info = {**meta["state"], "finished": step >= config.loop.steps}
     info["train_seconds"] = round(info.pop("seconds"), 1)

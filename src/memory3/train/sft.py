@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from memory3.config import MemoryConfig
+from memory3.config import MemoryConfig, parse_memory_layers
 from memory3.generate import rag_prompt
 from memory3.memory.codec import CodecConfig, MemoryCodec, straight_through, train_codec
 from memory3.memory.write import MemoryWriter, reference_prefix_ids
 from memory3.train.adapters import init_from_adapter
-from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, layers_for, load_config, save_config
+from memory3.train.config import LoopConfig, LoRAConfig, OptimConfig, load_config, save_config
 from memory3.train.data import (
     Entity,
     Group,
@@ -343,7 +343,7 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
     run.save_extra = _codec_saver(codec)
     for step in steps:
         stage = stage_at(config, step)
-        layers = layers_for(stage.memory_layers, n_layer)
+        layers = parse_memory_layers(stage.memory_layers, n_layer)
         if layers != model.memory_layers:
             set_memory_layers(model, layers)
         writer = MemoryWriter(model, prefix, memory_config_for(config, stage))
