@@ -170,15 +170,16 @@ class Run:
 
     def load(self, name: str | Path | None = None, dtype: Any = None) -> Any:
         """The model `name` (default --model) through the shared cached loader, reading memory in
-        --memory-layers with --kept-tokens per head where they are given."""
+        --memory-layers with --kept-tokens per head and --references per chunk where given."""
         from memory3.config import parse_memory_layers
 
         loaded = load_model(name if name is not None else self.args.model, dtype)
         layers, kept = getattr(self.args, "memory_layers", None), getattr(self.args, "kept_tokens", None)
+        k = getattr(self.args, "references", None)
         if layers:
             loaded.model.set_memory_layers(parse_memory_layers(layers, loaded.model.config.n_layer))
-        if kept is not None:
-            cfg = loaded.memory_config.override(kept, None)
+        if kept is not None or k is not None:
+            cfg = loaded.memory_config.override(kept, None, k)
             loaded = dataclasses.replace(loaded, meta={**loaded.meta, "memory_config": cfg.to_dict()})
         return loaded
 
@@ -244,6 +245,9 @@ def parser_of(exp: Experiment, prog: str | None = None) -> argparse.ArgumentPars
         )
         common.add_argument(
             "--kept-tokens", type=int, default=None, help="tokens kept per memory head (default: the model's)"
+        )
+        common.add_argument(
+            "--references", type=int, default=None, help="memories read per chunk (default: the model's)"
         )
     if exp.threads is not None:
         common.add_argument(

@@ -123,6 +123,7 @@ def main() -> int:
     ap.add_argument("--rag-from", help="a `memory3 eval qa --out` JSON of this model on the same split")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--k", type=int, default=5, help="references per retrieval, memory and RAG alike")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,6 +148,7 @@ def main() -> int:
         "trained_layers": list(loaded.model.memory_layers),
         "trained_memory": loaded.memory_config.to_dict(),
         "rag_from": args.rag_from,
+        "k": args.k,
         "command": "python " + " ".join(sys.argv),
         "rows": [],
     }
@@ -158,7 +160,9 @@ def main() -> int:
         retriever = build_retriever(model, tok, docs, mem_cfg, embedder)
         write_s = time.perf_counter() - t0
         modes = ("memory", "rag") if args.rag and rag_all is None else ("memory",)
-        report = evaluate_qa(Generator(model, tok, retriever, mem_cfg), items, QAEvalConfig(modes=modes))
+        report = evaluate_qa(
+            Generator(model, tok, retriever, mem_cfg), items, QAEvalConfig(modes=modes, k=args.k)
+        )
         s = report.summary()
         if "rag" in modes:
             rag_ok = {it.id: bool(it.contained["rag"]) for it in report.items}

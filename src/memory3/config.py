@@ -311,10 +311,19 @@ class MemoryConfig:
         """Memory key slots one chunk attends to: memories_per_chunk × kept_tokens."""
         return self.memories_per_chunk * self.kept_tokens
 
-    def override(self, kept_tokens: int | None = None, selection: Selection | None = None) -> MemoryConfig:
-        """This config with the given kept tokens and selection (None keeps its own): the CLI's
-        `--kept-tokens` / `--selection` on top of a model's own memory config."""
-        changes = {"kept_tokens": kept_tokens, "selection": selection}
+    def override(
+        self,
+        kept_tokens: int | None = None,
+        selection: Selection | None = None,
+        memories_per_chunk: int | None = None,
+    ) -> MemoryConfig:
+        """This config with the given kept tokens, selection and memories per chunk (None keeps
+        its own): `--kept-tokens` / `--selection` / `--references` on top of a model's own."""
+        changes = {
+            "kept_tokens": kept_tokens,
+            "selection": selection,
+            "memories_per_chunk": memories_per_chunk,
+        }
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -180,6 +181,20 @@ def test_build_retriever_through_a_codec_holds_what_a_bank_would(setup, tok) -> 
         assert torch.equal(got.positions, want.positions)
         errors[name] = float((got.k - want.k).norm() / want.k.norm())
     assert errors["none"] == 0 and 0 < errors["default"] < 0.02 < errors["tc8"]
+
+
+@pytest.mark.slow
+def test_qa_reads_as_many_references_as_the_model_reads_memories_unless_told(setup, tok) -> None:
+    model, cfg, _, retr = setup
+    q, gold = QUESTIONS[0][1], QUESTIONS[0][2]
+    others = [d for d in FACTS if d != gold]
+    controlled = ControlledRetriever(retr, {q: [others[0], others[1], gold]})  # gold 3rd
+    for per_chunk, k, hit in ((2, None, False), (3, None, True), (2, 3, True)):
+        mc = dataclasses.replace(cfg, memories_per_chunk=per_chunk)
+        gen = Generator(model, tok, controlled, mc, chat=False)
+        report = evaluate_qa(gen, _items()[:1], QAEvalConfig(modes=("none",), k=k, max_new_tokens=2))
+        assert report.summary()["k"] == (per_chunk if k is None else k)
+        assert (report.items[0].gold_rank is not None) == hit
 
 
 def test_qa_config_rejects_unknown_modes() -> None:

@@ -94,7 +94,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("-k", "--references", type=int, default=None, help="memories per chunk (default 5)")
+    p.add_argument(
+        "-k", "--references", type=int, default=None, help="memories per chunk (default: the model's own)"
+    )
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
 
 

@@ -133,7 +133,13 @@ def add_retrieval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--embedder", default="minilm", help="retrieval embedder for knowledge bases written on the fly"
     )
-    p.add_argument("-k", "--references", type=int, default=5, help="references per retrieval")
+    p.add_argument(
+        "-k",
+        "--references",
+        type=int,
+        default=None,
+        help="references per retrieval (default: the memories per chunk the model reads with)",
+    )
 
 
 def add_memory_override_args(p: argparse.ArgumentParser, what: str) -> None:

@@ -28,6 +28,7 @@ All modes score the same tokens: every token of the text but the first (which ha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -55,7 +56,7 @@ PPL_MODES: tuple[str, ...] = ("none", "prefix", "memory")
 class PPLConfig:
     max_tokens: int = 512  # tokens kept of each text (from its start)
     min_tokens: int = 65  # shorter texts are skipped: they have no second chunk to read memory
-    k: int = 5  # memories per chunk
+    k: int | None = None  # memories per chunk; None: the memory config's memories_per_chunk
     leak_threshold: float | None = EVAL_THRESHOLD
     first_query: Literal["none", "title"] = "none"
     batch_size: int = 4
@@ -65,7 +66,7 @@ class PPLConfig:
             raise ValueError(
                 f"need 2 ≤ min_tokens ≤ max_tokens, got min_tokens={self.min_tokens}, max_tokens={self.max_tokens}"
             )
-        if self.k < 1 or self.batch_size < 1:
+        if (self.k is not None and self.k < 1) or self.batch_size < 1:
             raise ValueError(f"k and batch_size must be ≥ 1, got {self.k}, {self.batch_size}")
         if self.first_query not in ("none", "title"):
             raise ValueError(f"first_query must be 'none' or 'title', got {self.first_query!r}")
@@ -131,6 +132,8 @@ def perplexity(
     if mode not in PPL_MODES:
         raise ValueError(f"mode must be one of {PPL_MODES}, got {mode!r}")
     mcfg = memory_config or MemoryConfig()
+    if config.k is None:
+        config = dataclasses.replace(config, k=mcfg.memories_per_chunk)
     if mode == "memory":
         if retriever is None:
             raise ValueError("perplexity with memory needs a retriever (--store or --kb)")

@@ -17,6 +17,7 @@ the hit-rate search alike).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -59,7 +60,7 @@ class QAEvalConfig:
     answers that restate the question before answering."""
 
     modes: tuple[str, ...] = ("none", "memory", "rag")
-    k: int = 5  # references per retrieval (memory: per 64-token chunk)
+    k: int | None = None  # references per retrieval (memory: per 64-token chunk); None: the model's own
     batch_size: int = 8
     max_new_tokens: int = 48
     leak_threshold: float | None = EVAL_THRESHOLD
@@ -69,7 +70,7 @@ class QAEvalConfig:
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
-        if self.k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+        if (self.k is not None and self.k < 1) or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(
                 f"k, batch_size and max_new_tokens must be ≥ 1, got {self.k}, {self.batch_size}, "
                 f"{self.max_new_tokens}"
@@ -185,6 +186,8 @@ def evaluate_qa(
     """
     if not items:
         raise ValueError("no questions to evaluate: the set (or its split/limit) is empty")
+    if config.k is None:  # the number of memories the model reads per chunk, for every mode
+        config = dataclasses.replace(config, k=generator.mem_cfg.memories_per_chunk)
     needs_retrieval = any(m != "none" for m in config.modes)
     retriever: Retriever | None = generator.retriever
     if needs_retrieval and retriever is None:
