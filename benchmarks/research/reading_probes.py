@@ -168,6 +168,7 @@ def main() -> int:
             rag_ok = {it.id: bool(it.contained["rag"]) for it in report.items}
             rag_types = {r["answer_type"]: r["contained"]["rag"] for r in s["by_answer_type"]}
             rag_all = s["modes"]["rag"]["contained"]
+            out["rag_answers"] = {it.id: [it.texts["rag"], bool(it.contained["rag"])] for it in report.items}
         mem = s["modes"]["memory"]["contained"]
         types = {}
         for t, r in by_type(s, "memory").items():

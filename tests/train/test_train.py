@@ -667,7 +667,8 @@ def test_shipped_model_reads_facts_only_its_memory_holds() -> None:
     torch.set_num_threads(1)
     loaded = load_pretrained(TRAINED)
     cfg = loaded.memory_config
-    assert loaded.model.memory_layers == tuple(range(20)) and cfg.kept_tokens == 32
+    assert loaded.model.memory_layers == tuple(range(30)) and cfg.kept_tokens == 64
+    assert cfg.memories_per_chunk == 1
     kb = load_kb(shipped_path("fictional_kb.jsonl"))
     docs = [d for d in kb if d.title in ("Brokirton", "Midrienza")] + kb[:6]
     assert len({d.title for d in docs} & {"Brokirton", "Midrienza"}) == 2

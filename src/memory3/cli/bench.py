@@ -53,7 +53,8 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
-        k=args.references,
+        # the speed comparison's own setting (5 references, as the paper's) unless -k is given
+        **({"k": args.references} if args.references is not None else {}),
         runs=args.runs,
         modes=args.modes,
         caches=args.caches,
@@ -147,7 +148,7 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
 def add_speed_parser(be: Any) -> None:
     p = be.add_parser("speed", help="throughput and time to first token: memory vs RAG vs no retrieval")
     add_output_args(p)
-    add_retrieval_args(p)
+    add_retrieval_args(p, k_default="5, as the paper's speed comparison")
     p.add_argument("--batch-sizes", type=csv_of(int), default=(1, 8, 32))
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)

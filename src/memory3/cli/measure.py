@@ -128,7 +128,10 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
-def add_retrieval_args(p: argparse.ArgumentParser) -> None:
+def add_retrieval_args(
+    p: argparse.ArgumentParser,
+    k_default: str = "the memories per chunk the model reads with",
+) -> None:
     p.add_argument("--store", default=None, help="memory bank directory (memory3 build)")
     p.add_argument(
         "--embedder", default="minilm", help="retrieval embedder for knowledge bases written on the fly"
@@ -138,7 +141,7 @@ def add_retrieval_args(p: argparse.ArgumentParser) -> None:
         "--references",
         type=int,
         default=None,
-        help="references per retrieval (default: the memories per chunk the model reads with)",
+        help=f"references per retrieval (default: {k_default})",
     )
 
 

@@ -18,7 +18,6 @@ machine's load hits every setting alike; the first round is dropped; medians and
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import statistics
 import time
@@ -44,7 +43,7 @@ class SpeedConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     prompt_tokens: int = 128
     new_tokens: int = 128
-    k: int | None = None  # references per retrieval; None: the memories per chunk the model reads
+    k: int = 5  # references per retrieval
     runs: int = 3  # measured rounds; one more warm-up round runs first and is dropped
     # "each": a dropped warm-up round at every batch size (the specification); "first": only before
     # the first batch size (kernels, embedder and caches warm up once; quick runs)
@@ -55,12 +54,7 @@ class SpeedConfig:
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be positive, got {self.batch_sizes}")
-        if (
-            self.prompt_tokens < 1
-            or self.new_tokens < 2
-            or (self.k is not None and self.k < 1)
-            or self.runs < 1
-        ):
+        if self.prompt_tokens < 1 or self.new_tokens < 2 or self.k < 1 or self.runs < 1:
             raise ValueError(
                 "need prompt_tokens ≥ 1, new_tokens ≥ 2, k ≥ 1 and runs ≥ 1, got "
                 f"{self.prompt_tokens}, {self.new_tokens}, {self.k}, {self.runs}"
@@ -261,8 +255,6 @@ def bench_speed(
     prompts: at least max(batch_sizes) prompts of `config.prompt_tokens` tokens (`make_prompts`);
     retrievers: cache name -> retriever, or None when that setting cannot be served here.
     """
-    if config.k is None:
-        config = dataclasses.replace(config, k=generator.mem_cfg.memories_per_chunk)
     need = max(config.batch_sizes)
     if len(prompts) < need:
         raise ValueError(f"{len(prompts)} prompts given, batch size {need} needs {need}")
