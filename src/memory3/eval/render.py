@@ -110,7 +110,7 @@ def _md_qa(res: dict[str, Any]) -> str:
     cfg, meta = any_set["config"], any_set["meta"]
     leak = "off" if cfg["leak_threshold"] is None else f"{cfg['leak_threshold']:.3g}"
     return (
-        f"Model `{res['model']}` ({res['dtype']}, KV cache {res.get('kv_dtype', res['dtype'])}), split `{meta['split']}`, {cfg['k']} references per retrieval, "
+        f"Model `{res['model']}` ({res['dtype']}, KV cache {res.get('kv_dtype', res['dtype'])}), split `{meta['split']}`, {cfg['k']} reference{'s' if cfg['k'] != 1 else ''} per retrieval, "
         f"greedy, ≤ {cfg['max_new_tokens']} new tokens, batch {cfg['batch_size']}, leak filter "
         f"{leak}"
         + ("" if cfg.get("min_score") is None else f", hits scoring below {cfg['min_score']:.3g} dropped")
@@ -218,7 +218,7 @@ def _md_speed(res: dict[str, Any]) -> str:
     )
     return (
         f"Model `{res['model']}` ({res['dtype']}, KV cache {res.get('kv_dtype', res['dtype'])}, torch threads: {res.get('threads', '?')}).{reads} {c['prompt_tokens']} prompt tokens "
-        f"+ {c['new_tokens']} generated (EOS ignored), {c['k']} references per retrieval, {c['runs']} measured runs "
+        f"+ {c['new_tokens']} generated (EOS ignored), {c['k']} reference{'s' if c['k'] != 1 else ''} per retrieval, {c['runs']} measured runs "
         f"after {warm}, median (min–max). Memory retrieves once per 64-token prompt chunk and again after every 64 generated tokens that more tokens follow (3 times per sequence for 128 + 128). Throughput = batch × generated / total wall time (Table 21: prefill "
         f"and every retrieval included); TTFT includes retrieval, memory loading and prefill. Knowledge base: "
         f"{res['kb']}.{skipped}\n\n"
