@@ -649,6 +649,12 @@ def test_eval_ppl_reads_in_the_layers_and_kept_tokens_asked(tmp_path, tok) -> No
     n_layer = model.config.n_layer
     assert res["memory"]["memory_layers"] == f"0-{n_layer - 1}" and res["memory"]["kept_tokens"] == 4
     assert res["modes"]["memory"]["retrievals"] > 0
+    # without -k a chunk reads as many memories as the model's memory config says, and the results say so
+    from memory3.checkpoint import load_pretrained
+
+    assert res["config"]["k"] == load_pretrained(ckpt).memory_config.memories_per_chunk
+    assert main([*argv, "-k", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["k"] == 2
 
 
 def test_publish_writes_all_results_and_a_section_that_names_the_file_and_machine(tmp_path) -> None:

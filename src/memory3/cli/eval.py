@@ -18,6 +18,7 @@ package has no repository: there the three flags are required.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -236,6 +237,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
                 f"the {len(texts)} evaluated texts' own references (each text's own are dropped by the "
                 "leak filter, the others remain)"
             )
+    if config.k is None:  # record the number of memories read, as perplexity() resolves it
+        config = dataclasses.replace(config, k=mem_cfg.memories_per_chunk)
     out: dict[str, Any] = {
         "config": asdict(config),
         "texts": args.texts,
