@@ -164,8 +164,8 @@ def _md_ppl(res: dict[str, Any]) -> str:
     leak = "off" if c["leak_threshold"] is None else f"{c['leak_threshold']:.3g}"
     return (
         f"Model `{res['model']}` ({res['dtype']}); texts: `{res['texts']}` (held-out split), first "
-        f"{c['max_tokens']} tokens of each text with ≥ {c['min_tokens']}. Memory: chunk c reads {c['k']} memories "
-        f"retrieved with chunk c-1's text (chunk 0: {c['first_query']}), so no chunk sees references chosen by its "
+        f"{c['max_tokens']} tokens of each text with ≥ {c['min_tokens']}. Memory: chunk c reads {c['k']} "
+        f"memor{'ies' if c['k'] != 1 else 'y'} retrieved with chunk c-1's text (chunk 0: {c['first_query']}), so no chunk sees references chosen by its "
         f"own future; leak filter {leak} against the whole scored text; `prefix` is the memory layout (reference "
         f"prefix, text at position p+128) without memories, the control for `memory`. Knowledge base: {res['kb']}.\n\n"
         + table(rows)
