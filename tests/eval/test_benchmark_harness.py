@@ -52,3 +52,5 @@ def test_a_run_loads_the_model_in_the_layers_and_kept_tokens_asked(tmp_path, tok
     assert loaded.memory_config.kept_tokens == 5
     plain = harness.Run(exp, ap.parse_args(["--model", str(ckpt)]), ap).load()
     assert plain.memory_config.kept_tokens != 5
+    one = harness.Run(exp, ap.parse_args(["--model", str(ckpt), "--references", "1"]), ap).load()
+    assert one.memory_config.memories_per_chunk == 1 != plain.memory_config.memories_per_chunk
