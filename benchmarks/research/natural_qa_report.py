@@ -22,6 +22,7 @@ from typing import Any
 
 from memory3.eval.breakdown import breakdown_md
 from memory3.eval.paired import compare_runs
+from memory3.eval.render import count
 from memory3.eval.report import table, update_section
 
 
@@ -91,7 +92,7 @@ def main() -> int:
         f"Hand-written questions over held-out Wikipedia summaries (`src/memory3/assets/qa/README.md`): "
         f"the test split is the reported figure; the dev split is for choosing settings. Model "
         f"`{first['model']}` ({first['dtype']}), memory in {first['memory']['layers']} layers, "
-        f"{first['memory']['kept_tokens']} kept tokens per head; {cfg['k']} reference{'s' if cfg['k'] != 1 else ''} per retrieval, greedy, "
+        f"{first['memory']['kept_tokens']} kept tokens per head; {count(cfg['k'], 'reference', 'references')} per retrieval, greedy, "
         f"≤ {cfg['max_new_tokens']} new tokens, leak filter {cfg['leak_threshold']:.3g}. Knowledge base: "
         f"{meta['kb']} (every summary a question names, both splits, and held-out distractors); retriever "
         f"`{meta['embedder']}`. Score: a gold answer contained in the answer (normalised). Repeating answers: "

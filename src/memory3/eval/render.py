@@ -73,6 +73,11 @@ def render(
         update_section(report, key, title, res.get("reproduce", command), body, compact)
 
 
+def count(n: int, one: str, many: str) -> str:
+    """'1 reference', '5 references': a number with its noun."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -110,7 +115,7 @@ def _md_qa(res: dict[str, Any]) -> str:
     cfg, meta = any_set["config"], any_set["meta"]
     leak = "off" if cfg["leak_threshold"] is None else f"{cfg['leak_threshold']:.3g}"
     return (
-        f"Model `{res['model']}` ({res['dtype']}, KV cache {res.get('kv_dtype', res['dtype'])}), split `{meta['split']}`, {cfg['k']} reference{'s' if cfg['k'] != 1 else ''} per retrieval, "
+        f"Model `{res['model']}` ({res['dtype']}, KV cache {res.get('kv_dtype', res['dtype'])}), split `{meta['split']}`, {count(cfg['k'], 'reference', 'references')} per retrieval, "
         f"greedy, ≤ {cfg['max_new_tokens']} new tokens, batch {cfg['batch_size']}, leak filter "
         f"{leak}"
         + ("" if cfg.get("min_score") is None else f", hits scoring below {cfg['min_score']:.3g} dropped")
@@ -164,8 +169,8 @@ def _md_ppl(res: dict[str, Any]) -> str:
     leak = "off" if c["leak_threshold"] is None else f"{c['leak_threshold']:.3g}"
     return (
         f"Model `{res['model']}` ({res['dtype']}); texts: `{res['texts']}` (held-out split), first "
-        f"{c['max_tokens']} tokens of each text with ≥ {c['min_tokens']}. Memory: chunk c reads {c['k']} "
-        f"memor{'ies' if c['k'] != 1 else 'y'} retrieved with chunk c-1's text (chunk 0: {c['first_query']}), so no chunk sees references chosen by its "
+        f"{c['max_tokens']} tokens of each text with ≥ {c['min_tokens']}. Memory: chunk c reads "
+        f"{count(c['k'], 'memory', 'memories')} retrieved with chunk c-1's text (chunk 0: {c['first_query']}), so no chunk sees references chosen by its "
         f"own future; leak filter {leak} against the whole scored text; `prefix` is the memory layout (reference "
         f"prefix, text at position p+128) without memories, the control for `memory`. Knowledge base: {res['kb']}.\n\n"
         + table(rows)
@@ -218,7 +223,7 @@ def _md_speed(res: dict[str, Any]) -> str:
     )
     return (
         f"Model `{res['model']}` ({res['dtype']}, KV cache {res.get('kv_dtype', res['dtype'])}, torch threads: {res.get('threads', '?')}).{reads} {c['prompt_tokens']} prompt tokens "
-        f"+ {c['new_tokens']} generated (EOS ignored), {c['k']} reference{'s' if c['k'] != 1 else ''} per retrieval, {c['runs']} measured runs "
+        f"+ {c['new_tokens']} generated (EOS ignored), {count(c['k'], 'reference', 'references')} per retrieval, {c['runs']} measured runs "
         f"after {warm}, median (min–max). Memory retrieves once per 64-token prompt chunk and again after every 64 generated tokens that more tokens follow (3 times per sequence for 128 + 128). Throughput = batch × generated / total wall time (Table 21: prefill "
         f"and every retrieval included); TTFT includes retrieval, memory loading and prefill. Knowledge base: "
         f"{res['kb']}.{skipped}\n\n"
