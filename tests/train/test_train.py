@@ -366,6 +366,13 @@ def test_continual_trains_with_memory_and_saves(tmp_path: Path, tok) -> None:
     a = evaluate(loaded.model, tok, data, cfg.memory, with_memory=True, n=2)
     b = evaluate(loaded.model, tok, data, cfg.memory, with_memory=False, n=2)
     assert np.isfinite(a) and np.isfinite(b) and a != b
+    # the checkpoint of a full-training run exports to the same model (`memory3 train export`)
+    from memory3.train.export import adapter_from_run
+
+    again = load_checkpoint(adapter_from_run(run, tmp_path / "exported"))
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+    assert again.meta["train"]["finished"] and again.meta["train"]["step"] == 2
 
 
 @pytest.mark.slow
@@ -399,7 +406,16 @@ def test_continual_starts_from_an_adapter_in_the_layers_asked(tmp_path: Path, to
         memory_layers="all",
         init_adapter=str(tmp_path / "a" / "adapter"),
     )
-    second = read_adapter(run_continual(cont, tmp_path / "b") / "adapter")
+    command = "memory3 train continual --config cont.json --out b"
+    second = read_adapter(run_continual(cont, tmp_path / "b", command=command) / "adapter")
+    assert second.meta["command"] == command and second.meta["lineage"][-1]["command"] == command
+    # the last checkpoint exports to the same adapter, in the same layers (a point of a curve)
+    from memory3.train.export import adapter_from_run
+
+    again = read_adapter(adapter_from_run(tmp_path / "b", tmp_path / "again", command))
+    assert again.meta["memory_layers"] == second.meta["memory_layers"]
+    assert again.meta["memory"] == second.meta["memory"] and again.meta["train"]["finished"]
+    assert all(torch.equal(again.state[k], second.state[k]) for k in second.state)
     n_layer = len(second.meta["memory_layers"])
     assert second.meta["memory_layers"] == list(range(n_layer)) and n_layer > 1
     assert first.state.keys() == second.state.keys()
@@ -604,6 +620,8 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(tmp_path: Pa
         timeout=300,
     )
     run_warmup(cfg1, tmp_path / "one", stream=stream)
+    made = json.loads((tmp_path / "two" / "model" / "memory3.json").read_text())["command"]
+    assert made == f"memory3 train warmup --config {tmp_path / 'c2.json'} --out {tmp_path / 'two'}"
     a = load_file(tmp_path / "two" / "model" / "model.safetensors")
     b = load_file(tmp_path / "one" / "model" / "model.safetensors")
     for k in a:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from memory3.config import SELECTIONS
@@ -35,7 +36,8 @@ def _run_recipe(module: str, args: argparse.Namespace) -> int:
     from memory3.train.loop import finish_distributed
 
     recipe = importlib.import_module(f"memory3.train.{module}")
-    run = recipe.main_from_file(args.config, args.out, not args.no_resume, args.stop_after)
+    command = f"memory3 train {module} --config {args.config} --out {args.out}"  # recorded with the result
+    run = recipe.main_from_file(args.config, args.out, not args.no_resume, args.stop_after, command)
     finish_distributed()
     print(json.dumps({"run": str(run)}))
     return 0
@@ -120,9 +122,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from memory3.train.export import adapter_from_run
 
-    command = args.command or (
-        f"memory3 train sft --config {args.config} --out {args.run}" if args.config else ""
-    )
+    command = args.command
+    if not command and args.config:
+        from memory3.train.export import recipe_of
+
+        recipe = recipe_of(json.loads(Path(args.run, "train_config.json").read_text()))
+        command = f"memory3 train {recipe} --config {args.config} --out {args.run}"
     out = adapter_from_run(args.run, args.out, command)
     print(json.dumps({"adapter": str(out)}))
     return 0
@@ -153,8 +158,10 @@ def register(sub: Any) -> None:
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_pair)
 
-    e = tsub.add_parser("export", help="write the adapter of an SFT run's last checkpoint (finished or not)")
-    e.add_argument("--run", required=True, help="the run directory of `memory3 train sft`")
+    e = tsub.add_parser(
+        "export", help="write the adapter (or model) of a run's last checkpoint, finished or not"
+    )
+    e.add_argument("--run", required=True, help="the --out directory of `memory3 train sft|continual|warmup`")
     e.add_argument("--out", required=True, help="adapter directory, e.g. src/memory3/assets/models/<name>")
     e.add_argument("--config", default="", help="the config file the run was started with (recorded)")
     e.add_argument(

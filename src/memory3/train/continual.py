@@ -240,6 +240,7 @@ def run_continual(
     stop_after: int | None = None,
     data: PairedDataset | None = None,
     tokenizer: Any = None,
+    command: str = "",
 ) -> Path:
     """Train with memory; returns the run directory (checkpoint/, model/ or adapter/).
     `data`: a dataset in memory instead of `config.dataset`; `tokenizer`: the one whose ids the
@@ -251,7 +252,7 @@ def run_continual(
         if config.init_adapter:
             init_from_adapter(model, config.init_adapter)
 
-    run = Run(config, out, resume, init=init, fingerprint=False)
+    run = Run(config, out, resume, init=init, fingerprint=False, command=command)
     model, tok, d = run.model, run.tok, run.d
     data = data or PairedDataset.load(config.dataset)
     if (
@@ -282,7 +283,7 @@ def run_continual(
             step_loss += loss.item() / config.optim.grad_accum
         run.optimizer_step()
         run.step_done(step, step_loss, per_step * data.config.seq_len, lr)
-    return run.finish(lambda: export(model, tok, config, run.out, run.state))
+    return run.finish(lambda: export(model, tok, config, run.out, run.state, command=command))
 
 
 @torch.no_grad()
@@ -313,6 +314,6 @@ def evaluate(
 
 
 def main_from_file(
-    path: str | Path, out: str | Path, resume: bool = True, stop_after: int | None = None
+    path: str | Path, out: str | Path, resume: bool = True, stop_after: int | None = None, command: str = ""
 ) -> Path:
-    return run_continual(load_config(ContinualConfig, path), out, resume, stop_after)
+    return run_continual(load_config(ContinualConfig, path), out, resume, stop_after, command=command)

@@ -361,11 +361,12 @@ class Run:
             ... loss.backward() ...
             run.optimizer_step()
             run.step_done(step, loss_value, tokens, lr)
-        return run.finish(lambda: export(run.model, run.tok, config, run.out, run.state))
+        return run.finish(lambda: export(run.model, run.tok, config, run.out, run.state, command=run.command))
 
     `init(model)` runs after the trainable tensors exist and before the optimizer (e.g. to start
     from an earlier run's adapter); `fingerprint=False` skips hashing the weights while training.
-    `save_extra(directory)` writes a recipe's own state into every checkpoint."""
+    `save_extra(directory)` writes a recipe's own state into every checkpoint; `command` (the
+    command line that runs the recipe) is recorded with the result."""
 
     def __init__(
         self,
@@ -374,8 +375,10 @@ class Run:
         resume: bool = True,
         init: Callable[[Memory3Model], None] | None = None,
         fingerprint: bool = True,
+        command: str = "",
     ) -> None:
         self.config, self.out, self.resume = config, Path(out), resume
+        self.command = command  # recorded in the exported adapter: how to train it again
         self.d = init_distributed()
         start_run(self.out, config, resume, self.d)
         torch.manual_seed(config.loop.seed)
@@ -467,15 +470,21 @@ def batch_loss(model: Memory3Model, batch: Any, memory: Any = None) -> tuple[tor
 
 
 def export(
-    model: Any, tok: Any, config: Any, out: Path, state: TrainState, memory: MemoryConfig | None = None
+    model: Any,
+    tok: Any,
+    config: Any,
+    out: Path,
+    state: TrainState,
+    memory: MemoryConfig | None = None,
+    command: str = "",
 ) -> Path:
     """The shippable result: adapter/ (LoRA tensors + config) or model/ (a full checkpoint).
-    `memory`: how the trained model reads (default: the config's)."""
+    `memory`: how the trained model reads (default: the config's); `command`: what made it."""
     from memory3.train.config import to_dict
 
     info = {"steps": state.step, "tokens": state.tokens, "train_seconds": round(state.seconds, 1)}
     if config.lora.rank > 0:
-        return save_adapter(model, out / "adapter", config, info, memory=memory)
+        return save_adapter(model, out / "adapter", config, info, command, memory=memory)
     from memory3.checkpoint import save_checkpoint
 
     return save_checkpoint(
@@ -483,5 +492,5 @@ def export(
         out / "model",
         tok,
         source=f"train:{config.model}",
-        extra={"train_config": to_dict(config), "train": info},
+        extra={"train_config": to_dict(config), "train": info, "command": command},
     )

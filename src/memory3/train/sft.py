@@ -329,10 +329,16 @@ def irrelevant_loss(
     return kl, sum(len(s) for s in seqs) * 2
 
 
-def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after: int | None = None) -> Path:
+def run_sft(
+    config: SFTConfig,
+    out: str | Path,
+    resume: bool = True,
+    stop_after: int | None = None,
+    command: str = "",
+) -> Path:
     """Train; returns the run directory (checkpoint/, adapter/ or model/, metrics.jsonl)."""
     init = (lambda model: init_from_adapter(model, config.init_adapter)) if config.init_adapter else None
-    run = Run(config, out, resume, init=init, fingerprint=False)  # init: continue an earlier run
+    run = Run(config, out, resume, init=init, fingerprint=False, command=command)  # init: continue an earlier run
     model, tok, d = run.model, run.tok, run.d
     data = SFTData(config, tok, run.out.parent / ".cache")
     prefix = reference_prefix_ids(tok, model.config.bos_token_id, config.memory)
@@ -373,7 +379,7 @@ def run_sft(config: SFTConfig, out: str | Path, resume: bool = True, stop_after:
         if config.loop.eval_every and (step + 1) % config.loop.eval_every == 0 and d.main:
             extra.update(loss_gap(model, data, writer, prefix, config, codec))
         run.step_done(step, parts["mem"], int(all_mean(step_tokens, d) * d.world), lr, extra)
-    return run.finish(lambda: _finish(model, tok, config, run.out, run.state, data))
+    return run.finish(lambda: _finish(model, tok, config, run.out, run.state, data, command))
 
 
 @torch.no_grad()
@@ -457,9 +463,9 @@ def _load_codec(out: Path) -> MemoryCodec | None:
 
 
 def main_from_file(
-    path: str | Path, out: str | Path, resume: bool = True, stop_after: int | None = None
+    path: str | Path, out: str | Path, resume: bool = True, stop_after: int | None = None, command: str = ""
 ) -> Path:
-    return run_sft(load_config(SFTConfig, path), out, resume, stop_after)
+    return run_sft(load_config(SFTConfig, path), out, resume, stop_after, command=command)
 
 
 __all__ = ["SFTConfig", "Stage", "run_sft", "save_config"]
@@ -510,10 +516,12 @@ def _micro_losses(
     return total, ntok, parts
 
 
-def _finish(model: Any, tok: Any, config: SFTConfig, out: Path, state: TrainState, data: SFTData) -> None:
+def _finish(
+    model: Any, tok: Any, config: SFTConfig, out: Path, state: TrainState, data: SFTData, command: str
+) -> None:
     """A finished run: export the adapter (with the codec calibration when trained through a
     transform codec) and, as configured, probe held-out accuracy."""
-    shipped = export(model, tok, config, out, state, memory=final_memory_config(config))
+    shipped = export(model, tok, config, out, state, memory=final_memory_config(config), command=command)
     if config.codec is not None and config.codec.kind == "transform":
         # a model trained through a transform codec is built with one: leave its calibration
         # beside it, where `memory3 build --codec tc<bits>` finds it

@@ -48,10 +48,11 @@ def run_warmup(
     resume: bool = True,
     stop_after: int | None = None,
     stream: Any = None,
+    command: str = "",
 ) -> Path:
     """Train without memory; returns the run directory (checkpoint/, model/ or adapter/).
     `stream`: a ready token array (tests, benchmarks); default: the config's corpus."""
-    run = Run(config, out, resume)
+    run = Run(config, out, resume, command=command)
     model, tok, d = run.model, run.tok, run.d
     if stream is None:
         name = "wikipedia" if config.corpus == "wikipedia" else Path(config.corpus).stem
@@ -80,10 +81,10 @@ def run_warmup(
         run.step_done(
             step, step_loss, config.seq_len * config.batch_size * config.optim.grad_accum * d.world, lr
         )
-    return run.finish(lambda: export(model, tok, config, run.out, run.state))
+    return run.finish(lambda: export(model, tok, config, run.out, run.state, command=command))
 
 
 def main_from_file(
-    path: str | Path, out: str | Path, resume: bool = True, stop_after: int | None = None
+    path: str | Path, out: str | Path, resume: bool = True, stop_after: int | None = None, command: str = ""
 ) -> Path:
-    return run_warmup(load_config(WarmupConfig, path), out, resume, stop_after)
+    return run_warmup(load_config(WarmupConfig, path), out, resume, stop_after, command=command)
