@@ -97,7 +97,8 @@ def test_every_bank_verb_takes_relative_and_absolute_paths(setup, tmp_path, monk
         assert code == 0, f"memory3 {' '.join(argv)} exited {code}"
         return json.loads(out)
 
-    assert run("store", "info", p("bank"))["live"] == 12
+    info = run("store", "info", p("bank"))
+    assert info["live"] == 12 and info["built_with"] == str(work / "tiny")  # a directory: found from anywhere
     assert run("store", "verify", p("bank"))["ok"]
     row = run(
         "generate", "Record d4: the weight of crate d4", *model, "--store", p("bank"), "--max-new-tokens", "3"

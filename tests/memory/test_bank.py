@@ -170,12 +170,16 @@ def test_writer_failing_beside_the_embedder_raises_its_own_error_and_resumes(
 
 
 def test_other_model_is_refused_with_both_fingerprints(tmp_path, model, tok) -> None:
-    build(DOCS[:2], tmp_path / "bank", model, tok, MEM, CFG, progress=False)
+    """The refusal names both fingerprints and the model to load instead: the one the build named."""
+    named = dataclasses.replace(CFG, model="my-reader")
+    build(DOCS[:2], tmp_path / "bank", model, tok, MEM, named, progress=False)
     other = tiny_model(seed=22, vocab_size=len(tok))
     with pytest.raises(FingerprintMismatchError) as e:
         StoreRetriever.open(tmp_path / "bank", other, tok)
     stored = json.loads((tmp_path / "bank" / "manifest.json").read_text())["memory_fingerprint"]
-    assert stored in str(e.value)
+    assert stored in str(e.value) and "--model my-reader" in str(e.value)
+    with MemoryStore.open(tmp_path / "bank") as store:
+        assert store.info()["built_with"] == "my-reader"
 
 
 def test_documents_added_replaced_deleted(tmp_path, model, tok) -> None:

@@ -43,7 +43,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     stats = IngestStats()
     docs = _documents(args.source, stats, "build")  # bad or empty input: said before the model loads
     loaded = load_model(args)
+    named = Path(args.model).expanduser()
     config = BuildConfig(
+        model=str(named.resolve()) if named.exists() else args.model,  # found again from any directory
         codec=codec,
         index=IndexConfig(kind=args.index),
         embedder=args.embedder,

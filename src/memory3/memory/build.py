@@ -59,6 +59,9 @@ PARTIAL = "embeddings.partial"  # per-batch embeddings of an unfinished build, b
 
 @dataclass(frozen=True)
 class BuildConfig:
+    # the model as the build named it (a shipped name or a directory), recorded in the manifest:
+    # the one to load to read the bank
+    model: str = ""
     codec: CodecConfig = field(default_factory=CodecConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     embedder: str = "minilm"

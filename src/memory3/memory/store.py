@@ -82,6 +82,13 @@ class VerifyReport:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def built_with(manifest: dict[str, Any]) -> str:
+    """The model that built a bank, as its build named it (a shipped name or a directory); the
+    architecture's name for a bank built before the name was recorded."""
+    named = ((manifest.get("extra") or {}).get("build") or {}).get("model")
+    return named or (manifest.get("model") or {}).get("name") or "?"
+
+
 class MemoryStore:
     """A memory bank directory (see the module docstring). Open with `create` or `open`."""
 
@@ -177,7 +184,7 @@ class MemoryStore:
             raise FingerprintMismatchError(
                 f"{path} holds memories with fingerprint {stored}, but the model reading them has "
                 f"fingerprint {expect_fingerprint}: rebuild the store with this model and memory "
-                f"config, or load the model that built it ({(manifest.get('model') or {}).get('name', '?')})"
+                f"config, or load the model that built it (--model {built_with(manifest)})"
             )
         codec = MemoryCodec.load(path / CODEC_DIR)
         if codec.fingerprint != manifest["codec_fingerprint"]:
@@ -528,6 +535,7 @@ class MemoryStore:
             "codec_fingerprint": self.manifest["codec_fingerprint"],
             "codec": repr(self.codec),
             "model": (self.manifest.get("model") or {}).get("name"),
+            "built_with": built_with(self.manifest),
             "memory_layers": layer_span(tuple((self.manifest.get("model") or {}).get("memory_layers") or ())),
             "kept_tokens": (self.manifest.get("memory") or {}).get("kept_tokens"),
             "record_bytes": self.record_size,
