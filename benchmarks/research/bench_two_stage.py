@@ -1,14 +1,21 @@
 """The paper's two-stage claim at micro scale (§3.6, Fig. 11): a tiny model trained from scratch on
 the bundled Wikipedia text (a) with memory from the first step, and (b) warmup without memory
-then continual training with memory, the same number of steps and sequences in all. Reports the
-held-out loss of each with and without memory.
+then continual training with memory, at equal training compute, over several seeds. Reports the
+held-out loss of each with and without memory, and how flat each arm's loss was at the end.
 
-    python benchmarks/research/bench_two_stage.py            # ~17 min on a busy 2-core machine (1 thread)
-    python benchmarks/research/bench_two_stage.py --steps 40 --articles 300   # a quick look
+    python benchmarks/research/bench_two_stage.py            # 3 seeds × 600 steps: hours on 2 CPU cores
+    python benchmarks/research/bench_two_stage.py --steps 40 --articles 300 --seeds 0   # a quick look
+
+Equal compute: arm (a) runs `--steps` steps with memory. Arm (b) runs half of them with memory
+(continual) and spends the other half's compute on warmup steps, which cost less (no reference
+is encoded): a step's cost is counted as tokens × layers they pass through, text through every
+layer, references through the memory layers. Both arms see the same number of training texts at
+least. Every run resumes where it stopped (rerun the same command), so the benchmark spans sessions.
 
 Training sequences come from train-split articles; the held-out loss from held-out articles,
 whose references (other parts of the same articles, never the sequence's own text: leak filter
-0.9) are in the knowledge base only at evaluation. Results go to BENCHMARKS.md.
+0.9) are in the knowledge base only at evaluation. Results go to BENCHMARKS.md and
+benchmarks/results/two-stage.json.
 """
 
 from __future__ import annotations
@@ -53,10 +60,35 @@ class CompactVocab:
         return enc
 
 
+def step_costs(data, memory, batch: int, seq_len: int, n_layer: int, memory_layers: int) -> tuple[float, float]:
+    """(warmup, memory) cost of one step in token-layers: the text passes every layer; with memory
+    the references its chunks read are encoded through the memory layers as well (the mean over
+    the training data of the distinct references of a batch)."""
+    text = batch * seq_len * n_layer
+    ref_len = float((data.refs >= 0).sum(axis=1).mean())
+    n_batches = len(data.pairs) // batch
+    refs = [
+        len({int(r) for r in data.pairs[i * batch : (i + 1) * batch].ravel() if r >= 0})
+        for i in range(n_batches)
+    ]
+    return float(text), text + float(np.mean(refs)) * ref_len * memory_layers
+
+
+def flatness(run: Path) -> float:
+    """Relative change of the training loss over the last tenth of a run (mean of the last tenth
+    against the tenth before it): near 0 when the loss has flattened."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [r["loss"] for r in rows]
+    tenth = max(1, len(losses) // 10)
+    last, before = np.mean(losses[-tenth:]), np.mean(losses[-2 * tenth : -tenth])
+    return float((before - last) / before)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=240, help="total optimizer steps of each arm")
-    ap.add_argument("--articles", type=int, default=1500, help="train-split Wikipedia articles used")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps of arm (a), all with memory")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model init and data order")
+    ap.add_argument("--articles", type=int, default=8035, help="train-split Wikipedia articles used")
     ap.add_argument("--heldout-articles", type=int, default=200)
     ap.add_argument("--eval-sequences", type=int, default=96)
     ap.add_argument(
@@ -65,6 +97,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=4096, help="compact vocabulary size (0 = the full 49k)")
     ap.add_argument("--out", default="runs/bench-two-stage")
     ap.add_argument("--report", default="BENCHMARKS.md")
+    ap.add_argument("--json", default="benchmarks/results/two-stage.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # faster than 2 on a shared 2-core machine
@@ -80,6 +113,7 @@ def main() -> int:
         prepare_continual,
         run_continual,
     )
+    from memory3.train.loop import load_base
     from memory3.train.warmup import WarmupConfig, run_warmup
 
     t_all = time.perf_counter()
@@ -122,70 +156,99 @@ def main() -> int:
     memory = MemoryConfig(reference_tokens=128, kept_tokens=8, chunk_tokens=64, memories_per_chunk=5)
     optim = OptimConfig(lr=3e-3, warmup_steps=max(1, args.steps // 20), decay_fraction=0.2)
     batch = 8
-    half = args.steps // 2
+    continual = args.steps // 2
+    n_mem = len(load_base("preset:tiny", model_kw)[0].memory_layers)
+    cost_w, cost_m = step_costs(train, memory, batch, pcfg.seq_len, model_kw["n_layer"], n_mem)
+    warmup = round((args.steps - continual) * cost_m / cost_w)  # (b) spends (a)'s compute
 
-    def loop(steps: int) -> LoopConfig:
-        return LoopConfig(steps=steps, log_every=10, checkpoint_every=100, threads=1, bf16=False)
+    def loop(steps: int, seed: int) -> LoopConfig:
+        return LoopConfig(steps=steps, seed=seed, log_every=10, checkpoint_every=50, threads=1, bf16=False)
 
-    results = []
-    # (a) memory from the first step
-    cfg_a = ContinualConfig(
-        model="preset:tiny",
-        model_overrides=model_kw,
-        optim=optim,
-        loop=loop(args.steps),
-        memory=memory,
-        dataset=str(out / "unused"),
-        batch_size=batch,
-    )
-    t0 = time.perf_counter()
-    run_a = run_continual(cfg_a, out / "a-memory-from-scratch", data=train, tokenizer=vocab)
-    secs_a = time.perf_counter() - t0
-    # (b) warmup, then continual from the warmup model, the same steps in all
-    cfg_w = WarmupConfig(
-        model="preset:tiny",
-        model_overrides=model_kw,
-        optim=optim,
-        loop=loop(half),
-        seq_len=pcfg.seq_len,
-        batch_size=batch,
-    )
-    t0 = time.perf_counter()
-    run_w = run_warmup(cfg_w, out / "b1-warmup", stream=train.tokens)
-    cfg_b = dataclasses.replace(
-        cfg_a,
-        model=str(run_w / "model"),
-        model_overrides={},
-        loop=loop(args.steps - half),
-        optim=dataclasses.replace(optim, warmup_steps=max(1, optim.warmup_steps // 2)),
-    )
-    run_b = run_continual(cfg_b, out / "b2-continual", data=train, tokenizer=vocab)
-    secs_b = time.perf_counter() - t0
-
-    for name, run, secs in (
-        ("(a) memory from scratch", run_a, secs_a),
-        ("(b) warmup → continual", run_b, secs_b),
-        ("(b) after warmup only", run_w, None),
-    ):
+    def held_out(run: Path) -> tuple[float, float]:
         loaded = load_checkpoint(run / "model")
-        with_mem = evaluate(loaded.model, vocab, held, memory, True, args.eval_sequences)
-        without = evaluate(loaded.model, vocab, held, memory, False, args.eval_sequences)
-        results.append(
-            {
-                "arm": name,
-                "heldout_loss_memory": round(with_mem, 4),
-                "heldout_loss_no_memory": round(without, 4),
-                "memory_gain": round(without - with_mem, 4),
-                "train_seconds": round(secs, 1) if secs else "",
-            }
+        return (
+            evaluate(loaded.model, vocab, held, memory, True, args.eval_sequences),
+            evaluate(loaded.model, vocab, held, memory, False, args.eval_sequences),
         )
-        print(json.dumps(results[-1]), flush=True)
+
+    rows = []
+    for seed in args.seeds:
+        root = out / f"seed-{seed}"
+        # (a) memory from the first step
+        cfg_a = ContinualConfig(
+            model="preset:tiny",
+            model_overrides=model_kw,
+            optim=optim,
+            loop=loop(args.steps, seed),
+            memory=memory,
+            dataset=str(out / "unused"),
+            batch_size=batch,
+        )
+        run_a = run_continual(cfg_a, root / "a-memory-from-scratch", data=train, tokenizer=vocab)
+        # (b) warmup, then continual from the warmup model: (a)'s compute in all
+        cfg_w = WarmupConfig(
+            model="preset:tiny",
+            model_overrides=model_kw,
+            optim=dataclasses.replace(optim, warmup_steps=max(1, warmup // 20)),
+            loop=loop(warmup, seed),
+            seq_len=pcfg.seq_len,
+            batch_size=batch,
+        )
+        run_w = run_warmup(cfg_w, root / "b1-warmup", stream=train.tokens)
+        cfg_b = dataclasses.replace(
+            cfg_a,
+            model=str(run_w / "model"),
+            model_overrides={},
+            loop=loop(continual, seed),
+            optim=dataclasses.replace(optim, warmup_steps=max(1, optim.warmup_steps // 2)),
+        )
+        run_b = run_continual(cfg_b, root / "b2-continual", data=train, tokenizer=vocab)
+        for arm, run, seconds in (
+            ("(a) memory from scratch", run_a, _seconds(run_a)),
+            ("(b) warmup → continual", run_b, _seconds(run_w) + _seconds(run_b)),
+            ("(b) after warmup only", run_w, _seconds(run_w)),
+        ):
+            with_mem, without = held_out(run)
+            rows.append(
+                {
+                    "seed": seed,
+                    "arm": arm,
+                    "heldout_loss_memory": round(with_mem, 4),
+                    "heldout_loss_no_memory": round(without, 4),
+                    "memory_gain": round(without - with_mem, 4),
+                    "last_tenth_change": round(flatness(run), 4),
+                    "train_seconds": round(seconds, 1),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
 
     from memory3.eval.report import machine, table, update_section
 
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    summary = []
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        summary.append(
+            {
+                "arm": arm,
+                "seeds": len(mine),
+                **{
+                    key: _mean_sd([r[key] for r in mine])
+                    for key in ("heldout_loss_memory", "heldout_loss_no_memory", "memory_gain", "last_tenth_change")
+                },
+                "train_seconds": round(float(np.mean([r["train_seconds"] for r in mine]))),
+            }
+        )
+    a = {r["seed"]: r for r in rows if r["arm"] == arms[0]}
+    b = {r["seed"]: r for r in rows if r["arm"] == arms[1]}
+    diffs = [round(a[s]["heldout_loss_memory"] - b[s]["heldout_loss_memory"], 4) for s in args.seeds]
     figures = {
-        "results": results,
-        "steps": args.steps,
+        "rows": rows,
+        "summary": summary,
+        "a_minus_b_loss_with_memory": diffs,
+        "steps_a": args.steps,
+        "steps_b": {"warmup": warmup, "continual": continual},
+        "step_cost_token_layers": {"warmup": cost_w, "memory": round(cost_m)},
         "batch": batch,
         "seq_len": pcfg.seq_len,
         "train_sequences": len(train),
@@ -197,13 +260,22 @@ def main() -> int:
         "total_seconds": round(time.perf_counter() - t_all, 1),
         "machine": machine(),
     }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    wins = sum(d > 0 for d in diffs)
     body = (
         f"Tiny Llama ({model_kw['n_layer']} layers, hidden {model_kw['hidden_size']}, SmolLM2 tokenizer cut to its "
-        f"{model_kw['vocab_size']} most frequent tokens) trained from "
-        f"scratch on {len(train_texts)} train-split Wikipedia summaries, {args.steps} steps of {batch}×{pcfg.seq_len} "
-        f"tokens per arm; memory: 1 reference per 64-token chunk ({args.embedder} retrieval, leak filter 0.9), each chunk "
-        f"reading 5, 8 tokens kept per head, first half of the layers. Held-out loss on {figures['heldout_sequences']} "
-        "sequences of held-out articles (lower is better).\n\n" + table(results)
+        f"{model_kw['vocab_size']} most frequent tokens) trained from scratch on {len(train_texts)} train-split "
+        f"Wikipedia summaries ({len(train)} sequences of {pcfg.seq_len} tokens, batch {batch}), seeds "
+        f"{', '.join(map(str, args.seeds))}. Memory: 1 reference per 64-token chunk ({args.embedder} retrieval, leak "
+        f"filter 0.9), each chunk reading 5, 8 tokens kept per head, memory in {n_mem} of {model_kw['n_layer']} layers. "
+        f"Equal compute: (a) {args.steps} steps with memory; (b) {warmup} warmup steps then {continual} with memory "
+        f"(a memory step costs {cost_m / cost_w:.2f}× a warmup step in token-layers). Held-out loss on "
+        f"{figures['heldout_sequences']} sequences of held-out articles (lower is better), mean ± sd over seeds; "
+        "`last_tenth_change` is how much the training loss still fell over the last tenth of the run.\n\n"
+        + table(summary)
+        + f"\n\nLoss with memory, (a) − (b), per seed: {', '.join(f'{d:+.3f}' for d in diffs)} "
+        f"((b) lower in {wins} of {len(diffs)}). Per-seed rows: `{args.json}`."
     )
     update_section(
         args.report,
@@ -212,8 +284,20 @@ def main() -> int:
         "python benchmarks/research/bench_two_stage.py",
         body,
         figures,
+        results_file=args.json,
     )
     return 0
+
+
+def _seconds(run: Path) -> float:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return float(rows[-1]["seconds"]) if rows else 0.0
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 if __name__ == "__main__":
