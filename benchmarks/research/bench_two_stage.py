@@ -95,10 +95,12 @@ def main() -> int:
         "--embedder", default="hashing", help="retrieval embedder for the pairing (minilm is ~20x slower)"
     )
     ap.add_argument("--vocab", type=int, default=4096, help="compact vocabulary size (0 = the full 49k)")
-    ap.add_argument("--out", default="runs/bench-two-stage")
+    ap.add_argument("--out", default=None, help="default: runs/bench-two-stage-<steps>")
     ap.add_argument("--report", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/results/two-stage.json")
+    ap.add_argument("--json", default=None, help="default: benchmarks/results/two-stage-<steps>.json")
     args = ap.parse_args()
+    args.out = args.out or f"runs/bench-two-stage-{args.steps}"
+    args.json = args.json or f"benchmarks/results/two-stage-{args.steps}.json"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # faster than 2 on a shared 2-core machine
 
@@ -281,7 +283,7 @@ def main() -> int:
         args.report,
         "two-stage",
         "Two-stage training at micro scale (§3.6)",
-        "python benchmarks/research/bench_two_stage.py",
+        f"python benchmarks/research/bench_two_stage.py --steps {args.steps}",
         body,
         figures,
         results_file=args.json,
