@@ -42,6 +42,7 @@ from memory3.eval.qa import (
     resolve_set,
     select_items,
 )
+from memory3.eval.render import count
 from memory3.eval.report import table
 from memory3.generate import Generator
 from memory3.memory.codec import CodecConfig
@@ -184,7 +185,8 @@ def main(run: Run) -> int:
     }
     run.save(results)
     body = (
-        f"Model `{args.model}`, 5 references per retrieval, greedy, answer contained. "
+        f"Model `{args.model}`, {count(mem_cfg.memories_per_chunk, 'reference', 'references')} per retrieval, "
+        "greedy, answer contained. "
         + (
             ""
             if codec is None
