@@ -373,6 +373,12 @@ def test_continual_trains_with_memory_and_saves(tmp_path: Path, tok) -> None:
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, again.model.state_dict()[k]), k
     assert again.meta["train"]["finished"] and again.meta["train"]["step"] == 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "train_config.json").write_text('{"lr": 1}')
+    with pytest.raises(ValueError, match="other/train_config.json: not the config of a memory3 training run"):
+        adapter_from_run(tmp_path / "other", tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="no train_config.json"):
+        adapter_from_run(tmp_path, tmp_path / "x")
 
 
 @pytest.mark.slow

@@ -55,7 +55,10 @@ def adapter_from_run(run: str | Path, out: str | Path, command: str = "") -> Pat
     if not (run / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{run}: no {CONFIG_FILE}; give the --out directory of a `memory3 train` run")
     raw = json.loads((run / CONFIG_FILE).read_text())
-    recipe = recipe_of(raw)
+    try:
+        recipe = recipe_of(raw)
+    except ValueError as e:
+        raise ValueError(f"{run / CONFIG_FILE}: {e}; give the --out directory of a `memory3 train` run") from None
     config = from_dict(_config_class(recipe), raw)
     ckpt = recover_dir(run / CKPT_DIR)
     if not (ckpt / "state.json").exists():
