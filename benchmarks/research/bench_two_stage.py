@@ -60,7 +60,7 @@ class CompactVocab:
         return enc
 
 
-def step_costs(data, memory, batch: int, seq_len: int, n_layer: int, memory_layers: int) -> tuple[float, float]:
+def step_costs(data, batch: int, seq_len: int, n_layer: int, memory_layers: int) -> tuple[float, float]:
     """(warmup, memory) cost of one step in token-layers: the text passes every layer; with memory
     the references its chunks read are encoded through the memory layers as well (the mean over
     the training data of the distinct references of a batch)."""
@@ -160,7 +160,7 @@ def main() -> int:
     batch = 8
     continual = args.steps // 2
     n_mem = len(load_base("preset:tiny", model_kw)[0].memory_layers)
-    cost_w, cost_m = step_costs(train, memory, batch, pcfg.seq_len, model_kw["n_layer"], n_mem)
+    cost_w, cost_m = step_costs(train, batch, pcfg.seq_len, model_kw["n_layer"], n_mem)
     warmup = round((args.steps - continual) * cost_m / cost_w)  # (b) spends (a)'s compute
 
     def loop(steps: int, seed: int) -> LoopConfig:
@@ -236,7 +236,12 @@ def main() -> int:
                 "seeds": len(mine),
                 **{
                     key: _mean_sd([r[key] for r in mine])
-                    for key in ("heldout_loss_memory", "heldout_loss_no_memory", "memory_gain", "last_tenth_change")
+                    for key in (
+                        "heldout_loss_memory",
+                        "heldout_loss_no_memory",
+                        "memory_gain",
+                        "last_tenth_change",
+                    )
                 },
                 "train_seconds": round(float(np.mean([r["train_seconds"] for r in mine]))),
             }

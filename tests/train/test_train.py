@@ -375,9 +375,11 @@ def test_continual_trains_with_memory_and_saves(tmp_path: Path, tok) -> None:
     assert again.meta["train"]["finished"] and again.meta["train"]["step"] == 2
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "train_config.json").write_text('{"lr": 1}')
-    with pytest.raises(ValueError, match="other/train_config.json: not the config of a memory3 training run"):
+    with pytest.raises(
+        ValueError, match=r"other/train_config\.json: not the config of a memory3 training run"
+    ):
         adapter_from_run(tmp_path / "other", tmp_path / "x")
-    with pytest.raises(FileNotFoundError, match="no train_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no train_config\.json"):
         adapter_from_run(tmp_path, tmp_path / "x")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from memory3.config import SELECTIONS
@@ -122,13 +121,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from memory3.train.export import adapter_from_run
 
-    command = args.command
-    if not command and args.config:
-        from memory3.train.export import recipe_of
-
-        recipe = recipe_of(json.loads(Path(args.run, "train_config.json").read_text()))
-        command = f"memory3 train {recipe} --config {args.config} --out {args.run}"
-    out = adapter_from_run(args.run, args.out, command)
+    out = adapter_from_run(args.run, args.out, args.command, config_file=args.config)
     print(json.dumps({"adapter": str(out)}))
     return 0
 

@@ -48,9 +48,10 @@ def _memory_layers(recipe: str, config: Any, step: int) -> str:
     return getattr(config, "memory_layers", "")
 
 
-def adapter_from_run(run: str | Path, out: str | Path, command: str = "") -> Path:
+def adapter_from_run(run: str | Path, out: str | Path, command: str = "", config_file: str = "") -> Path:
     """Export a run's last checkpoint: its adapter (LoRA runs) or model (full training), with the
-    run's config and counters. `command`: the commands that made the run, recorded as given."""
+    run's config and counters. `command`: the commands that made the run, recorded as given;
+    without one, `config_file` (the config the run was started with) makes the recipe's command."""
     run = Path(run)
     if not (run / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{run}: no {CONFIG_FILE}; give the --out directory of a `memory3 train` run")
@@ -58,7 +59,11 @@ def adapter_from_run(run: str | Path, out: str | Path, command: str = "") -> Pat
     try:
         recipe = recipe_of(raw)
     except ValueError as e:
-        raise ValueError(f"{run / CONFIG_FILE}: {e}; give the --out directory of a `memory3 train` run") from None
+        raise ValueError(
+            f"{run / CONFIG_FILE}: {e}; give the --out directory of a `memory3 train` run"
+        ) from None
+    if not command and config_file:
+        command = f"memory3 train {recipe} --config {config_file} --out {run}"
     config = from_dict(_config_class(recipe), raw)
     ckpt = recover_dir(run / CKPT_DIR)
     if not (ckpt / "state.json").exists():
