@@ -7,14 +7,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
-
 from memory3.checkpoint import save_checkpoint
 from memory3.config import parse_memory_layers
 from memory3.files import recover_dir
 from memory3.train.adapters import save_adapter
 from memory3.train.config import from_dict, to_dict
-from memory3.train.loop import CKPT_DIR, CONFIG_FILE, load_base, prepare_trainable, set_memory_layers
+from memory3.train.loop import (
+    CKPT_DIR,
+    CONFIG_FILE,
+    load_base,
+    load_trainable,
+    prepare_trainable,
+    set_memory_layers,
+)
 
 
 def recipe_of(config: dict[str, Any]) -> str:
@@ -71,11 +76,7 @@ def adapter_from_run(run: str | Path, out: str | Path, command: str = "", config
     meta = json.loads((ckpt / "state.json").read_text())
     model, tok = load_base(config.model, config.model_overrides, config.loop.seed)
     prepare_trainable(model, config.lora, config.loop.seed)
-    own = dict(model.named_parameters())
-    for name, t in load_file(ckpt / "trainable.safetensors").items():
-        if name not in own:
-            raise ValueError(f"{ckpt}: tensor {name!r} is not a parameter of this run's model")
-        own[name].data.copy_(t)
+    load_trainable(ckpt, model)
     step = meta["state"]["step"]
     layers = _memory_layers(recipe, config, step)
     if layers:

@@ -228,18 +228,23 @@ def save_training(
     return out / CKPT_DIR
 
 
-def load_training(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> TrainState | None:
-    """Restore what `save_training` wrote; None when there is no checkpoint yet."""
-    ckpt = recover_dir(out / CKPT_DIR)
-    if not (ckpt / "state.json").exists():
-        return None
-    meta = json.loads((ckpt / "state.json").read_text())
+def load_trainable(ckpt: Path, model: nn.Module) -> None:
+    """Copy a checkpoint's trainable tensors (`save_training`) into `model`, prepared as the run was."""
     own = dict(model.named_parameters())
     for name, t in load_file(ckpt / "trainable.safetensors").items():
         if name not in own:
             raise ValueError(f"{ckpt}: tensor {name!r} is not a parameter of this model; wrong config?")
         with torch.no_grad():
             own[name].copy_(t)
+
+
+def load_training(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> TrainState | None:
+    """Restore what `save_training` wrote; None when there is no checkpoint yet."""
+    ckpt = recover_dir(out / CKPT_DIR)
+    if not (ckpt / "state.json").exists():
+        return None
+    meta = json.loads((ckpt / "state.json").read_text())
+    load_trainable(ckpt, model)
     tensors = load_file(ckpt / "optimizer.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():

@@ -338,9 +338,8 @@ def run_sft(
 ) -> Path:
     """Train; returns the run directory (checkpoint/, adapter/ or model/, metrics.jsonl)."""
     init = (lambda model: init_from_adapter(model, config.init_adapter)) if config.init_adapter else None
-    run = Run(
-        config, out, resume, init=init, fingerprint=False, command=command
-    )  # init: continue an earlier run
+    # init: continue an earlier run
+    run = Run(config, out, resume, init=init, fingerprint=False, command=command)
     model, tok, d = run.model, run.tok, run.d
     data = SFTData(config, tok, run.out.parent / ".cache")
     prefix = reference_prefix_ids(tok, model.config.bos_token_id, config.memory)
